@@ -1,0 +1,3 @@
+from dcpo_cli.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""The `dcpo` command line: one thin command per stage.
+
+Only typer, rich and the standard library are imported here and in `dcpo_cli.commands`;
+torch, transformers, vllm and math-verify are imported inside the commands that need them,
+so `dcpo --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from dcpo_cli import __version__
+from dcpo_cli.commands import eval_cmd, inspect_cmd, prepare_cmd, report_cmd, rollout_cmd
+from dcpo_cli.commands import score_cmd, tiny_cmd, train_step_cmd
+from dcpo_cli.errors import DcpoError
+
+app = typer.Typer(
+    name="dcpo",
+    help="Train language models with DCPO (Dynamic Clipping Policy Optimization), "
+    "one inspectable Parquet stage at a time.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dcpo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Train language models with DCPO, one inspectable Parquet stage at a time."""
+
+
+app.command("prepare")(prepare_cmd.prepare)
+app.command("inspect")(inspect_cmd.inspect)
+app.add_typer(tiny_cmd.app, name="tiny")
+app.command("rollout")(rollout_cmd.rollout)
+app.command("score")(score_cmd.score)
+app.command("train-step")(train_step_cmd.train_step)
+app.command("eval")(eval_cmd.evaluate)
+app.command("report")(report_cmd.report)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; a DcpoError becomes one line on stderr and 2."""
+    from dcpo_cli.console import err
+
+    try:
+        app(args=argv, prog_name="dcpo", standalone_mode=False)
+    except DcpoError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("aborted")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`dcpo prepare`: make a prompts file from a problem set."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def prepare(
+    src: str = typer.Argument(..., help="JSONL, JSON or Parquet file (verl layout too), "
+                              "or a Hub dataset name such as openai/gsm8k."),
+    out: Path = typer.Option(..., "--out", "-o", help="Prompts Parquet file to write."),
+    problem_field: Optional[str] = typer.Option(None, help="Field holding the problem text."),
+    answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer."),
+    id_field: Optional[str] = typer.Option(None, help="Field holding a unique id."),
+    instruction: str = typer.Option(PAPER_INSTRUCTION, help="Appended to each problem "
+                                    "('' for none). Not applied to verl-layout chat prompts."),
+    system: Optional[str] = typer.Option(None, help="System prompt to put before each problem."),
+    split: Optional[str] = typer.Option(None, help="Hub datasets: split to load (default train)."),
+    config: Optional[str] = typer.Option(None, help="Hub datasets: configuration name."),
+) -> None:
+    """Turn a problem set into the prompts contract (prompt_id, prompt, answer)."""
+    from dcpo_cli import files
+    from dcpo_cli.console import out as console
+    from dcpo_cli.prepare import load_records, prepare_records, prompts_table
+
+    records = load_records(src, split=split, config=config)
+    name = Path(src).name
+    prepared = prepare_records(records, name, problem_field=problem_field,
+                               answer_field=answer_field, id_field=id_field,
+                               instruction=instruction, system=system, source=name)
+    options = {"problem_field": problem_field, "answer_field": answer_field,
+               "id_field": id_field, "instruction": instruction, "system": system,
+               "split": split, "config": config, "src": src}
+    inputs = [src] if Path(src).is_file() else []
+    metadata = files.make_metadata("prompts", "prepare", options=options, inputs=inputs)
+    files.write_table(prompts_table(prepared.rows), out, metadata)
+    console.print(f"wrote {out}: {len(prepared.rows)} prompts from {prepared.read} records "
+                  f"({prepared.merged} repeated rows merged)", highlight=False)

@@ -1,0 +1,201 @@
+"""`dcpo prepare`: turn a problem set (JSONL, JSON, Parquet, verl layout, Hub dataset) into
+the prompts contract."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dcpo_cli import files
+from dcpo_cli.errors import DcpoError
+
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+PROBLEM_FIELDS = ("problem", "question", "prompt", "input", "query")
+ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "target", "solution_answer")
+ID_FIELDS = ("id", "unique_id", "idx", "index", "problem_id", "prompt_id")
+
+GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+
+
+@dataclass
+class PreparedSet:
+    rows: list[dict[str, Any]]
+    read: int
+    merged: int
+
+
+def load_records(src: str, split: str | None = None, config: str | None = None) -> list[dict]:
+    """Records of a local JSONL/JSON/Parquet file, or of a Hub dataset named `owner/name`."""
+    path = Path(src)
+    if path.exists():
+        return _load_local(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not path.suffix:
+        return _load_hub(src, split, config)
+    raise DcpoError(f"{src}: no such file (and not a Hub dataset name like 'owner/name')")
+
+
+def _load_local(path: Path) -> list[dict]:
+    name = path.name
+    if path.is_dir():
+        raise DcpoError(f"{path}: is a directory, expected a JSONL, JSON or Parquet file")
+    if path.stat().st_size == 0:
+        raise DcpoError(f"{name}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return files.read_parquet(path).to_pylist()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if suffix == ".jsonl":
+        return _parse_jsonl(text, name)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DcpoError(f"{name}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        if isinstance(data, dict):  # {"data": [...]} or a single list-valued key
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DcpoError(f"{name}: expected a list of records")
+            data = lists[0]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise DcpoError(f"{name}: expected a list of records (JSON objects)")
+        return data
+    raise DcpoError(f"{name}: unknown format '{suffix}' (expected .jsonl, .json or .parquet)")
+
+
+def _parse_jsonl(text: str, name: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DcpoError(f"{name}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DcpoError(f"{name}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise DcpoError(
+            f"{name}: loading Hub datasets needs the `datasets` package "
+            "(pip install 'dcpo-cli[hub]'), or pass a local file"
+        ) from None
+    try:
+        dataset = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as exc:  # network, missing split, unknown dataset: one line for all
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DcpoError(f"{name}: could not load the Hub dataset ({reason})") from None
+    return [dict(row) for row in dataset]
+
+
+def is_verl_record(record: dict) -> bool:
+    """verl / official-DCPO layout: chat messages in `prompt`, gold in reward_model.ground_truth."""
+    return (
+        isinstance(record.get("prompt"), list)
+        and isinstance(record.get("reward_model"), dict)
+        and "ground_truth" in record["reward_model"]
+    )
+
+
+def _pick_field(record: dict, explicit: str | None, candidates: tuple[str, ...], what: str,
+                name: str) -> str | None:
+    if explicit:
+        if explicit not in record:
+            raise DcpoError(f"{name}: field '{explicit}' (given as the {what} field) is missing")
+        return explicit
+    for candidate in candidates:
+        if candidate in record and record[candidate] is not None:
+            return candidate
+    return None
+
+
+def clean_answer(value: Any) -> str:
+    """The gold answer as a string; GSM8K's `... #### 18` becomes `18`."""
+    text = str(value).strip()
+    match = GSM8K_ANSWER.search(text)
+    if "####" in text and match:
+        text = match.group(1).strip().replace(",", "")
+    return text
+
+
+def build_messages(problem: str, instruction: str, system: str | None) -> list[dict[str, str]]:
+    content = f"{problem}\n{instruction}" if instruction else problem
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def prepare_records(records: list[dict], name: str, *, problem_field: str | None = None,
+                    answer_field: str | None = None, id_field: str | None = None,
+                    instruction: str = PAPER_INSTRUCTION, system: str | None = None,
+                    source: str | None = None) -> PreparedSet:
+    """Map records to prompt rows, merging rows that repeat the same problem."""
+    if not records:
+        raise DcpoError(f"{name}: no records")
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    ids: set[str] = set()
+    for number, record in enumerate(records):
+        if is_verl_record(record) and not problem_field:
+            messages = [{"role": str(m["role"]), "content": str(m["content"])}
+                        for m in record["prompt"]]
+            answer = clean_answer(record["reward_model"]["ground_truth"])
+            extra = record.get("extra_info") or {}
+            problem = extra.get("raw_problem") or messages[-1]["content"]
+            raw_id = extra.get("index", record.get("index"))
+        else:
+            pf = _pick_field(record, problem_field, PROBLEM_FIELDS, "problem", name)
+            af = _pick_field(record, answer_field, ANSWER_FIELDS, "answer", name)
+            if pf is None:
+                raise DcpoError(f"{name}: record {number + 1} has no problem field "
+                                f"(tried {', '.join(PROBLEM_FIELDS)}; use --problem-field)")
+            if af is None:
+                raise DcpoError(f"{name}: record {number + 1} has no answer field "
+                                f"(tried {', '.join(ANSWER_FIELDS)}; use --answer-field)")
+            problem = str(record[pf])
+            answer = clean_answer(record[af])
+            messages = build_messages(problem, instruction, system)
+            idf = _pick_field(record, id_field, ID_FIELDS, "id", name)
+            raw_id = record[idf] if idf else None
+        key = json.dumps([messages, answer])
+        if key in seen:
+            continue
+        prompt_id = str(raw_id) if raw_id is not None else f"{Path(name).stem}-{number}"
+        if prompt_id in ids:  # distinct problems sharing an id: keep ids unique
+            prompt_id = f"{prompt_id}#{number}"
+        ids.add(prompt_id)
+        seen[key] = len(rows)
+        rows.append({"prompt_id": prompt_id, "prompt": messages, "answer": answer,
+                     "problem": problem, "source": source or name})
+    return PreparedSet(rows=rows, read=len(records), merged=len(records) - len(rows))
+
+
+PROMPTS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt", files.MESSAGE_TYPE),
+    ("answer", pa.string()),
+    ("problem", pa.string()),
+    ("source", pa.string()),
+])
+
+
+def prompts_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA)
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt cell as plain text (for tokenizers without a chat template and for display)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(m["content"] for m in prompt)

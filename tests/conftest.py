@@ -1,0 +1,61 @@
+"""Shared fixtures: the CLI run in-process or as a real subprocess, and the shared data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BENCHMARKS = SHARED / "benchmarks"
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_dcpo(*args: str, cwd: Path | None = None, timeout: float = 600) -> Result:
+    """Run `dcpo ARGS` as a real process (exit codes, stderr and tracebacks as users see them)."""
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-m", "dcpo_cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def dcpo():
+    return run_dcpo
+
+
+@pytest.fixture(scope="session")
+def benchmarks() -> Path:
+    if not BENCHMARKS.is_dir():
+        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
+    return BENCHMARKS
+
+
+def assert_one_line_error(result: Result, *fragments: str) -> None:
+    """A bad input gives exit code 2 and exactly one line on stderr, with no traceback."""
+    assert result.code == 2, (result.code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """An untrained tiny Qwen2 model directory (test size): the fastest real model."""
+    from dcpo_cli.tiny_model import build_random_model_dir
+
+    return build_random_model_dir(tmp_path_factory.mktemp("random-model") / "model")
