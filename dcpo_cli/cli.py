@@ -13,8 +13,16 @@ import click
 import typer
 
 from dcpo_cli import __version__
-from dcpo_cli.commands import eval_cmd, inspect_cmd, prepare_cmd, report_cmd, rollout_cmd
-from dcpo_cli.commands import score_cmd, tiny_cmd, train_step_cmd
+from dcpo_cli.commands import (
+    eval_cmd,
+    inspect_cmd,
+    prepare_cmd,
+    report_cmd,
+    rollout_cmd,
+    score_cmd,
+    tiny_cmd,
+    train_step_cmd,
+)
 from dcpo_cli.errors import DcpoError
 
 app = typer.Typer(

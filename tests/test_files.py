@@ -86,10 +86,9 @@ def test_zero_rows_and_duplicate_prompt_ids(tmp_path):
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "out.parquet"
-    with pytest.raises(RuntimeError):
-        with files.atomic_path(path) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), files.atomic_path(path) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -6,8 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_one_line_error
+
 from dcpo_cli import files
 from dcpo_cli.prepare import PAPER_INSTRUCTION, clean_answer, prepare_records
 
@@ -48,7 +48,7 @@ def test_gsm8k_answer_after_hashes(dcpo, benchmarks, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 1319
     source = read_jsonl(benchmarks / "gsm8k.jsonl")
-    for row, record in zip(rows, source):
+    for row, record in zip(rows, source, strict=True):
         assert row["answer"] == record["answer"].split("####")[-1].strip().replace(",", "")
     assert rows[0]["answer"] == "18"
     assert rows[0]["prompt"] == [{"role": "system", "content": "Be brief."},

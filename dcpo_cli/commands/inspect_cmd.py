@@ -1,7 +1,6 @@
 """`dcpo inspect`: look inside any dcpo file."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -9,7 +8,7 @@ import typer
 def inspect(
     file: Path = typer.Argument(..., help="A dcpo Parquet file (or any Parquet), or a state file."),
     rows: int = typer.Option(5, "--rows", "-n", help="How many rows to show."),
-    columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show."),
+    columns: str | None = typer.Option(None, help="Comma-separated columns to show."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead."),
 ) -> None:
     """Show a file's kind, rows, schema, metadata, column statistics and first rows."""

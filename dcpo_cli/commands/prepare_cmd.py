@@ -1,7 +1,6 @@
 """`dcpo prepare`: make a prompts file from a problem set."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -12,14 +11,14 @@ def prepare(
     src: str = typer.Argument(..., help="JSONL, JSON or Parquet file (verl layout too), "
                               "or a Hub dataset name such as openai/gsm8k."),
     out: Path = typer.Option(..., "--out", "-o", help="Prompts Parquet file to write."),
-    problem_field: Optional[str] = typer.Option(None, help="Field holding the problem text."),
-    answer_field: Optional[str] = typer.Option(None, help="Field holding the gold answer."),
-    id_field: Optional[str] = typer.Option(None, help="Field holding a unique id."),
+    problem_field: str | None = typer.Option(None, help="Field holding the problem text."),
+    answer_field: str | None = typer.Option(None, help="Field holding the gold answer."),
+    id_field: str | None = typer.Option(None, help="Field holding a unique id."),
     instruction: str = typer.Option(PAPER_INSTRUCTION, help="Appended to each problem "
                                     "('' for none). Not applied to verl-layout chat prompts."),
-    system: Optional[str] = typer.Option(None, help="System prompt to put before each problem."),
-    split: Optional[str] = typer.Option(None, help="Hub datasets: split to load (default train)."),
-    config: Optional[str] = typer.Option(None, help="Hub datasets: configuration name."),
+    system: str | None = typer.Option(None, help="System prompt to put before each problem."),
+    split: str | None = typer.Option(None, help="Hub datasets: split to load (default train)."),
+    config: str | None = typer.Option(None, help="Hub datasets: configuration name."),
 ) -> None:
     """Turn a problem set into the prompts contract (prompt_id, prompt, answer)."""
     from dcpo_cli import files
