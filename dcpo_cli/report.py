@@ -184,8 +184,8 @@ def metrics_table(run: dict[str, Any]):
 
     columns = [c for c in TABLE_COLUMNS if any(_number(r.get(c[0])) is not None
                                                for r in run["metrics"])]
-    table = Table(title=f"{run['label']}: {len(run['metrics'])} steps "
-                        f"(from {run['metrics_source']})")
+    source = "metrics.jsonl" if run["metrics_source"].endswith(".jsonl") else "ckpt/*/metrics.json"
+    table = Table(title=f"{run['label']}: {len(run['metrics'])} steps (from {source})")
     table.add_column("step", justify="right")
     for _, header, _ in columns:
         table.add_column(header, justify="right")
@@ -223,56 +223,76 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
 def _style(n_runs: int, run_index: int, series_index: int) -> dict[str, Any]:
-    """One run: a colour per series. Several runs: a colour per run, a line style per series."""
+    """One run: a colour per series. Several runs: a colour per run (named in the figure
+    legend), a line style per series (named in the panel legend)."""
     if n_runs == 1:
         return {"color": f"C{series_index % 10}", "linestyle": "-"}
     return {"color": f"C{run_index % 10}",
             "linestyle": _LINESTYLES[series_index % len(_LINESTYLES)]}
 
 
+def _legend_entry(n_runs: int, line, label: str) -> Any:
+    """The panel legend shows series, not runs: with several runs, a grey stand-in line."""
+    if n_runs > 1:
+        from matplotlib.lines import Line2D
+
+        line = Line2D([], [], color="0.35", linestyle=line.get_linestyle(),
+                      marker=line.get_marker())
+    line.set_label(label)
+    return line
+
+
 def _lines(ax, runs, keys: list[tuple[str, str]], first_series: int = 0) -> list:
-    """Draw metric `keys` ((metrics key, legend name)) of every run on `ax`; return handles."""
-    handles = []
+    """Draw metric `keys` ((metrics key, legend name)) of every run on `ax`; return the
+    legend entries, one per series that has data."""
+    entries: dict[str, Any] = {}
     for r, run in enumerate(runs):
         for i, (key, name) in enumerate(keys):
             steps, values = series(run, key)
             if not steps:
                 continue
-            prefix = f"{run['label']}: " if len(runs) > 1 else ""
-            (line,) = ax.plot(steps, values, marker="." if len(steps) < 40 else None,
-                              label=f"{prefix}{name}",
+            (line,) = ax.plot(steps, values, marker="o" if len(steps) < 40 else None, markersize=3,
                               **_style(len(runs), r, first_series + i))
-            handles.append(line)
-    return handles
+            entries.setdefault(name, _legend_entry(len(runs), line, name))
+    return list(entries.values())
 
 
 def _finish(ax, title: str, ylabel: str, handles: list, legend_ax=None) -> None:
     """Titles, labels and the legend (drawn on `legend_ax`, the top twin axis, if given)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    low, high = ax.get_xlim()
+    if high - low < 2:  # one step: widen, or the integer locator falls back to fractions
+        ax.set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
     ax.set_title(title)
     ax.set_xlabel("rollout step")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if handles:
-        (legend_ax or ax).legend(handles=handles, fontsize="small")
+        (legend_ax or ax).legend(handles=handles, fontsize="small", framealpha=0.7)
     else:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
                 color="grey")
 
 
 def _reward_panel(ax, runs) -> None:
+    """Train reward (left axis) and eval avg@k per benchmark at the eval's step (right, %)."""
     handles = _lines(ax, runs, [("reward_mean", "train reward")])
     accuracy = ax.twinx()
-    k = 0
-    for r, run in enumerate(runs):
-        for (benchmark, key), (steps, values) in eval_series(run).items():
-            prefix = f"{run['label']}: " if len(runs) > 1 else ""
+    curves = [eval_series(run) for run in runs]
+    names = sorted({name for run_curves in curves for name in run_curves})
+    entries: dict[tuple[str, str], Any] = {}
+    for r, run_curves in enumerate(curves):
+        for (benchmark, key), (steps, values) in run_curves.items():
+            k = names.index((benchmark, key))  # same marker for a benchmark in every run
             color = f"C{r % 10}" if len(runs) > 1 else f"C{(k + 1) % 10}"
             (line,) = accuracy.plot(steps, values, marker=_MARKERS[k % len(_MARKERS)],
-                                    linestyle=":", color=color,
-                                    label=f"{prefix}eval {benchmark} {key}")
-            handles.append(line)
-            k += 1
-    if k:
+                                    linestyle=":", color=color)
+            if (benchmark, key) not in entries:
+                entries[benchmark, key] = _legend_entry(len(runs), line, f"eval {benchmark} {key}")
+    handles += [entries[name] for name in names]
+    if names:
         accuracy.set_ylabel("eval accuracy (%)")
     else:
         accuracy.set_yticks([])
@@ -318,7 +338,15 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
         _finish(entropy, "Entropy", "mean token entropy (nats)",
                 _lines(entropy, runs, [("entropy", "entropy")]))
         fig.suptitle("dcpo report: " + " vs ".join(run["label"] for run in runs))
-        fig.tight_layout()
+        top = 0.97
+        if len(runs) > 1:  # colours name the runs, once for the whole figure
+            from matplotlib.lines import Line2D
+
+            fig.legend(handles=[Line2D([], [], color=f"C{r % 10}", linewidth=3,
+                                       label=run["label"]) for r, run in enumerate(runs)],
+                       loc="upper center", ncol=min(len(runs), 4), bbox_to_anchor=(0.5, 0.965))
+            top = 0.97 - 0.035 * math.ceil(len(runs) / 4)
+        fig.tight_layout(rect=(0, 0, 1, top))
         try:
             with atomic_path(out_path) as tmp:
                 fig.savefig(tmp, format=fmt, dpi=100)

@@ -13,7 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.report import eval_series, gather, gather_run, load_metrics, read_metrics_log, series
+from dcpo_cli.report import (
+    eval_series,
+    gather,
+    gather_run,
+    load_metrics,
+    plot_runs,
+    read_metrics_log,
+    series,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -94,6 +102,9 @@ def test_missing_keys_and_bad_values_are_skipped(tmp_path):
     assert [r["step"] for r in data["metrics"]] == [3, 5, 7, 8]
     assert series(data, "reward_mean") == ([5], [0.5])
     assert series(data, "approx_kl") == ([], []) and data["algo"] is None
+    # panels without data say so instead of failing
+    figure = plot_runs(gather([run, write_run(tmp_path, "full", range(3))]), tmp_path / "s.png")
+    assert png_size(figure) == (1800, 950)
 
 
 def test_eval_summaries(tmp_path):
