@@ -118,8 +118,8 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
     results: dict[str, BenchmarkResult] = {}
     for data in datasets:
         path = out / data.name / SAMPLES_FILE
-        run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint,
-                       "model": str(model)}
+        # the model is identified by its fingerprint, not its path, so a moved copy is reused
+        run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint}
         started = time.perf_counter()
         table = _finished_samples(path, run_options, fingerprint)
         reused = table is not None
@@ -131,7 +131,7 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
             table = generate_samples(engine, data, options)
             metadata = files.make_metadata(
                 "eval_samples", "eval", options=run_options,
-                extra={"benchmark": data.name, "source": data.source,
+                extra={"benchmark": data.name, "source": data.source, "model": str(model),
                        "model_fingerprint": fingerprint, "problems": len(data.rows)})
             files.write_table(table, path, metadata)
         results[data.name] = _result(data, table, options, path, reused,
