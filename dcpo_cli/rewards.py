@@ -8,6 +8,7 @@ overruns is killed and replaced, and its response is scored wrong with `timed_ou
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -127,10 +128,8 @@ class _Worker:
         self.conn.close()
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.conn.send(None)
-        except OSError:
-            pass
         self.process.join(timeout=1.0)
         if self.process.is_alive():
             self.process.kill()

@@ -1,0 +1,40 @@
+"""Generation back ends behind one interface: `load_engine("hf" | "vllm" | "auto", model)`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
+from dcpo_cli.errors import DcpoError
+
+ENGINES = ("auto", "hf", "vllm")
+
+__all__ = ["ENGINES", "Completion", "Engine", "SamplingSettings", "load_engine", "pick_engine"]
+
+
+def pick_engine(kind: str) -> str:
+    """`auto` means vllm when it is importable and a GPU is present, else hf."""
+    if kind not in ENGINES:
+        raise DcpoError(f"--engine {kind!r}: expected one of {', '.join(ENGINES)}")
+    if kind != "auto":
+        return kind
+    if importlib.util.find_spec("vllm") is None:
+        return "hf"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def load_engine(kind: str, model_path: str | Path, **options) -> Engine:
+    kind = pick_engine(kind)
+    model_path = Path(model_path)
+    if not model_path.is_dir() or not (model_path / "config.json").is_file():
+        raise DcpoError(f"{model_path}: not a model directory (no config.json)")
+    if kind == "vllm":
+        from dcpo_cli.engines.vllm import VllmEngine
+
+        return VllmEngine(model_path, **options)
+    from dcpo_cli.engines.hf import HFEngine
+
+    return HFEngine(model_path, **options)

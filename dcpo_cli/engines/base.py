@@ -1,0 +1,62 @@
+"""The small interface every generation back end implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+ProgressCallback = Callable[[int, int], None]  # (responses done, tokens done), cumulative
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How to sample. temperature 0 means greedy; top_k 0 means no top-k filter."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One response. `token_ids` keep the final eos token (the policy must learn to emit it);
+    `text` is `tokenizer.decode(token_ids, skip_special_tokens=True)`. `logprobs[i]` is the
+    log-probability of `token_ids[i]` under the distribution it was sampled from (after
+    temperature / top-k / top-p; the model's own distribution for greedy decoding)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+class Engine(Protocol):
+    name: str
+    tokenizer: object
+
+    def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
+                 on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
+        """`settings.n` completions for each prompt, in prompt order."""
+        ...
+
+
+def finish(token_ids: list[int], logprobs: list[float], eos_ids: set[int], max_new_tokens: int,
+           tokenizer) -> Completion:
+    """Cut a raw generated sequence after its first eos and classify how it ended."""
+    for index, token in enumerate(token_ids):
+        if token in eos_ids:
+            token_ids, logprobs, reason = token_ids[: index + 1], logprobs[: index + 1], "stop"
+            break
+    else:
+        token_ids, logprobs = token_ids[:max_new_tokens], logprobs[:max_new_tokens]
+        reason = "length"
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    return Completion(list(token_ids), list(logprobs), text, reason)

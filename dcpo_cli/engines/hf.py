@@ -1,0 +1,159 @@
+"""The transformers back end: `model.generate` with left padding and token-budget batches.
+
+Log-probs come from a logits processor placed after our own temperature / top-k / top-p
+warpers, so they are those of the distribution each token was actually sampled from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings, finish
+from dcpo_cli.errors import DcpoError
+
+
+def eos_token_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's eos plus every eos id of the model's generation config."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def token_budget_batches(lengths: list[int], max_new_tokens: int, budget: int) -> list[list[int]]:
+    """Split row indices, in order, into batches whose padded size (rows x (longest prompt +
+    max_new_tokens)) stays within `budget` tokens; a row that alone exceeds it runs alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for index, length in enumerate(lengths):
+        longest_with = max(longest, length)
+        if current and (len(current) + 1) * (longest_with + max_new_tokens) > budget:
+            batches.append(current)
+            current, longest_with = [], length
+        current.append(index)
+        longest = longest_with
+    if current:
+        batches.append(current)
+    return batches
+
+
+def batch_seed(seed: int, rows: list[tuple[int, int]]) -> int:
+    """A per-batch seed from the run seed and the batch's rows, so a batch's samples depend
+    only on what is in it, not on how many batches ran before."""
+    digest = hashlib.sha256(repr((seed, rows[0], len(rows))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _Recorder:
+    """Logits processor run last: keeps log-softmax of the final scores of each step and,
+    one step later, picks out the log-prob of the token that was sampled from them."""
+
+    def __init__(self) -> None:
+        self.previous = None
+        self.logprobs: list = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens):
+        self.logprobs.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        import torch
+
+        return torch.stack(self.logprobs, dim=1)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, model_path: str | Path, device: str | None = None,
+                 dtype: str | None = None, token_budget: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = getattr(torch, dtype) if dtype else (
+            torch.bfloat16 if self.device == "cuda" else torch.float32)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DcpoError(f"{model_path}: cannot load the model ({reason})") from None
+        self.model.to(self.device).eval()
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.token_budget = token_budget or (262_144 if self.device == "cuda" else 16_384)
+
+    def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
+                 on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
+        rows = [(p, s) for p in range(len(prompt_token_ids)) for s in range(settings.n)]
+        lengths = [len(prompt_token_ids[p]) for p, _ in rows]
+        done: dict[tuple[int, int], Completion] = {}
+        tokens = 0
+        for batch in token_budget_batches(lengths, settings.max_new_tokens, self.token_budget):
+            batch_rows = [rows[i] for i in batch]
+            prompts = [prompt_token_ids[p] for p, _ in batch_rows]
+            seed = batch_seed(settings.seed, batch_rows)
+            for row, completion in zip(batch_rows, self._generate_batch(prompts, settings, seed),
+                                       strict=True):
+                done[row] = completion
+                tokens += len(completion.token_ids)
+            if on_progress:
+                on_progress(len(done), tokens)
+        return [[done[(p, s)] for s in range(settings.n)] for p in range(len(prompt_token_ids))]
+
+    def _generate_batch(self, prompts: list[list[int]], settings: SamplingSettings,
+                        seed: int) -> list[Completion]:
+        import torch
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        # Our warpers, in transformers' own order, then the recorder; the generation config
+        # turns every built-in processor off so nothing runs after the recorder.
+        processors = []
+        if not settings.greedy:
+            if settings.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k > 0:
+                processors.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(settings.top_p))
+        recorder = _Recorder()
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
+            temperature=None, top_k=None, top_p=None, eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id, bos_token_id=None,
+        )
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            sequences = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList([*processors, recorder]),
+            )
+        generated = sequences[:, width:]
+        logprobs = recorder.finish(generated[:, -1]).cpu().tolist()
+        return [finish(ids, lps, self.eos_ids, settings.max_new_tokens, self.tokenizer)
+                for ids, lps in zip(generated.cpu().tolist(), logprobs, strict=True)]
