@@ -1,0 +1,208 @@
+"""`dcpo rollout`: pick step N's prompts, sample --n responses each, write a rollouts file.
+
+Prompt selection depends on the step number alone: the prompt set is shuffled once per epoch
+(seeded by --seed and the epoch), and step N takes the N-th slice of --batch-size prompts
+of that endless sequence of epochs (step 0 is the first slice). A shell loop therefore only
+passes the step, and a re-run of a step selects, and on CPU samples, exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from dcpo_cli import files
+from dcpo_cli.errors import DcpoError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    batch_size: int = 64
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int | None = None
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    engine: str = "auto"
+    chat_template: bool = True
+
+    def check(self) -> None:
+        problems = [
+            (self.batch_size < 1, "--batch-size must be at least 1"),
+            (self.n < 1, "--n must be at least 1"),
+            (self.temperature < 0, "--temperature must be >= 0"),
+            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.top_k < 0, "--top-k must be >= 0 (0 turns it off)"),
+            (self.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+            (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1,
+             "--max-prompt-tokens must be at least 1"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise DcpoError(message)
+
+
+@dataclass
+class RolloutSummary:
+    out: Path
+    prompts: int
+    skipped: int
+    responses: int
+    tokens: int
+    truncated: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _seeded(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across Python runs (unlike hash())."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def epoch_order(num_prompts: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(num_prompts))
+    random.Random(_seeded("epoch", seed, epoch)).shuffle(order)
+    return order
+
+
+def select_prompts(num_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of step `step`'s prompts: positions step*B .. step*B+B-1 of the sequence of
+    per-epoch permutations, wrapping into the next epoch where one runs out."""
+    if num_prompts < 1 or batch_size < 1 or step < 0:
+        raise ValueError("need num_prompts >= 1, batch_size >= 1, step >= 0")
+    start = step * batch_size
+    orders: dict[int, list[int]] = {}
+    indices = []
+    for position in range(start, start + batch_size):
+        epoch = position // num_prompts
+        if epoch not in orders:
+            orders[epoch] = epoch_order(num_prompts, epoch, seed)
+        indices.append(orders[epoch][position % num_prompts])
+    return indices
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), 0 <= i < n."""
+    index, sep, count = text.partition("/")
+    try:
+        shard = (int(index), int(count))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
+        raise DcpoError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return shard
+
+
+def shard_part(items: list, shard: tuple[int, int]) -> list:
+    """Shard i of n: the i-th of n contiguous, near-equal parts of `items`."""
+    index, count = shard
+    size, extra = divmod(len(items), count)
+    start = index * size + min(index, extra)
+    return items[start:start + size + (1 if index < extra else 0)]
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the weight files' names and bytes: equal weights, equal fingerprint,
+    wherever the directory lives."""
+    model_dir = Path(model_dir)
+    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise DcpoError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
+    digest = hashlib.sha256()
+    for path in weights:
+        digest.update(path.name.encode())
+        digest.update(files.file_checksum(path).encode())
+    return digest.hexdigest()
+
+
+def _prompt_value(value: Any) -> str | list[dict]:
+    return value if isinstance(value, str) else [dict(m) for m in value]
+
+
+def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str | Path,
+                options: RolloutOptions, engine: Any = None) -> RolloutSummary:
+    """Generate step `step`'s rollouts and write them to `out`. `engine` replaces the real one
+    (benchmarks pass a loaded engine); otherwise it is loaded from `model`."""
+    from dcpo_cli.console import progress
+    from dcpo_cli.engines import SamplingSettings, load_engine
+    from dcpo_cli.prompting import encode_prompts
+
+    options.check()
+    if step < 0:
+        raise DcpoError("--step must be >= 0")
+    table = files.read_table(prompts_path, "prompts")
+    fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
+    engine = engine or load_engine(options.engine, model)
+
+    chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
+                        options.shard)
+    records = table.select(["prompt_id", "prompt", "answer"]).take(chosen).to_pylist()
+    encoded = encode_prompts(engine.tokenizer, [_prompt_value(r["prompt"]) for r in records],
+                             options.chat_template)
+    limit = options.max_prompt_tokens
+    keep = [i for i, (_, ids) in enumerate(encoded) if limit is None or len(ids) <= limit]
+    skipped = len(records) - len(keep)
+    if not keep:
+        raise DcpoError(f"{Path(prompts_path).name}: all {len(records)} prompts of step {step} "
+                        f"are longer than --max-prompt-tokens {limit}")
+    settings = SamplingSettings(
+        n=options.n, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+        max_new_tokens=options.max_new_tokens,
+        seed=_seeded("rollout", options.seed, step, options.shard),
+    )
+
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"rollout step {step}", total=len(keep) * options.n, info="")
+
+        def report(responses: int, tokens: int) -> None:
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=responses, info=f"{tokens} tok, {rate:,.0f} tok/s")
+
+        completions = engine.generate([encoded[i][1] for i in keep], settings, report)
+    seconds = time.perf_counter() - started
+
+    rows: dict[str, list] = {name: [] for name in files.ROLLOUT_COLUMNS}
+    for i, group in zip(keep, completions, strict=True):
+        text, prompt_ids = encoded[i]
+        for sample_index, completion in enumerate(group):
+            for name, value in (
+                ("step", step), ("prompt_id", records[i]["prompt_id"]),
+                ("sample_index", sample_index), ("prompt_text", text),
+                ("prompt_token_ids", prompt_ids), ("response_text", completion.text),
+                ("response_token_ids", completion.token_ids),
+                ("response_logprobs", completion.logprobs),
+                ("finish_reason", completion.finish_reason), ("answer", records[i]["answer"]),
+            ):
+                rows[name].append(value)
+    schema = pa.schema([(name, kind) for name, kind in files.ROLLOUT_COLUMNS.items()])
+    result = pa.table(rows, schema=schema)
+
+    option_record = {**asdict(options), "shard": f"{options.shard[0]}/{options.shard[1]}"}
+    metadata = files.make_metadata(
+        "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
+        extra={"model": str(model), "model_fingerprint": fingerprint, "engine": engine.name,
+               "seed": options.seed, "sampling_seed": settings.seed,
+               "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
+               "skipped_prompts": skipped},
+    )
+    files.write_table(result, out, metadata)
+    tokens = sum(len(ids) for ids in rows["response_token_ids"])
+    truncated = sum(reason == "length" for reason in rows["finish_reason"])
+    return RolloutSummary(Path(out), len(keep), skipped, result.num_rows, tokens, truncated,
+                          seconds)
