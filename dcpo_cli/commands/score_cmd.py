@@ -4,12 +4,36 @@ from pathlib import Path
 
 import typer
 
-from dcpo_cli.errors import DcpoError
-
 
 def score(
-    rollouts: list[Path] = typer.Argument(..., help="Rollout Parquet shards."),
+    rollouts: list[Path] = typer.Argument(..., help="Rollout Parquet shards (or any Parquet "
+                                          "file with prompt_id, response_text, answer)."),
     out: Path = typer.Option(..., help="Scored Parquet file to write."),
+    workers: int | None = typer.Option(None, help="Verifier processes (default: all cores)."),
+    timeout: float = typer.Option(5.0, help="Seconds allowed to verify one response; "
+                                  "slower ones score as wrong and are flagged."),
+    wrong_reward: float = typer.Option(0.0, help="Reward of a wrong answer (right is 1.0)."),
+    overlong_buffer: int = typer.Option(0, help="DAPO overlong shaping buffer in tokens "
+                                        "(0: off); the max length comes from the rollouts."),
+    max_length: int | None = typer.Option(None, help="Max response length for overlong "
+                                          "shaping, for files without rollout metadata."),
+    reward: str | None = typer.Option(None, help="Your own reward, package.module:function, "
+                                      "called as f(response_text, answer, row) -> float."),
 ) -> None:
     """Score responses with math-verify (or your own reward) and write one scored file."""
-    raise DcpoError("dcpo score is not built yet (issue: rollout and score)")
+    from rich.table import Table
+
+    from dcpo_cli.console import out as console
+    from dcpo_cli.score import ScoreOptions, run_score
+
+    options = ScoreOptions(workers=workers, timeout=timeout, wrong_reward=wrong_reward,
+                           overlong_buffer=overlong_buffer, max_length=max_length,
+                           reward=reward)
+    s = run_score(rollouts, out, options)
+    table = Table(title=f"{s.out} ({s.kind})", title_justify="left")
+    for name in ("responses", "accuracy", "mean reward", "timeouts", "verifier errors",
+                 "responses/s"):
+        table.add_column(name, justify="right")
+    table.add_row(str(s.responses), f"{s.accuracy:.1%}", f"{s.mean_reward:.4f}",
+                  str(s.timeouts), str(s.errors), f"{s.responses_per_second:,.0f}")
+    console.print(table)

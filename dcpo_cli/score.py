@@ -1,0 +1,214 @@
+"""`dcpo score`: attach rewards to responses, from one or several rollout shards.
+
+Inputs need only `prompt_id`, `response_text` and `answer` (files.SCOREABLE_COLUMNS), so
+generations made by other tools can be scored too. The output keeps every input column and
+adds `reward`, `correct`, `extracted_answer` ("" when the response has no box),
+`verify_timeout`, `verify_error`, and `overlong_penalty` when shaping is on. It is marked
+kind "scored" when the inputs were rollouts (the scored contract train-step reads), else
+kind "scored-responses" (scored, but not trainable: token ids or log-probs are missing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dcpo_cli import files
+from dcpo_cli.errors import DcpoError
+
+ADDED_COLUMNS = ("reward", "correct", "extracted_answer", "verify_timeout", "verify_error",
+                 "overlong_penalty")
+PARTIAL_KIND = "scored-responses"
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    workers: int | None = None
+    timeout: float = 5.0
+    wrong_reward: float = 0.0
+    overlong_buffer: int = 0
+    max_length: int | None = None
+    reward: str | None = None
+
+    def check(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise DcpoError("--workers must be at least 1")
+        if self.timeout <= 0:
+            raise DcpoError("--timeout must be > 0 seconds")
+        if self.overlong_buffer < 0:
+            raise DcpoError("--overlong-buffer must be >= 0")
+        if self.max_length is not None and self.max_length < 1:
+            raise DcpoError("--max-length must be at least 1")
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    kind: str
+    responses: int
+    correct: int
+    timeouts: int
+    errors: int
+    mean_reward: float
+    seconds: float
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.responses if self.responses else 0.0
+
+    @property
+    def responses_per_second(self) -> float:
+        return self.responses / self.seconds if self.seconds > 0 else 0.0
+
+
+def read_inputs(paths: list[Path]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """One table from all shards (same columns required) and each shard's metadata."""
+    if not paths:
+        raise DcpoError("give at least one rollouts file to score")
+    tables, metadata = [], []
+    for path in paths:
+        table = files.read_table(path, "scoreable", files.SCOREABLE_COLUMNS)
+        table = table.drop_columns([c for c in ADDED_COLUMNS if c in table.column_names])
+        if tables and set(table.column_names) != set(tables[0].column_names):
+            raise DcpoError(f"{Path(path).name}: its columns differ from those of "
+                            f"{Path(paths[0]).name}; shards of one step must match")
+        tables.append(_cast_known(table.select(tables[0].column_names) if tables else table))
+        metadata.append(files.read_metadata(path))
+    table = pa.concat_tables(tables, promote_options="permissive")
+    _check_unique(table, paths)
+    return table, metadata
+
+
+def _cast_known(table: pa.Table) -> pa.Table:
+    """Bring contract columns to their contract types (large_string, int32, ... from
+    other tools), so shards concatenate and the output meets the contract."""
+    for name, kind in files.ROLLOUT_COLUMNS.items():
+        if name not in table.column_names or kind is None:
+            continue
+        if table.schema.field(name).type != kind:
+            try:
+                column = table.column(name).cast(kind)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue  # left as is; the contract check reports it if it matters
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    return table
+
+
+def _check_unique(table: pa.Table, paths: list[Path]) -> None:
+    keys = [c for c in ("step", "prompt_id", "sample_index") if c in table.column_names]
+    if "sample_index" not in keys:
+        return
+    rows = table.select(keys).to_pylist()
+    seen = {tuple(row.values()) for row in rows}
+    if len(seen) != len(rows):
+        names = ", ".join(Path(p).name for p in paths)
+        raise DcpoError(f"{names}: the same response (step, prompt_id, sample_index) appears "
+                        "more than once; was a shard given twice?")
+
+
+def max_length_from(metadata: list[dict[str, Any]], options: ScoreOptions) -> int:
+    """L_max for overlong shaping: --max-length, else the rollouts' max_new_tokens."""
+    if options.max_length is not None:
+        return options.max_length
+    values = {m.get("max_new_tokens") for m in metadata}
+    if None in values:
+        raise DcpoError("--overlong-buffer needs the rollouts' max_new_tokens, which a file "
+                        "lacks in its metadata; pass --max-length")
+    if len(values) > 1:
+        raise DcpoError(f"--overlong-buffer: the shards were made with different "
+                        f"max_new_tokens {sorted(values)}; pass --max-length")
+    return values.pop()
+
+
+def _user_rewards(spec: str, table: pa.Table) -> list[float]:
+    from dcpo_cli.rewards import load_reward_function
+
+    function = load_reward_function(spec)
+    rewards = []
+    for index, row in enumerate(table.to_pylist()):
+        try:
+            rewards.append(float(function(row["response_text"], row["answer"], row)))
+        except Exception as exc:
+            raise DcpoError(f"--reward {spec}: failed on row {index} "
+                            f"({type(exc).__name__}: {exc})") from None
+    return rewards
+
+
+def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None = None,
+                on_progress=None) -> pa.Table:
+    """The input table plus the reward columns (pure apart from running the verifier)."""
+    from dcpo_cli.rewards import extract_boxed, overlong_penalty, verify_batch
+
+    responses = table.column("response_text").to_pylist()
+    answers = table.column("answer").to_pylist()
+    if options.reward:
+        rewards = _user_rewards(options.reward, table)
+        correct = [r > 0 for r in rewards]
+        extracted = [extract_boxed(text) or "" for text in responses]
+        timeouts = errors = [False] * len(rewards)
+        if on_progress:
+            on_progress(len(rewards))
+    else:
+        verdicts = verify_batch(responses, answers, workers=options.workers,
+                                timeout=options.timeout, on_progress=on_progress)
+        correct = [v.correct for v in verdicts]
+        rewards = [1.0 if ok else options.wrong_reward for ok in correct]
+        extracted = [v.extracted or "" for v in verdicts]
+        timeouts = [v.timed_out for v in verdicts]
+        errors = [v.error for v in verdicts]
+    columns = {"reward": pa.array(rewards, pa.float64()), "correct": pa.array(correct),
+               "extracted_answer": pa.array(extracted, pa.string()),
+               "verify_timeout": pa.array(timeouts), "verify_error": pa.array(errors)}
+    if options.overlong_buffer:
+        if "response_token_ids" not in table.column_names:
+            raise DcpoError("--overlong-buffer needs the column 'response_token_ids' "
+                            "(response lengths in tokens)")
+        lengths = pc.list_value_length(table.column("response_token_ids")).to_pylist()
+        penalties = [overlong_penalty(n, max_length, options.overlong_buffer) for n in lengths]
+        columns["reward"] = pa.array([r + p for r, p in zip(rewards, penalties, strict=True)],
+                                     pa.float64())
+        columns["overlong_penalty"] = pa.array(penalties, pa.float64())
+    for name, values in columns.items():
+        table = table.append_column(name, values)
+    return table
+
+
+def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSummary:
+    from dcpo_cli.console import progress
+
+    options.check()
+    table, metadata = read_inputs(paths)
+    max_length = max_length_from(metadata, options) if options.overlong_buffer else None
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("score", total=table.num_rows, info="")
+
+        def report(done: int) -> None:
+            bar.advance(task, done)
+            rate = bar.tasks[0].completed / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, info=f"{rate:,.0f} responses/s")
+
+        scored = score_table(table, options, max_length, report)
+    seconds = time.perf_counter() - started
+
+    kind = "scored" if set(files.ROLLOUT_COLUMNS) <= set(scored.column_names) else PARTIAL_KIND
+    steps = {m.get("step") for m in metadata}
+    correct = sum(scored.column("correct").to_pylist())
+    timeouts = sum(scored.column("verify_timeout").to_pylist())
+    errors = sum(scored.column("verify_error").to_pylist())
+    mean_reward = pc.mean(scored.column("reward")).as_py()
+    lengths = {m.get("max_new_tokens") for m in metadata}
+    extra = {"reward_function": options.reward or "math-verify",
+             "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
+             "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
+             "verify_errors": errors}
+    meta = files.make_metadata(kind, "score", step=steps.pop() if len(steps) == 1 else None,
+                               options=asdict(options), inputs=paths, extra=extra)
+    files.write_table(scored, out, meta)
+    return ScoreSummary(Path(out), kind, scored.num_rows, correct, timeouts, errors,
+                        mean_reward, seconds)
