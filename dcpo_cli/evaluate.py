@@ -53,6 +53,10 @@ class EvalOptions:
     limit: int | None = None
 
     def check(self) -> None:
+        from dcpo_cli.engines import ENGINES
+
+        if self.engine not in ENGINES:
+            raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
         if self.avg_at < 0:
             raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")
         if self.avg_at == 0 and not self.greedy:
