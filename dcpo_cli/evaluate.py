@@ -133,8 +133,9 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
 
                 engine = load_engine(options.engine, str(model))
             table = generate_samples(engine, data, options)
+            inputs = [data.source] if Path(data.source).is_file() else []
             metadata = files.make_metadata(
-                "eval_samples", "eval", options=run_options,
+                "eval_samples", "eval", options=run_options, inputs=inputs,
                 extra={"benchmark": data.name, "source": data.source, "model": str(model),
                        "model_fingerprint": fingerprint, "problems": len(data.rows)})
             files.write_table(table, path, metadata)
