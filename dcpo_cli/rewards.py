@@ -9,6 +9,7 @@ overruns is killed and replaced, and its response is scored wrong with `timed_ou
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import multiprocessing
@@ -58,6 +59,7 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # a prompt's G responses share one gold answer
 def _parse_gold(answer: str):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
@@ -65,7 +67,7 @@ def _parse_gold(answer: str):
     answer = answer.strip()
     # Wrapped in $...$ so plain numbers ("023", "27.0") and LaTeX ("\frac{1}{2}") both parse.
     gold = parse(f"${answer}$", configs, parsing_timeout=None)
-    return gold or parse(answer, configs, parsing_timeout=None)
+    return tuple(gold or parse(answer, configs, parsing_timeout=None))
 
 
 def check_answer(boxed: str, answer: str) -> bool:
@@ -77,7 +79,7 @@ def check_answer(boxed: str, answer: str) -> bool:
                                           ExprExtractionConfig()], parsing_timeout=None)
     if not gold or not pred:
         return False
-    return bool(verify(gold, pred, timeout_seconds=None))
+    return bool(verify(list(gold), pred, timeout_seconds=None))
 
 
 def _worker_main(conn) -> None:

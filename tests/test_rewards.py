@@ -1,0 +1,130 @@
+"""rewards: boxed extraction, math-verify judging in the killable pool, overlong shaping."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dcpo_cli.errors import DcpoError
+from dcpo_cli.rewards import (
+    Verdict,
+    extract_boxed,
+    load_reward_function,
+    overlong_penalty,
+    verify_batch,
+)
+
+
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("so the answer is $\\boxed{42}$.", "42"),
+    ("\\boxed{1} then \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("nested \\boxed{\\left( 3, \\frac{\\pi}{2} \\right)} end",
+     "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("\\fbox{7}", "7"),
+    ("$\\boxed 5$", "5"),
+    ("no box here", None),
+    ("\\boxed{unclosed {", None),
+    ("\\boxed{}", ""),
+])
+def test_extract_boxed_cases(text, expected):
+    assert extract_boxed(text) == expected
+
+
+_plain = st.text(alphabet=st.characters(blacklist_characters="{}\\",
+                                        blacklist_categories=("Cs",)), max_size=12)
+_balanced = st.recursive(_plain, lambda inner: st.builds(lambda a, b, c: f"{a}{{{b}}}{c}",
+                                                          _plain, inner, _plain), max_leaves=6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(before=_plain, content=_balanced, after=_plain)
+def test_extract_boxed_returns_the_last_box_content(before, content, after):
+    assert extract_boxed(f"{before}\\boxed{{x}} {before}\\boxed{{{content}}}{after}") == content
+
+
+def test_math500_reference_solutions_all_verify(benchmarks):
+    rows = _jsonl(benchmarks / "math500.jsonl")
+    verdicts = verify_batch([r["solution"] for r in rows], [r["answer"] for r in rows])
+    assert len(verdicts) == 500
+    wrong = [(r["answer"], v) for r, v in zip(rows, verdicts, strict=True) if not v.correct]
+    assert wrong == []
+    assert not any(v.timed_out or v.error for v in verdicts)
+
+
+def test_math500_solutions_never_match_another_problems_answer(benchmarks):
+    rows = _jsonl(benchmarks / "math500.jsonl")
+    answers = [r["answer"] for r in rows]
+    shifted = answers[1:] + answers[:1]
+    pairs = [i for i in range(len(rows)) if answers[i] != shifted[i]]
+    verdicts = verify_batch([rows[i]["solution"] for i in pairs], [shifted[i] for i in pairs])
+    matched = [i for i, v in zip(pairs, verdicts, strict=True) if v.correct]
+    # A match is only allowed where the two gold answers are one answer written two ways
+    # (`5` and `x=5` in this data), as math-verify itself judges them.
+    same = verify_batch([f"\\boxed{{{answers[i]}}}" for i in matched],
+                        [shifted[i] for i in matched])
+    assert all(v.correct for v in same), [(answers[i], shifted[i]) for i in matched]
+    assert len(matched) <= 2
+
+
+def test_amc_float_answers_and_aime_leading_zeros_match_integers(benchmarks):
+    amc = _jsonl(benchmarks / "amc23.jsonl")
+    answers = [str(r["answer"]) for r in amc]  # written like 27.0
+    assert "27.0" in answers
+    responses = [f"The answer is \\boxed{{{float(a):g}}}." for a in answers]
+    assert all(v.correct for v in verify_batch(responses, answers))
+    verdicts = verify_batch(["\\boxed{23}", "\\boxed{27}", "\\boxed{24}"], ["023", "27.0", "023"])
+    assert [v.correct for v in verdicts] == [True, True, False]
+
+
+def test_power_tower_times_out_with_a_flag_and_the_batch_still_finishes():
+    started = time.monotonic()
+    verdicts = verify_batch(["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{4}", "no box", "\\boxed{5}"],
+                            ["3", "4", "4", "4"], workers=2, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert verdicts[0] == Verdict(False, "9^{9^{9^{9^{9}}}}", timed_out=True, error=False)
+    assert verdicts[1] == Verdict(True, "4")
+    assert verdicts[2] == Verdict(False, None)
+    assert verdicts[3] == Verdict(False, "5")
+    assert elapsed < 4.0, elapsed
+
+
+def test_verify_batch_reports_progress_for_every_response():
+    seen = []
+    verify_batch(["\\boxed{1}", "none", "\\boxed{2}"], ["1", "1", "1"], on_progress=seen.append)
+    assert sum(seen) == 3
+    assert verify_batch([], []) == []
+
+
+@pytest.mark.parametrize(("length", "expected"), [
+    (0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (17, -1.0), (100, -1.0),
+])
+def test_overlong_penalty_hand_values(length, expected):
+    # L_max 16, buffer 4: free up to 12, then a ramp reaching -1 at 16, -1 beyond
+    assert overlong_penalty(length, 16, 4) == pytest.approx(expected)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 300), st.integers(0, 300), st.integers(1, 200), st.integers(0, 100))
+def test_overlong_penalty_is_a_bounded_nonincreasing_ramp(a, b, max_length, buffer):
+    short, long = sorted((a, b))
+    assert -1.0 <= overlong_penalty(long, max_length, buffer) <= 0.0
+    assert overlong_penalty(long, max_length, buffer) <= overlong_penalty(short, max_length,
+                                                                           buffer)
+    assert overlong_penalty(long, max_length, 0) == 0.0
+
+
+def test_load_reward_function_errors():
+    assert load_reward_function("json:dumps") is json.dumps
+    for spec, fragment in [("nocolon", "package.module:function"),
+                           ("no_such_module_xyz:f", "cannot import"),
+                           ("json:no_such_function", "has no function")]:
+        with pytest.raises(DcpoError, match=fragment):
+            load_reward_function(spec)
