@@ -85,12 +85,13 @@ class BenchmarkResult:
 
 def model_fingerprint(model: str | Path) -> str:
     """Identifies a model directory's contents cheaply: small files (config, tokenizer) by
-    their bytes, large ones (weights) by size and modification time."""
+    their bytes, large ones (weights) by size and modification time. Only the top level
+    counts (a Hugging Face model directory is flat), so an eval folder inside it is ignored."""
     path = Path(model)
     if not path.exists():
         return f"name:{model}"
     digest = hashlib.sha256()
-    paths = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    paths = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
     for item in paths:
         stat = item.stat()
         digest.update(str(item.relative_to(path) if item != path else item.name).encode())

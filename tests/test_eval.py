@@ -186,6 +186,12 @@ def test_rerun_skips_same_options_and_recomputes_on_change(model_dir, tmp_path):
     assert len(engine.calls) == 6  # so is a changed model
     options_json = json.loads((out / "options.json").read_text())
     assert options_json["seed"] == 1 and options_json["benchmarks"] == ["aime25"]
+    # results written inside the model directory do not change the model's fingerprint
+    inside = model_dir / "eval"
+    for reused in (False, True):
+        result = run_eval(model_dir, ["aime25"], inside, options, data_dir=BENCHMARKS,
+                          engine=engine)
+        assert result["aime25"].reused is reused
 
 
 def test_verl_parquet_gives_the_same_30_problems(model_dir, tmp_path):
