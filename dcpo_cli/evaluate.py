@@ -111,6 +111,8 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
     """
     options.check()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DcpoError(f"{out}: exists and is not a directory (--out names a folder)")
     data_dir = benchmarks.data_dir_from(data_dir)
     # load every benchmark first, so a data problem stops the run before the model loads
     datasets = [benchmarks.load_benchmark(spec, data_dir, instruction=options.instruction,
@@ -199,6 +201,9 @@ def generate_samples(engine: Any, data: benchmarks.BenchmarkData,
             if len(completions) != len(prompt_ids):
                 raise DcpoError(f"{data.name}: the engine returned {len(completions)} result "
                                 f"lists for {len(prompt_ids)} prompts")
+            if any(len(group) != settings.n for group in completions):
+                raise DcpoError(f"{data.name}: the engine returned a wrong number of "
+                                f"responses (expected {settings.n} per prompt)")
             for row, group in zip(data.rows, completions, strict=True):
                 for index, completion in enumerate(group):
                     rows.append({

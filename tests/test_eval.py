@@ -238,12 +238,16 @@ def test_sampled_only_and_prompts_file_and_env_data_dir(model_dir, tmp_path, mon
     (["--benchmark", "gsm8k", "--data-dir", "{tmp}"], ["gsm8k.jsonl", "found"]),
     (["--benchmark", "aime24", "--data-dir", "{tmp}/missing"], ["missing", "not found"]),
     (["--benchmark", "{tmp}/nope.jsonl"], ["nope.jsonl", "no such"]),
+    (["--benchmark", "aime24", "--out", "{tmp}/file"], ["file", "not a directory"]),
 ])
 def test_bad_input_is_one_line(dcpo, tmp_path, args, fragments):
+    (tmp_path / "file").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
     if "--data-dir" not in args:
         args += ["--data-dir", str(BENCHMARKS)]
-    result = dcpo("eval", "--model", tmp_path / "m", "--out", tmp_path / "E", *args)
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "E")]
+    result = dcpo("eval", "--model", tmp_path / "m", *args)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "E").exists()
 
@@ -286,3 +290,15 @@ def test_duplicate_benchmark_names_are_refused(model_dir, tmp_path):
     with pytest.raises(DcpoError, match="given twice"):
         run_eval(model_dir, ["aime24", str(BENCHMARKS / "aime24.jsonl")], tmp_path / "E",
                  EvalOptions(), data_dir=BENCHMARKS, engine=ScriptedEngine(None))
+
+
+def test_engine_returning_too_few_responses_writes_nothing(model_dir, tmp_path):
+    class Short(ScriptedEngine):
+        def generate(self, prompt_token_ids, settings, on_progress=None):
+            groups = super().generate(prompt_token_ids, settings, on_progress)
+            return [group[:1] for group in groups]
+
+    with pytest.raises(DcpoError, match="wrong number of responses"):
+        run_eval(model_dir, ["aime24"], tmp_path / "E", EvalOptions(avg_at=2, limit=2),
+                 data_dir=BENCHMARKS, engine=Short(lambda *_: "\\boxed{1}"))
+    assert not (tmp_path / "E" / "aime24" / "samples.parquet").exists()
