@@ -71,7 +71,9 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
     would happen here.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
     check_model_dir(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -1,0 +1,285 @@
+"""`dcpo train-step` on the tiny model: the update, its files, resuming, and refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from conftest import assert_one_line_error, run_dcpo
+
+from dcpo_cli import files
+from dcpo_cli.errors import DcpoError
+from dcpo_cli.train_step import TrainOptions, run_train_step
+
+METRIC_KEYS = {"clip_ratio", "clip_ratio_low", "clip_ratio_high", "nonzero_advantage_ratio",
+               "reward_mean", "response_length_mean", "truncated_ratio", "approx_kl", "entropy",
+               "grad_norm", "lr", "tokens_per_second", "seconds"}
+
+# Rewards per prompt for step 0 (mixed groups) and step 1 (two groups all equal).
+REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [0, 1, 0, 0]}
+REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
+
+
+def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float]],
+                 seed: int = 0, max_len: int = 12, vocab: int | None = None) -> Path:
+    """A scored file made by hand: random responses ending in eos, rewards as given."""
+    gen = torch.Generator().manual_seed(seed + 1000 * step)
+    vocab = vocab or len(tokenizer)
+    rows: dict[str, list] = {name: [] for name in files.SCORED_COLUMNS}
+    for prompt_id, group in rewards.items():
+        text = f"<|im_start|>user\nWhat is {prompt_id}?<|im_end|>\n<|im_start|>assistant\n"
+        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for index, reward in enumerate(group):
+            length = int(torch.randint(2, max_len, (1,), generator=gen))
+            body = torch.randint(5, vocab, (length,), generator=gen).tolist()
+            truncated = index == 0
+            response = body if truncated else body + [tokenizer.eos_token_id]
+            values = dict(step=step, prompt_id=prompt_id, sample_index=index, prompt_text=text,
+                          prompt_token_ids=prompt_ids, response_text=tokenizer.decode(response),
+                          response_token_ids=response,
+                          response_logprobs=[-1.0] * len(response),
+                          finish_reason="length" if truncated else "stop", answer="1",
+                          reward=float(reward), correct=bool(reward > 0),
+                          extracted_answer="1" if reward else "0")
+            for name, value in values.items():
+                rows[name].append(value)
+    schema = pa.schema([(n, t) for n, t in files.SCORED_COLUMNS.items()])
+    files.write_table(pa.table(rows, schema=schema), path,
+                      files.make_metadata("scored", "score", step=step))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(random_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(random_model_dir)
+
+
+def hand_sas(rewards: list[float], stats: dict | None) -> tuple[list[float], dict]:
+    """DESIGN.md 1.2, written out independently of dcpo_cli.algorithms."""
+    n = len(rewards)
+    mean_new = sum(rewards) / n
+    std_new = math.sqrt(sum((r - mean_new) ** 2 for r in rewards) / (n - 1))
+    times = stats["times"] if stats else 0
+    t = times + 1
+    if times == 0:
+        mean_tot, std_tot = mean_new, std_new
+    else:
+        mean, std = stats["mean"], stats["std"]
+        mean_tot = (mean * times + mean_new) / t
+        std_tot = math.sqrt((times * std ** 2 + std_new ** 2
+                             + times / t * (mean_new - mean) ** 2) / t)
+    out = []
+    for r in rewards:
+        a_new = (r - mean_new) / std_new if std_new > 0 else 0.0
+        a_tot = (r - mean_tot) / std_tot if std_tot > 0 else 0.0
+        sa_new = (t - 1) / t * a_new + a_tot / t
+        sa_tot = a_new / t + (t - 1) / t * a_tot
+        out.append(sa_new if abs(sa_new) < abs(sa_tot) else sa_tot)
+    return out, {"times": t, "mean": mean_tot, "std": std_tot}
+
+
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def records(ckpt: Path) -> dict[tuple[str, int], dict]:
+    table = files.read_table(ckpt / "train_records.parquet", "train_records").to_pylist()
+    return {(r["prompt_id"], r["sample_index"]): r for r in table}
+
+
+FAST = ["--lr", "1e-3", "--warmup-steps", "10", "--micro-batch-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def first_step(tmp_path_factory, random_model_dir, tokenizer):
+    """One DCPO step through the CLI; later tests reuse its files."""
+    root = tmp_path_factory.mktemp("train")
+    scored = write_scored(root / "scored-0.parquet", tokenizer, 0, REWARDS_0)
+    state, ckpt = root / "state.json", root / "ckpt-1"
+    log = root / "metrics.jsonl"
+    result = run_dcpo("train-step", "--model", random_model_dir, "--scored", scored,
+                      "--state", state, "--out", ckpt, "--metrics-log", log, *FAST)
+    assert result.code == 0, result.stderr
+    return root, scored, state, ckpt, log, result
+
+
+def test_one_dcpo_step_trains_and_records_sas(first_step, random_model_dir):
+    root, scored, state, ckpt, log, result = first_step
+    before, after = load_weights(random_model_dir), load_weights(ckpt)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    recs = records(ckpt)
+    for prompt_id, rewards in REWARDS_0.items():
+        want, _ = hand_sas([float(r) for r in rewards], None)
+        got = [recs[(prompt_id, i)]["advantage"] for i in range(len(rewards))]
+        assert got == pytest.approx(want, abs=1e-9)
+        for i, rec in enumerate(recs[(prompt_id, i)] for i in range(len(rewards))):
+            assert rec["step"] == 0 and rec["reward"] == rewards[i]
+            assert rec["response_tokens"] >= 2 and rec["clipped_tokens"] >= 0
+            assert rec["old_logprob_mean"] < 0 and rec["new_logprob_mean"] < 0
+
+    saved = json.loads(state.read_text())
+    assert saved["last_step"] == 0
+    assert {p: s["times"] for p, s in saved["prompts"].items()} == dict.fromkeys(REWARDS_0, 1)
+    assert state.read_bytes() == (ckpt / "sas_state.json").read_bytes()
+
+    metrics = json.loads((ckpt / "metrics.json").read_text())
+    assert metrics.keys() >= METRIC_KEYS
+    assert metrics["nonzero_advantage_ratio"] == 1.0  # every step-0 group is mixed
+    assert metrics["truncated_ratio"] == 0.25
+    assert metrics["lr"] == pytest.approx(1e-4)  # warm-up: step 1 of 10
+    assert metrics["updates"] == 4  # 4 prompts, default mini-batch = a quarter
+    assert json.loads(log.read_text().splitlines()[0])["step"] == 0
+    trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    assert trainer["global_step"] == 1 and trainer["optimizer_updates"] == 4
+    assert trainer["rollout_step"] == 0
+    for name in ("optimizer.pt", "rng_state.pt", "config.json", "generation_config.json",
+                 "tokenizer.json"):
+        assert (ckpt / name).is_file(), name
+    assert "clip_ratio" in result.stdout  # the metrics table
+
+
+def test_checkpoint_loads_and_generates(first_step):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = first_step[3]
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok("1+1=", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == tok.eos_token_id
+
+
+def test_rerun_is_done_and_absorbing_twice_is_refused(first_step, random_model_dir):
+    root, scored, state, ckpt, log, _ = first_step
+    again = run_dcpo("train-step", "--model", random_model_dir, "--scored", scored, "--state",
+                     state, "--out", ckpt, "--metrics-log", log, *FAST)
+    assert again.code == 0, again.stderr
+    assert "already done" in again.stderr
+    assert len(log.read_text().splitlines()) == 1  # not logged twice
+    twice = run_dcpo("train-step", "--model", random_model_dir, "--scored", scored, "--state",
+                     state, "--out", root / "other", *FAST)
+    assert_one_line_error(twice, "already absorbed step 0")
+    assert not (root / "other").exists()
+
+
+def test_crash_between_checkpoint_and_state_is_synced(first_step, random_model_dir, tmp_path):
+    """CKPT is the commit point: a rerun after a crash before STATE was written completes
+    the state update from the snapshot, and the result is the uninterrupted run's."""
+    root, scored, state, ckpt, _, _ = first_step
+    ckpt_copy, state_copy = tmp_path / "ckpt-1", tmp_path / "state.json"
+    shutil.copytree(ckpt, ckpt_copy)  # a checkpoint whose state update never happened
+    options = TrainOptions(lr=1e-3, micro_batch_tokens=256)
+    outcome = run_train_step(random_model_dir, [scored], state_copy, ckpt_copy, options,
+                             show_progress=False)
+    assert outcome.status == "synced"
+    assert state_copy.read_bytes() == state.read_bytes()
+    assert run_train_step(random_model_dir, [scored], state_copy, ckpt_copy, options,
+                          show_progress=False).status == "done"
+
+
+def test_crash_before_checkpoint_reruns_to_identical_files(first_step, random_model_dir,
+                                                           tmp_path, monkeypatch):
+    root, scored, state, ckpt, _, _ = first_step
+    import dcpo_cli.train_step as ts
+
+    options = TrainOptions(lr=1e-3, micro_batch_tokens=256)
+    real = ts.save_checkpoint
+
+    def dies_half_way(out, model, tokenizer, optimizer, trainer_state, write_extra=None):
+        def extra(tmp):
+            write_extra(tmp)
+            raise KeyboardInterrupt  # killed while the checkpoint is being written
+        real(out, model, tokenizer, optimizer, trainer_state, extra)
+
+    monkeypatch.setattr(ts, "save_checkpoint", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        run_train_step(random_model_dir, [scored], tmp_path / "state.json", tmp_path / "ckpt",
+                       options, show_progress=False)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "state.json").exists()
+    monkeypatch.setattr(ts, "save_checkpoint", real)
+    run_train_step(random_model_dir, [scored], tmp_path / "state.json", tmp_path / "ckpt",
+                   options, show_progress=False)
+    assert (tmp_path / "state.json").read_bytes() == state.read_bytes()
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == \
+        (ckpt / "model.safetensors").read_bytes()
+
+
+def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step, tokenizer):
+    root, _, state, ckpt, _, _ = first_step
+    scored = write_scored(root / "scored-1.parquet", tokenizer, 1, REWARDS_1)
+    ratios, advantages = {}, {}
+    for algo in ("dcpo", "grpo"):
+        state_copy = root / f"state-{algo}.json"
+        shutil.copy(state, state_copy)
+        out = root / f"ckpt-2-{algo}"
+        outcome = run_train_step(ckpt, [scored], state_copy, out,
+                                 TrainOptions(algo=algo, lr=1e-3, micro_batch_tokens=256),
+                                 show_progress=False)
+        trainer = json.loads((out / "trainer_state.json").read_text())
+        assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 8
+        assert outcome.metrics["lr"] == pytest.approx(2e-4)  # warm-up continues
+        ratios[algo] = outcome.metrics["nonzero_advantage_ratio"]
+        advantages[algo] = records(out)
+        saved = json.loads(state_copy.read_text())
+        assert {p: s["times"] for p, s in saved["prompts"].items()} == dict.fromkeys(REWARDS_1, 2)
+    assert ratios["grpo"] == 0.5  # two of four groups are uniform
+    assert ratios["dcpo"] > ratios["grpo"]
+    previous = json.loads(state.read_text())["prompts"]
+    for prompt_id, rewards in REWARDS_1.items():
+        want, _ = hand_sas([float(r) for r in rewards], previous[prompt_id])
+        got = [advantages["dcpo"][(prompt_id, i)]["advantage"] for i in range(len(rewards))]
+        assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer, tmp_path):
+    scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, REWARDS_0, max_len=30)
+    weights = []
+    for budget in (64, 4096):
+        out = tmp_path / f"ckpt-{budget}"
+        run_train_step(random_model_dir, [scored], tmp_path / f"state-{budget}.json", out,
+                       TrainOptions(lr=1e-3, warmup_steps=0, micro_batch_tokens=budget,
+                                    mini_batch_size=2, epochs=2), show_progress=False)
+        weights.append(load_weights(out))
+    changed = 0
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=0)
+        changed += int(not torch.equal(tensor, load_weights(random_model_dir)[name]))
+    assert changed > 0
+
+
+def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
+    vocab = len(tokenizer)
+    bad_vocab = write_scored(tmp_path / "big-ids.parquet", tokenizer, 0, {"p0": [1, 0]},
+                             vocab=vocab + 50, max_len=40, seed=3)
+    result = run_dcpo("train-step", "--model", random_model_dir, "--scored", bad_vocab,
+                      "--state", tmp_path / "s.json", "--out", tmp_path / "c")
+    assert_one_line_error(result, "big-ids.parquet", "vocabulary")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
+
+    options = TrainOptions()
+    single = write_scored(tmp_path / "single.parquet", tokenizer, 0, {"p0": [1], "p1": [0, 1]})
+    with pytest.raises(DcpoError, match="single.parquet.*single response"):
+        run_train_step(random_model_dir, [single], tmp_path / "s.json", tmp_path / "c", options)
+    empty = tmp_path / "empty.parquet"
+    empty.write_bytes(b"")
+    with pytest.raises(DcpoError, match="empty.parquet.*empty"):
+        run_train_step(random_model_dir, [empty], tmp_path / "s.json", tmp_path / "c", options)
+    good = write_scored(tmp_path / "good.parquet", tokenizer, 0, {"p0": [1, 0]})
+    with pytest.raises(DcpoError, match="not a model directory"):
+        run_train_step(tmp_path, [good], tmp_path / "s.json", tmp_path / "c", options)
+    other_step = write_scored(tmp_path / "step3.parquet", tokenizer, 3, {"p9": [1, 0]})
+    with pytest.raises(DcpoError, match="different steps"):
+        run_train_step(random_model_dir, [good, other_step], tmp_path / "s.json",
+                       tmp_path / "c", options)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
