@@ -146,8 +146,8 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     if step < 0:
         raise DcpoError("--step must be >= 0")
     table = files.read_table(prompts_path, "prompts")
-    fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
     engine = engine or load_engine(options.engine, model)
+    fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
 
     chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
                         options.shard)
