@@ -128,7 +128,7 @@ def max_length_from(metadata: list[dict[str, Any]], options: ScoreOptions) -> in
 def _user_rewards(spec: str, table: pa.Table) -> list[float]:
     from dcpo_cli.rewards import load_reward_function
 
-    function = load_reward_function(spec)
+    function = load_reward_function(spec)  # cached import: cheap when run_score checked it
     rewards = []
     for index, row in enumerate(table.to_pylist()):
         try:
@@ -184,8 +184,13 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     options.check()
     table, metadata = read_inputs(paths)
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
+    if options.reward:
+        from dcpo_cli.rewards import load_reward_function
+
+        load_reward_function(options.reward)  # a bad spec fails before any work
     started = time.perf_counter()
-    with progress() as bar:
+    # transient: an error mid-way leaves only its one line; the summary follows on success
+    with progress(transient=True) as bar:
         task = bar.add_task("score", total=table.num_rows, info="")
 
         def report(done: int) -> None:

@@ -1,0 +1,154 @@
+"""dcpo score: shards in, one scored file out; foreign files; overlong shaping; user rewards."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+from conftest import assert_one_line_error
+
+from dcpo_cli import files
+from dcpo_cli.cli import run
+
+
+def _rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_tokens=16):
+    """A rollouts file as `dcpo rollout` writes it (token ids are placeholders of the
+    given lengths)."""
+    count = len(responses)
+    lengths = lengths or [4] * count
+    columns = {
+        "step": [step] * count,
+        "prompt_id": [f"p{(start + i) // 2}" for i in range(count)],
+        "sample_index": [(start + i) % 2 for i in range(count)],
+        "prompt_text": ["q"] * count,
+        "prompt_token_ids": [[1, 2]] * count,
+        "response_text": responses,
+        "response_token_ids": [list(range(n)) for n in lengths],
+        "response_logprobs": [[-0.5] * n for n in lengths],
+        "finish_reason": ["length" if n >= max_new_tokens else "stop" for n in lengths],
+        "answer": answers,
+    }
+    schema = pa.schema(list(files.ROLLOUT_COLUMNS.items()))
+    meta = files.make_metadata("rollouts", "rollout", step=step,
+                               extra={"max_new_tokens": max_new_tokens})
+    files.write_table(pa.table(columns, schema=schema), path, meta)
+    return path
+
+
+def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tmp_path, dcpo):
+    rows = [json.loads(line) for line in (benchmarks / "math500.jsonl").read_text().splitlines()]
+    table = pa.table({"prompt_id": [r["unique_id"] for r in rows],
+                      "response_text": [r["solution"] for r in rows],
+                      "answer": [r["answer"] for r in rows]})
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "foreign.parquet")  # no dcpo metadata: another tool's
+    result = dcpo("score", tmp_path / "foreign.parquet", "--out", tmp_path / "s.parquet")
+    assert result.code == 0, result.stderr
+    assert "100.0%" in result.stdout and "500" in result.stdout
+    scored = files.read_parquet(tmp_path / "s.parquet")
+    assert scored.column("correct").to_pylist() == [True] * 500
+    assert scored.column("reward").to_pylist() == [1.0] * 500
+    assert scored.column("extracted_answer").to_pylist()[0] == \
+        "\\left( 3, \\frac{\\pi}{2} \\right)"
+    meta = files.read_metadata(tmp_path / "s.parquet")
+    assert meta["kind"] == "scored-responses"  # scored, but not trainable (no token ids)
+    assert meta["accuracy"] == 1.0
+
+
+def test_shards_become_one_scored_file(tmp_path):
+    a = _rollouts(tmp_path / "a.parquet", ["\\boxed{4}", "4", "\\boxed{5}", "\\boxed{4.0}"],
+                  ["4", "4", "4", "4"])
+    b = _rollouts(tmp_path / "b.parquet", ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"],
+                  ["1/2", "\\frac12"], start=4)
+    assert run(["score", str(a), str(b), "--out", str(tmp_path / "s.parquet"),
+                "--wrong-reward", "-1", "--workers", "2"]) == 0
+    scored = files.read_table(tmp_path / "s.parquet", "scored")  # the contract train-step reads
+    assert scored.num_rows == 6
+    assert scored.column("correct").to_pylist() == [True, False, False, True, True, True]
+    assert scored.column("reward").to_pylist() == [1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+    assert scored.column("extracted_answer").to_pylist() == [
+        "4", "", "5", "4.0", "\\frac{1}{2}", "0.5"]
+    assert scored.column("verify_timeout").to_pylist() == [False] * 6
+    assert "overlong_penalty" not in scored.column_names
+    meta = files.read_metadata(tmp_path / "s.parquet")
+    assert meta["kind"] == "scored" and meta["step"] == 3 and meta["max_new_tokens"] == 16
+    assert set(meta["inputs"]) == {str(a), str(b)}
+
+
+def test_overlong_shaping_uses_the_rollouts_max_length(tmp_path):
+    lengths = [10, 12, 13, 14, 16]  # L_max 16 from the metadata, buffer 4: free up to 12
+    path = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"] * 2 + ["\\boxed{1}"],
+                     ["1"] * 5, lengths=lengths)
+    assert run(["score", str(path), "--out", str(tmp_path / "s.parquet"),
+                "--overlong-buffer", "4"]) == 0
+    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    assert scored.column("overlong_penalty").to_pylist() == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert scored.column("reward").to_pylist() == [1.0, 0.0, 0.75, -0.5, 0.0]
+    # --max-length overrides the metadata (and serves files without it)
+    assert run(["score", str(path), "--out", str(tmp_path / "t.parquet"),
+                "--overlong-buffer", "4", "--max-length", "14"]) == 0
+    scored = files.read_table(tmp_path / "t.parquet", "scored")
+    assert scored.column("overlong_penalty").to_pylist() == [0.0, -0.5, -0.75, -1.0, -1.0]
+
+
+def test_user_reward_function(tmp_path, dcpo):
+    (tmp_path / "my_reward.py").write_text(
+        "def length_reward(response_text, answer, row):\n"
+        "    return len(response_text) / 10 if row['sample_index'] == 0 else -1.0\n")
+    path = _rollouts(tmp_path / "r.parquet", ["abcde", "\\boxed{7}", "xy"], ["7", "7", "7"])
+    result = dcpo("score", path, "--out", tmp_path / "s.parquet",
+                  "--reward", "my_reward:length_reward", cwd=tmp_path)
+    assert result.code == 0, result.stderr
+    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    assert scored.column("reward").to_pylist() == [0.5, -1.0, 0.2]
+    assert scored.column("correct").to_pylist() == [True, False, True]
+    assert files.read_metadata(tmp_path / "s.parquet")["reward_function"] == \
+        "my_reward:length_reward"
+
+
+def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
+    path = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"], ["1", "1"])
+    assert run(["score", str(path), "--out", str(tmp_path / "s.parquet")]) == 0
+    assert run(["score", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "t.parquet"),
+                "--wrong-reward", "-0.5"]) == 0
+    scored = files.read_table(tmp_path / "t.parquet", "scored")
+    assert scored.column_names.count("reward") == 1
+    assert scored.column("reward").to_pylist() == [1.0, -0.5]
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
+    good = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}"] * 2, ["1", "1"])
+    out = tmp_path / "s.parquet"
+    cases = [
+        ([tmp_path / "missing.parquet"], ["missing.parquet", "no such file"]),
+        ([good, good], ["more than once"]),
+        ([good, "--timeout", "0"], ["--timeout"]),
+        ([good, "--workers", "0"], ["--workers"]),
+        ([good, "--reward", "nocolon"], ["package.module:function"]),
+        ([good, "--reward", "json:nope"], ["has no function"]),
+    ]
+    (tmp_path / "bad.txt").write_text("not parquet")
+    cases.append(([tmp_path / "bad.txt"], ["bad.txt", "not a readable Parquet file"]))
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt_id": ["a"], "response_text": ["x"]}),
+                   tmp_path / "noanswer.parquet")
+    cases.append(([tmp_path / "noanswer.parquet"], ["noanswer.parquet", "'answer' is missing"]))
+    pq.write_table(pa.table({"prompt_id": ["a"], "response_text": ["x"], "answer": ["1"]}),
+                   tmp_path / "nolength.parquet")
+    cases.append(([tmp_path / "nolength.parquet", "--overlong-buffer", "2"], ["--max-length"]))
+    cases.append(([tmp_path / "nolength.parquet", "--overlong-buffer", "2", "--max-length", "9"],
+                  ["response_token_ids"]))
+    for args, fragments in cases:
+        assert_one_line_error(dcpo("score", *args, "--out", out), *fragments)
+        assert not out.exists()
+
+
+def test_user_reward_that_raises_names_the_row(tmp_path, dcpo):
+    (tmp_path / "bad_reward.py").write_text(
+        "def f(response_text, answer, row):\n    return 1 / (row['sample_index'] - 1)\n")
+    path = _rollouts(tmp_path / "r.parquet", ["a", "b"], ["1", "1"])
+    result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward", "bad_reward:f",
+                  cwd=tmp_path)
+    assert_one_line_error(result, "row 1", "ZeroDivisionError")
