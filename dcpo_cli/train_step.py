@@ -230,32 +230,33 @@ def append_metrics_once(log: Path, metrics: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- advantages
 
 
-def compute_advantages(data: StepData, config, state: SasState
-                       ) -> tuple[list[float], list[list[int]], int]:
-    """Advantage of every row, the groups to train on, and how many groups were dropped.
+def compute_advantages(data: StepData, config, state: SasState, state_path: Path
+                       ) -> tuple[list[float], list[list[int]], int, SasState]:
+    """Advantage of every row, the groups to train on, how many groups were dropped, and the
+    SAS state after this step.
 
     The state absorbs every group's rewards whatever the estimator, so a step is absorbed
     once and only once, and a later switch to SAS finds the history complete.
     """
     advantages = [0.0] * data.num_rows
     keep, dropped = [], 0
+    updates = {}
     for rows in group_rows(data.prompt_ids):
         prompt_id = data.prompt_ids[rows[0]]
         if len(rows) < 2:
             raise DcpoError(f"{data.files[rows[0]]}: prompt {prompt_id!r} has a single "
                             "response; group advantages need at least 2 per prompt (--n >= 2)")
         rewards = torch.tensor([data.rewards[r] for r in rows], dtype=torch.float64)
-        adv_sas, new_stats = algorithms.sas_advantages(rewards, state.get(prompt_id))
-        adv = adv_sas if config.advantage == "sas" else algorithms.grpo_advantages(rewards)
-        state.set(prompt_id, new_stats)
+        adv, updates[prompt_id] = algorithms.sas_advantages(rewards, state.get(prompt_id))
+        if config.advantage == "grpo":
+            adv = algorithms.grpo_advantages(rewards)
         for row, value in zip(rows, adv.tolist(), strict=True):
             advantages[row] = float(value)
         if config.drop_uniform_groups and bool((rewards == rewards[0]).all()):
             dropped += 1
         else:
             keep.append(rows)
-    state.last_step = data.step
-    return advantages, keep, dropped
+    return advantages, keep, dropped, state.absorb(data.step, updates, state_path)
 
 
 # ---------------------------------------------------------------- forward passes
@@ -314,6 +315,7 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
     state_before = _state_checksum(state_path)
 
     device, autocast_dtype = device_and_dtype()
+    load_started = time.perf_counter()
     model, tokenizer = build_policy(model_dir, device, options.gradient_checkpointing)
     check_plain_lm_head(model)
     check_vocab(data, vocab_size(model))
@@ -327,8 +329,10 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
         global_step, updates_before = 0, 0
     lr = scheduled_lr(options.lr, global_step, options.warmup_steps)
     set_lr(optimizer, lr)
+    load_seconds = time.perf_counter() - load_started
 
-    advantages, groups, dropped = compute_advantages(data, config, state)
+    advantages, groups, dropped, new_state = compute_advantages(data, config, state,
+                                                                state_path)
     compute_started = time.perf_counter()
     stats = _update(model, optimizer, data, config, options, advantages, groups, device,
                     autocast_dtype, show_progress)
@@ -339,8 +343,8 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
                    optimizer_updates=updates_before + stats["updates"],
                    checkpoint=str(out.resolve()),
                    tokens_per_second=stats["tokens"] / max(compute_seconds, 1e-9),
-                   compute_seconds=compute_seconds,
-                   seconds=time.perf_counter() - started)
+                   compute_seconds=compute_seconds, load_seconds=load_seconds,
+                   seconds=time.perf_counter() - started)  # up to here; saving follows
     trainer_state = {
         "global_step": global_step + 1,
         "optimizer_updates": updates_before + stats["updates"],
@@ -363,7 +367,7 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
                                               options=options.record(), inputs=scored))
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True,
                                               default=str) + "\n")
-        state.save(tmp / SAS_SNAPSHOT)
+        new_state.save(tmp / SAS_SNAPSHOT)
 
     save_checkpoint(out, model, tokenizer, optimizer, trainer_state, write_extra)
     _copy_atomic(out / SAS_SNAPSHOT, state_path)  # the snapshot is the state, byte for byte
@@ -401,7 +405,8 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
     entropy_sum, entropy_count = 0.0, 0
     stats: dict[str, Any] = {
         "updates": 0, "tokens": 0, "grad_norms": [], "losses": [],
-        "clipped": 0, "clipped_low": 0, "clipped_high": 0, "trained_tokens": 0, "kl_sum": 0.0,
+        "clipped": 0, "clipped_low": 0, "clipped_high": 0, "dual_clipped": 0, "trained_tokens": 0,
+        "kl_sum": 0.0,
         "row_clipped": {}, "row_new": {}, "entropy": float("nan"),
     }
     params = [p for p in model.parameters() if p.requires_grad]
@@ -493,9 +498,8 @@ def _tally(stats: dict[str, Any], batch: MicroBatch, terms, logp: torch.Tensor,
     stats["clipped_low"] += int((terms.clipped_low & mask).sum())
     stats["clipped_high"] += int((terms.clipped_high & mask).sum())
     stats["trained_tokens"] += int(mask.sum())
-    # k3 estimator of KL(old || new): (r - 1) - log r, r = new/old, always >= 0.
-    log_ratio = (logp.float() - old_pad)[mask]
-    stats["kl_sum"] += float((log_ratio.exp() - 1 - log_ratio).sum())
+    stats["kl_sum"] += algorithms.approx_kl_sum(logp.float(), old_pad, mask)
+    stats["dual_clipped"] += int(terms.dual_clipped.sum())
     if last_epoch:
         per_row_clipped = (terms.clipped & mask).sum(-1).tolist()
         counts = mask.sum(-1).clamp_min(1)
@@ -516,6 +520,7 @@ def _metrics(data: StepData, advantages: list[float], stats: dict[str, Any], con
         "clip_ratio": stats["clipped"] / tokens,
         "clip_ratio_low": stats["clipped_low"] / tokens,
         "clip_ratio_high": stats["clipped_high"] / tokens,
+        "dual_clip_ratio": stats["dual_clipped"] / tokens,
         "nonzero_advantage_ratio": sum(a != 0 for a in advantages) / data.num_rows,
         "reward_mean": sum(data.rewards) / data.num_rows,
         "response_length_mean": sum(lengths) / data.num_rows,

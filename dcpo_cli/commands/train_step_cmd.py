@@ -14,17 +14,18 @@ def train_step(
                                "checkpoint is written)."),
     out: Path = typer.Option(..., help="Checkpoint directory to write (atomically)."),
     algo: str = typer.Option("dcpo", help="Preset: dcpo, grpo, dapo or gspo."),
-    clip: str | None = typer.Option(None, help="Override the clipping (e.g. dac, symmetric, "
-                                    "asymmetric, sequence)."),
-    advantage: str | None = typer.Option(None, help="Override the advantage estimator "
-                                         "(sas or group)."),
-    loss_agg: str | None = typer.Option(None, help="Override the loss aggregation (only-token-"
-                                        "mean, token-mean, seq-mean-token-mean, ...)."),
+    clip: str | None = typer.Option(None, help="Override the clipping: dac (per-token bounds), "
+                                    "fixed [1-eps_low, 1+eps_high], or sequence (GSPO)."),
+    advantage: str | None = typer.Option(None, help="Override the advantage estimator: sas "
+                                         "(smoothed) or grpo (group mean/std)."),
+    loss_agg: str | None = typer.Option(None, help="Override the loss aggregation: otm, "
+                                        "token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+                                        "seq-mean-token-sum-norm."),
     eps_low: float | None = typer.Option(None, help="Override the lower clip epsilon."),
     eps_high: float | None = typer.Option(None, help="Override the upper clip epsilon."),
     ratio_max: float | None = typer.Option(None, help="Override the DAC ratio cap."),
     dual_clip: float | None = typer.Option(None, help="Override the dual-clip constant c "
-                                           "(negative advantages)."),
+                                           "for negative advantages (0 turns it off)."),
     drop_uniform_groups: bool | None = typer.Option(
         None, "--drop-uniform-groups/--keep-uniform-groups",
         help="Drop groups whose rewards are all equal (DAPO's filter); default per preset."),
