@@ -283,3 +283,8 @@ def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
         run_train_step(random_model_dir, [good, other_step], tmp_path / "s.json",
                        tmp_path / "c", options)
     assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{half a state")
+    with pytest.raises(DcpoError, match="corrupt.json: not a readable SAS state"):
+        run_train_step(random_model_dir, [good], corrupt, tmp_path / "c", options)
+    assert not (tmp_path / "c").exists()
