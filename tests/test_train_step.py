@@ -242,6 +242,7 @@ def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step
         assert got == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an fp32 equivalence; GPUs train in bf16")
 def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer, tmp_path):
     scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, REWARDS_0, max_len=30)
     weights = []
