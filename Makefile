@@ -23,7 +23,7 @@ demo: install
 	bash examples/demo.sh
 
 lint: install
-	$(BIN)/ruff check dcpo_cli tests
+	$(BIN)/ruff check dcpo_cli tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info
