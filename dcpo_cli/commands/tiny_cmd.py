@@ -4,16 +4,21 @@ from pathlib import Path
 
 import typer
 
-from dcpo_cli.errors import DcpoError
-
 app = typer.Typer(help="The built-in tiny model and arithmetic task (no downloads needed).",
                   no_args_is_help=True)
 
 
 @app.command("init")
 def init(
-    directory: Path = typer.Argument(..., help="Where to build model/, train.parquet, test.parquet."),
-    seed: int = typer.Option(0, help="Seed for weights and data."),
+    directory: Path = typer.Argument(..., help="New directory for model/, train.parquet, "
+                                     "test.parquet and summary.json."),
+    seed: int = typer.Option(0, help="Seed for weights, data and the warm start."),
+    size: str = typer.Option("default", help="default (the ~1.6 M parameter demo model, "
+                             "1-2 minutes) or test (a reduced configuration, seconds)."),
 ) -> None:
     """Build a tiny Qwen2 model, warm-started on an arithmetic task, plus its train/test prompts."""
-    raise DcpoError("dcpo tiny init is not built yet (issue: the embedded default)")
+    from dcpo_cli.console import out
+    from dcpo_cli.tiny import init_tiny, summary_table
+
+    result = init_tiny(directory, seed=seed, size=size)
+    out.print(summary_table(result))

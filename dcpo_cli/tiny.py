@@ -1,0 +1,391 @@
+"""The built-in default: a tiny Qwen2 policy warm-started on a verifiable arithmetic task.
+
+`init_tiny(DIR)` writes, atomically:
+  DIR/model/          a Hugging Face model directory (tiny_model.py), after a short SFT
+  DIR/train.parquet   prompts (the prompts contract), for RL
+  DIR/test.parquet    held-out prompts (different expressions), for `dcpo eval`
+  DIR/summary.json    how the initial policy samples, and the loop settings to use
+
+The task: short expressions (addition, subtraction, multiplication, two-step mixes). A
+response either works it out ("23+8: 3+8=11, 20+11=31. \\boxed{31}") or answers directly
+("\\boxed{31}"). The warm-start data is deliberately imperfect: a share of the solutions end
+with a slightly wrong number, more often for direct answers and harder problems. The policy
+therefore starts in the right format but hedges between right and wrong numbers, and RL can
+raise its accuracy quickly (prefer worked solutions, trust the right digit).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcpo_cli.tiny_model import DEFAULT_SIZE, TEST_SIZE, TinySize
+
+# Generation settings the RL loop and `dcpo eval` should use on the tiny task.
+TINY_MAX_NEW_TOKENS = 48
+TINY_TEMPERATURE = 1.0
+TINY_SUMMARY_SAMPLES = 8  # responses per test prompt in the initial-policy summary
+# Loop settings that make the demo learn within minutes on 2 CPU cores.
+TINY_LOOP = {"batch_size": 32, "n": 8, "lr": 2e-4, "warmup_steps": 0,
+             "max_new_tokens": TINY_MAX_NEW_TOKENS, "temperature": TINY_TEMPERATURE}
+
+INSTRUCTION = "Answer in \\boxed{}."
+SUMMARY_FORMAT = "dcpo-tiny-summary"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    model: TinySize
+    test_problems: int  # held out from the ~2,500 expressions
+    sft_steps: int
+    sft_batch: int
+    sft_lr: float
+
+
+CONFIGS = {
+    "default": TinyConfig(model=DEFAULT_SIZE, test_problems=128, sft_steps=160, sft_batch=64,
+                          sft_lr=2e-3),
+    "test": TinyConfig(model=TEST_SIZE, test_problems=16, sft_steps=12, sft_batch=16,
+                       sft_lr=3e-3),
+}
+
+# Chance that a warm-start solution ends wrong, by (family difficulty, style).
+WRONG_RATE = {("easy", "worked"): 0.15, ("easy", "direct"): 0.25,
+              ("hard", "worked"): 0.3, ("hard", "direct"): 0.55}
+WORKED_SHARE = 0.5  # share of warm-start solutions written out step by step
+
+
+@dataclass(frozen=True)
+class Problem:
+    family: str
+    expression: str
+    steps: tuple[tuple[str, int], ...]  # worked steps ("3+8", 11); the last one is the answer
+
+    @property
+    def answer(self) -> int:
+        return self.steps[-1][1]
+
+    @property
+    def difficulty(self) -> str:
+        return "easy" if self.family in ("add1", "mul") else "hard"
+
+
+def _add(a: int, b: int) -> Problem:
+    """Two-digit plus one-digit, worked through the units: 23+8: 3+8=11, 20+11=31."""
+    tens, units = divmod(a, 10)
+    return Problem("add", f"{a}+{b}", ((f"{units}+{b}", units + b),
+                                      (f"{tens * 10}+{units + b}", a + b)))
+
+
+def _sub(a: int, b: int) -> Problem:
+    """Two-digit minus one-digit, borrowing when needed: 43-8: 13-8=5, 30+5=35."""
+    tens, units = divmod(a, 10)
+    if units < b:
+        tens, units = tens - 1, units + 10
+    return Problem("sub", f"{a}-{b}", ((f"{units}-{b}", units - b),
+                                      (f"{tens * 10}+{units - b}", a - b)))
+
+
+def all_problems() -> list[Problem]:
+    """Every expression of the task (about 2,500), in a fixed order."""
+    digits = range(2, 10)
+    problems = [Problem("add1", f"{a}+{b}", ((f"{a}+{b}", a + b),))
+                for a in range(1, 10) for b in range(1, 10)]
+    problems += [_add(a, b) for a in range(10, 60) for b in range(1, 10)]
+    problems += [_sub(a, b) for a in range(10, 60) for b in range(1, 10)]
+    problems += [Problem("mul", f"{a}*{b}", ((f"{a}*{b}", a * b),)) for a in digits for b in digits]
+    for a in digits:
+        for b in digits:
+            for c in range(1, 10):
+                problems.append(Problem("mul_add", f"{a}*{b}+{c}",
+                                        ((f"{a}*{b}", a * b), (f"{a * b}+{c}", a * b + c))))
+                problems.append(Problem("mul_sub", f"{a}*{b}-{c}",
+                                        ((f"{a}*{b}", a * b), (f"{a * b}-{c}", a * b - c))))
+    problems += [Problem("add_mul", f"({a}+{b})*{c}", ((f"{a}+{b}", a + b), (f"{a + b}*{c}",
+                                                                             (a + b) * c)))
+                 for a in range(1, 9) for b in range(1, 9) if a + b <= 9 for c in digits]
+    return problems
+
+
+def split_problems(problems: list[Problem], test_count: int,
+                   rng: random.Random) -> tuple[list[Problem], list[Problem]]:
+    """Shuffle, then hold out `test_count` expressions for the test set (disjoint by
+    construction: every expression occurs once in `problems`)."""
+    shuffled = list(problems)
+    rng.shuffle(shuffled)
+    return shuffled[test_count:], shuffled[:test_count]
+
+
+def prompt_content(problem: Problem) -> str:
+    return f"What is {problem.expression}? {INSTRUCTION}"
+
+
+def _near_miss(value: int, rng: random.Random) -> int:
+    """A plausible wrong result: off by one or two, or by ten (a slipped carry)."""
+    while True:
+        wrong = value + rng.choice((-10, -2, -1, 1, 1, 2, 10))
+        if wrong >= 0:
+            return wrong
+
+
+def solution_text(problem: Problem, style: str, wrong_answer: int | None = None) -> str:
+    """A response: the worked steps (when `style` is "worked") then the boxed result.
+    `wrong_answer` replaces the last step's result, as a slip in the final computation."""
+    final = problem.answer if wrong_answer is None else wrong_answer
+    if style == "direct":
+        return f"\\boxed{{{final}}}"
+    results = [value for _, value in problem.steps[:-1]] + [final]
+    worked = ", ".join(f"{expr}={value}" for (expr, _), value in zip(problem.steps, results,
+                                                                      strict=True))
+    if len(problem.steps) > 1 and problem.family in ("add", "sub"):
+        worked = f"{problem.expression}: {worked}"
+    return f"{worked}. \\boxed{{{final}}}"
+
+
+def sample_solution(problem: Problem, rng: random.Random) -> tuple[str, bool]:
+    """One warm-start response for `problem` and whether its answer is right."""
+    style = "worked" if rng.random() < WORKED_SHARE else "direct"
+    wrong = rng.random() < WRONG_RATE[(problem.difficulty, style)]
+    wrong_answer = _near_miss(problem.answer, rng) if wrong else None
+    return solution_text(problem, style, wrong_answer), not wrong
+
+
+def prompt_rows(problems: list[Problem]) -> list[dict[str, Any]]:
+    """Rows of the prompts contract (`dcpo_cli.prepare.prompts_table`)."""
+    return [{"prompt_id": f"tiny/{p.expression}",
+             "prompt": [{"role": "user", "content": prompt_content(p)}],
+             "answer": str(p.answer), "problem": p.expression, "source": f"tiny-{p.family}"}
+            for p in problems]
+
+
+# ---------------------------------------------------------------- supervised warm start
+
+
+def sft_batch(tokenizer, pairs: list[tuple[list[int], list[int]]]):
+    """Right-padded (input_ids, attention_mask, labels); labels are -100 outside responses,
+    so the loss is on the response tokens (and their final eos) only."""
+    import torch
+
+    width = max(len(p) + len(r) for p, r in pairs)
+    pad = tokenizer.pad_token_id
+    ids, mask, labels = [], [], []
+    for prompt, response in pairs:
+        tokens = prompt + response
+        fill = width - len(tokens)
+        ids.append(tokens + [pad] * fill)
+        mask.append([1] * len(tokens) + [0] * fill)
+        labels.append([-100] * len(prompt) + response + [-100] * fill)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 10) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def warm_start(model, tokenizer, problems: list[Problem], config: TinyConfig, seed: int,
+               on_step=None) -> float:
+    """Supervised fine-tuning on sampled solutions; returns the mean loss of the last steps."""
+    import torch
+
+    from dcpo_cli.prompting import encode_prompts
+
+    rng = random.Random(f"sft-{seed}")
+    encoded = encode_prompts(tokenizer, [[{"role": "user", "content": prompt_content(p)}]
+                                         for p in problems])
+    prompt_ids = [ids for _, ids in encoded]
+    eos = tokenizer.eos_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
+    model.train()
+    recent: list[float] = []
+    for step in range(config.sft_steps):
+        pairs = []
+        for _ in range(config.sft_batch):
+            index = rng.randrange(len(problems))
+            text, _ = sample_solution(problems[index], rng)
+            response = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            pairs.append((prompt_ids[index], response))
+        input_ids, mask, labels = sft_batch(tokenizer, pairs)
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config.sft_steps, config.sft_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        recent = (recent + [loss.item()])[-10:]
+        if on_step:
+            on_step(step + 1, loss.item())
+    model.eval()
+    return sum(recent) / len(recent)
+
+
+# ---------------------------------------------------------------- initial-policy summary
+
+
+def policy_figures(families: list[str], outcomes: list[list[tuple[bool, bool, int]]]
+                   ) -> dict[str, Any]:
+    """Accuracy figures from per-prompt lists of (correct, boxed, response tokens)."""
+
+    def figures(groups: list[list[tuple[bool, bool, int]]]) -> dict[str, Any]:
+        flat = [o for group in groups for o in group]
+        right = [sum(c for c, _, _ in group) for group in groups]
+        return {
+            "prompts": len(groups),
+            "responses": len(flat),
+            "accuracy": sum(c for c, _, _ in flat) / len(flat),
+            "boxed_fraction": sum(b for _, b, _ in flat) / len(flat),
+            "mixed_fraction": sum(0 < r < len(g) for r, g in zip(right, groups,
+                                                                  strict=True)) / len(groups),
+            "always_right_fraction": sum(r == len(g) for r, g in zip(right, groups,
+                                                                      strict=True)) / len(groups),
+            "never_right_fraction": sum(r == 0 for r in right) / len(groups),
+            "mean_response_tokens": sum(n for _, _, n in flat) / len(flat),
+        }
+
+    result = figures(outcomes)
+    result["by_family"] = {
+        family: figures([g for f, g in zip(families, outcomes, strict=True) if f == family])
+        for family in sorted(set(families))
+    }
+    return result
+
+
+def sample_initial_policy(model_dir: Path, rows: list[dict[str, Any]], seed: int,
+                          on_progress=None) -> dict[str, Any]:
+    """Sample the saved policy on the test prompts (shared engine and scorer) and measure."""
+    from dcpo_cli.engines import SamplingSettings, load_engine
+    from dcpo_cli.prompting import encode_prompts
+    from dcpo_cli.rewards import verify_batch
+
+    engine = load_engine("hf", model_dir)
+    encoded = encode_prompts(engine.tokenizer, [row["prompt"] for row in rows])
+    settings = SamplingSettings(n=TINY_SUMMARY_SAMPLES, temperature=TINY_TEMPERATURE,
+                                max_new_tokens=TINY_MAX_NEW_TOKENS, seed=seed)
+    completions = engine.generate([ids for _, ids in encoded], settings, on_progress)
+    flat = [c for group in completions for c in group]
+    answers = [row["answer"] for row in rows for _ in range(TINY_SUMMARY_SAMPLES)]
+    verdicts = verify_batch([c.text for c in flat], answers)
+    outcomes = [(v.correct, v.extracted is not None, len(c.token_ids))
+                for c, v in zip(flat, verdicts, strict=True)]
+    per_prompt = [outcomes[i:i + TINY_SUMMARY_SAMPLES]
+                  for i in range(0, len(outcomes), TINY_SUMMARY_SAMPLES)]
+    figures = policy_figures([row["source"] for row in rows], per_prompt)
+    figures.update(samples_per_prompt=TINY_SUMMARY_SAMPLES, temperature=TINY_TEMPERATURE,
+                   max_new_tokens=TINY_MAX_NEW_TOKENS, seed=seed)
+    return figures
+
+
+# ---------------------------------------------------------------- the whole init
+
+
+@dataclass
+class TinyResult:
+    directory: Path
+    summary: dict[str, Any]
+    seconds: float
+
+
+def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> TinyResult:
+    """Build DIR (see the module docstring) atomically: nothing appears unless all of it
+    was written."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from dcpo_cli import files
+    from dcpo_cli.console import progress
+    from dcpo_cli.errors import DcpoError
+    from dcpo_cli.prepare import prompts_table
+    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
+
+    if size not in CONFIGS:
+        raise DcpoError(f"--size {size!r}: expected one of {', '.join(CONFIGS)}")
+    directory = Path(directory)
+    if directory.is_file():
+        raise DcpoError(f"{directory}: is a file, expected a new directory")
+    if directory.is_dir() and any(directory.iterdir()):
+        raise DcpoError(f"{directory}: already exists and is not empty; choose a new directory")
+    config = CONFIGS[size]
+    hf_logging.disable_progress_bar()  # ours is the one on screen
+    started = time.perf_counter()
+    train, test = split_problems(all_problems(), config.test_problems,
+                                 random.Random(f"split-{seed}"))
+    train_rows, test_rows = prompt_rows(train), prompt_rows(test)
+    options = {"seed": seed, "size": size}
+
+    with files.atomic_path(directory) as tmp, progress(transient=True) as bar:
+        tmp.mkdir()
+        for name, rows in (("train", train_rows), ("test", test_rows)):
+            metadata = files.make_metadata("prompts", "tiny", options=options,
+                                           extra={"split": name})
+            files.write_table(prompts_table(rows), tmp / f"{name}.parquet", metadata)
+
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer, config.model, seed)
+        torch.manual_seed(seed)
+        task = bar.add_task("warm start (SFT)", total=config.sft_steps, info="")
+        final_loss = warm_start(
+            model, tokenizer, train, config, seed,
+            on_step=lambda step, loss: bar.update(task, completed=step, info=f"loss {loss:.3f}"))
+        save_model_dir(model, tokenizer, tmp / "model")
+
+        total = len(test_rows) * TINY_SUMMARY_SAMPLES
+        task = bar.add_task("sampling the initial policy", total=total, info="")
+        policy = sample_initial_policy(
+            tmp / "model", test_rows, seed,
+            on_progress=lambda done, tokens: bar.update(task, completed=done,
+                                                        info=f"{tokens} tok"))
+        summary = {
+            "format": SUMMARY_FORMAT,
+            "version": 1,
+            "seed": seed,
+            "size": size,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_prompts": len(train_rows),
+            "test_prompts": len(test_rows),
+            "sft": {"steps": config.sft_steps, "batch_size": config.sft_batch,
+                    "lr": config.sft_lr, "final_loss": round(final_loss, 6),
+                    "worked_share": WORKED_SHARE,
+                    "wrong_rate": {f"{d}/{s}": r for (d, s), r in WRONG_RATE.items()}},
+            "initial_policy": policy,
+            "loop": TINY_LOOP,
+        }
+        files.write_json(summary, tmp / "summary.json")
+    return TinyResult(directory, summary, time.perf_counter() - started)
+
+
+def summary_table(result: TinyResult):
+    """The initial policy, per family and overall, as a rich table."""
+    from rich.table import Table
+
+    policy = result.summary["initial_policy"]
+    table = Table(title=f"tiny init -> {result.directory}: initial policy on "
+                        f"{result.summary['test_prompts']} test prompts x "
+                        f"{policy['samples_per_prompt']} samples (temperature "
+                        f"{policy['temperature']})")
+    for column in ("family", "prompts", "accuracy", "boxed", "mixed prompts", "mean tokens"):
+        table.add_column(column, justify="left" if column == "family" else "right")
+
+    def add(name: str, f: dict[str, Any], **style) -> None:
+        table.add_row(name, str(f["prompts"]), f"{100 * f['accuracy']:.1f}%",
+                      f"{100 * f['boxed_fraction']:.1f}%", f"{100 * f['mixed_fraction']:.1f}%",
+                      f"{f['mean_response_tokens']:.1f}", **style)
+
+    for family, figures in policy["by_family"].items():
+        add(family.removeprefix("tiny-"), figures)
+    add("all", policy, style="bold")
+    table.caption = (f"{result.summary['parameters'] / 1e6:.2f} M parameters, "
+                     f"{result.summary['train_prompts']} train prompts, SFT loss "
+                     f"{result.summary['sft']['final_loss']:.3f}, {result.seconds:.0f} s; "
+                     f"loop: --max-new-tokens {TINY_MAX_NEW_TOKENS}")
+    return table
