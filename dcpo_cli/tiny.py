@@ -40,23 +40,25 @@ SUMMARY_FORMAT = "dcpo-tiny-summary"
 @dataclass(frozen=True)
 class TinyConfig:
     model: TinySize
-    test_problems: int  # held out from the ~2,500 expressions
+    test_fraction: float  # of each family's expressions, held out
     sft_steps: int
     sft_batch: int
     sft_lr: float
 
 
 CONFIGS = {
-    "default": TinyConfig(model=DEFAULT_SIZE, test_problems=128, sft_steps=160, sft_batch=64,
-                          sft_lr=2e-3),
-    "test": TinyConfig(model=TEST_SIZE, test_problems=16, sft_steps=12, sft_batch=16,
+    "default": TinyConfig(model=DEFAULT_SIZE, test_fraction=0.15, sft_steps=700, sft_batch=32,
+                          sft_lr=3e-3),
+    "test": TinyConfig(model=TEST_SIZE, test_fraction=0.02, sft_steps=12, sft_batch=16,
                        sft_lr=3e-3),
 }
 
-# Chance that a warm-start solution ends wrong, by (family difficulty, style).
-WRONG_RATE = {("easy", "worked"): 0.15, ("easy", "direct"): 0.25,
-              ("hard", "worked"): 0.3, ("hard", "direct"): 0.55}
-WORKED_SHARE = 0.5  # share of warm-start solutions written out step by step
+# The deliberate imperfections of the warm-start solutions. A two-step solution sometimes
+# stops after its first step and boxes that intermediate result (a habit RL can unlearn for
+# every problem at once); any solution sometimes slips in its final number.
+WORKED_SHARE = 0.5  # share of solutions written out step by step; the rest answer directly
+SKIP_RATE = 0.3  # two-step problems: box the first step's result
+SLIP_RATE = {"worked": 0.08, "direct": 0.15}  # final number off by a little
 
 
 @dataclass(frozen=True)
@@ -69,55 +71,44 @@ class Problem:
     def answer(self) -> int:
         return self.steps[-1][1]
 
-    @property
-    def difficulty(self) -> str:
-        return "easy" if self.family in ("add1", "mul") else "hard"
 
-
-def _add(a: int, b: int) -> Problem:
-    """Two-digit plus one-digit, worked through the units: 23+8: 3+8=11, 20+11=31."""
-    tens, units = divmod(a, 10)
-    return Problem("add", f"{a}+{b}", ((f"{units}+{b}", units + b),
-                                      (f"{tens * 10}+{units + b}", a + b)))
-
-
-def _sub(a: int, b: int) -> Problem:
-    """Two-digit minus one-digit, borrowing when needed: 43-8: 13-8=5, 30+5=35."""
-    tens, units = divmod(a, 10)
-    if units < b:
-        tens, units = tens - 1, units + 10
-    return Problem("sub", f"{a}-{b}", ((f"{units}-{b}", units - b),
-                                      (f"{tens * 10}+{units - b}", a - b)))
+def _step(a: int, op: str, b: int) -> tuple[str, int]:
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    return f"{a}{op}{b}", value
 
 
 def all_problems() -> list[Problem]:
-    """Every expression of the task (about 2,500), in a fixed order."""
-    digits = range(2, 10)
-    problems = [Problem("add1", f"{a}+{b}", ((f"{a}+{b}", a + b),))
-                for a in range(1, 10) for b in range(1, 10)]
-    problems += [_add(a, b) for a in range(10, 60) for b in range(1, 10)]
-    problems += [_sub(a, b) for a in range(10, 60) for b in range(1, 10)]
-    problems += [Problem("mul", f"{a}*{b}", ((f"{a}*{b}", a * b),)) for a in digits for b in digits]
-    for a in digits:
-        for b in digits:
-            for c in range(1, 10):
-                problems.append(Problem("mul_add", f"{a}*{b}+{c}",
-                                        ((f"{a}*{b}", a * b), (f"{a * b}+{c}", a * b + c))))
-                problems.append(Problem("mul_sub", f"{a}*{b}-{c}",
-                                        ((f"{a}*{b}", a * b), (f"{a * b}-{c}", a * b - c))))
-    problems += [Problem("add_mul", f"({a}+{b})*{c}", ((f"{a}+{b}", a + b), (f"{a + b}*{c}",
-                                                                             (a + b) * c)))
-                 for a in range(1, 9) for b in range(1, 9) if a + b <= 9 for c in digits]
+    """Every expression of the task (730), in a fixed order. Operands are digits and every
+    worked step is one of about 230 small facts, few enough for a couple of minutes of SFT."""
+    digits, small = range(1, 10), range(2, 7)
+    problems = [Problem("add", f"{a}+{b}", (_step(a, "+", b),)) for a in digits for b in digits]
+    problems += [Problem("mul", f"{a}*{b}", (_step(a, "*", b),)) for a in small for b in small]
+    problems += [Problem("add3", f"{a}+{b}+{c}", (_step(a, "+", b), _step(a + b, "+", c)))
+                 for a in digits for b in digits if a + b < 10 for c in digits]
+    problems += [Problem("mul_add", f"{a}*{b}+{c}", (_step(a, "*", b), _step(a * b, "+", c)))
+                 for a in small for b in small for c in digits]
+    problems += [Problem("add_mul", f"({a}+{b})*{c}", (_step(a, "+", b), _step(a + b, "*", c)))
+                 for a in digits for b in digits if a + b < 7 for c in small]
     return problems
 
 
-def split_problems(problems: list[Problem], test_count: int,
+def split_problems(problems: list[Problem], test_fraction: float,
                    rng: random.Random) -> tuple[list[Problem], list[Problem]]:
-    """Shuffle, then hold out `test_count` expressions for the test set (disjoint by
-    construction: every expression occurs once in `problems`)."""
-    shuffled = list(problems)
-    rng.shuffle(shuffled)
-    return shuffled[test_count:], shuffled[:test_count]
+    """Hold out `test_fraction` of each family's expressions (at least one) for the test
+    set; the rest is the train set. Every expression occurs once in `problems`, so the sets
+    are disjoint. Held-out one-step facts still appear as worked steps of two-step train
+    problems, so the test set measures composition, not recall."""
+    train: list[Problem] = []
+    test: list[Problem] = []
+    for family in sorted({p.family for p in problems}):
+        group = [p for p in problems if p.family == family]
+        rng.shuffle(group)
+        count = max(1, round(test_fraction * len(group)))
+        test += group[:count]
+        train += group[count:]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
 
 
 def prompt_content(problem: Problem) -> str:
@@ -141,17 +132,19 @@ def solution_text(problem: Problem, style: str, wrong_answer: int | None = None)
     results = [value for _, value in problem.steps[:-1]] + [final]
     worked = ", ".join(f"{expr}={value}" for (expr, _), value in zip(problem.steps, results,
                                                                       strict=True))
-    if len(problem.steps) > 1 and problem.family in ("add", "sub"):
-        worked = f"{problem.expression}: {worked}"
     return f"{worked}. \\boxed{{{final}}}"
 
 
 def sample_solution(problem: Problem, rng: random.Random) -> tuple[str, bool]:
     """One warm-start response for `problem` and whether its answer is right."""
     style = "worked" if rng.random() < WORKED_SHARE else "direct"
-    wrong = rng.random() < WRONG_RATE[(problem.difficulty, style)]
-    wrong_answer = _near_miss(problem.answer, rng) if wrong else None
-    return solution_text(problem, style, wrong_answer), not wrong
+    draw = rng.random()
+    if len(problem.steps) > 1 and draw < SKIP_RATE:
+        first = Problem(problem.family, problem.expression, problem.steps[:1])
+        return solution_text(first, style), False
+    if draw > 1 - SLIP_RATE[style]:
+        return solution_text(problem, style, _near_miss(problem.answer, rng)), False
+    return solution_text(problem, style), True
 
 
 def prompt_rows(problems: list[Problem]) -> list[dict[str, Any]]:
@@ -201,6 +194,8 @@ def warm_start(model, tokenizer, problems: list[Problem], config: TinyConfig, se
     encoded = encode_prompts(tokenizer, [[{"role": "user", "content": prompt_content(p)}]
                                          for p in problems])
     prompt_ids = [ids for _, ids in encoded]
+    families = sorted({p.family for p in problems})
+    by_family = {f: [i for i, p in enumerate(problems) if p.family == f] for f in families}
     eos = tokenizer.eos_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr, weight_decay=0.01,
                                   betas=(0.9, 0.98))
@@ -209,7 +204,9 @@ def warm_start(model, tokenizer, problems: list[Problem], config: TinyConfig, se
     for step in range(config.sft_steps):
         pairs = []
         for _ in range(config.sft_batch):
-            index = rng.randrange(len(problems))
+            # Families are drawn evenly: the few one-step facts every other family builds on
+            # are then seen as often as the many two-step expressions.
+            index = rng.choice(by_family[rng.choice(families)])
             text, _ = sample_solution(problems[index], rng)
             response = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
             pairs.append((prompt_ids[index], response))
@@ -318,7 +315,7 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
     config = CONFIGS[size]
     hf_logging.disable_progress_bar()  # ours is the one on screen
     started = time.perf_counter()
-    train, test = split_problems(all_problems(), config.test_problems,
+    train, test = split_problems(all_problems(), config.test_fraction,
                                  random.Random(f"split-{seed}"))
     train_rows, test_rows = prompt_rows(train), prompt_rows(test)
     options = {"seed": seed, "size": size}
@@ -355,8 +352,8 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
             "test_prompts": len(test_rows),
             "sft": {"steps": config.sft_steps, "batch_size": config.sft_batch,
                     "lr": config.sft_lr, "final_loss": round(final_loss, 6),
-                    "worked_share": WORKED_SHARE,
-                    "wrong_rate": {f"{d}/{s}": r for (d, s), r in WRONG_RATE.items()}},
+                    "worked_share": WORKED_SHARE, "skip_rate": SKIP_RATE,
+                    "slip_rate": SLIP_RATE},
             "initial_policy": policy,
             "loop": TINY_LOOP,
         }

@@ -41,14 +41,16 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySize:
-    hidden_size: int = 192
+    hidden_size: int = 128
     num_layers: int = 4
-    num_heads: int = 6
+    num_heads: int = 4
     num_kv_heads: int = 2
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     max_positions: int = 512
 
 
+# About 0.8 M parameters: small enough that `dcpo tiny init` can warm it up for ~700 SFT
+# steps within its 3-minute budget on 2 CPU cores (a 1.6 M model learned less in that time).
 DEFAULT_SIZE = TinySize()
 TEST_SIZE = TinySize(hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      intermediate_size=96, max_positions=512)

@@ -13,8 +13,8 @@ def init(
     directory: Path = typer.Argument(..., help="New directory for model/, train.parquet, "
                                      "test.parquet and summary.json."),
     seed: int = typer.Option(0, help="Seed for weights, data and the warm start."),
-    size: str = typer.Option("default", help="default (the ~1.6 M parameter demo model, "
-                             "1-2 minutes) or test (a reduced configuration, seconds)."),
+    size: str = typer.Option("default", help="default (the ~0.8 M parameter demo model, "
+                             "2-3 minutes) or test (a reduced configuration, seconds)."),
 ) -> None:
     """Build a tiny Qwen2 model, warm-started on an arithmetic task, plus its train/test prompts."""
     from dcpo_cli.console import out
