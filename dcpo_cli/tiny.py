@@ -6,12 +6,13 @@
   DIR/test.parquet    held-out prompts (different expressions), for `dcpo eval`
   DIR/summary.json    how the initial policy samples, and the loop settings to use
 
-The task: short expressions (addition, subtraction, multiplication, two-step mixes). A
-response either works it out ("23+8: 3+8=11, 20+11=31. \\boxed{31}") or answers directly
-("\\boxed{31}"). The warm-start data is deliberately imperfect: a share of the solutions end
-with a slightly wrong number, more often for direct answers and harder problems. The policy
-therefore starts in the right format but hedges between right and wrong numbers, and RL can
-raise its accuracy quickly (prefer worked solutions, trust the right digit).
+The task: short digit expressions (a+b, a*b, a+b+c, a*b+c, (a+b)*c). A response either
+works it out ("7*5=35, 35+4=39. \\boxed{39}") or answers directly ("\\boxed{39}"). The
+warm-start data is deliberately imperfect: some two-step solutions stop after the first step
+and box its result, and some final numbers slip by a little. The policy therefore starts in
+the right format, often wrong, and knowing more than it samples (greedy decoding beats
+sampling), so RL can raise its accuracy within minutes: finish both steps, prefer worked
+solutions, trust the right digit.
 """
 
 from __future__ import annotations
