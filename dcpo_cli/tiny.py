@@ -58,8 +58,8 @@ CONFIGS = {
 # stops after its first step and boxes that intermediate result (a habit RL can unlearn for
 # every problem at once); any solution sometimes slips in its final number.
 WORKED_SHARE = 0.5  # share of solutions written out step by step; the rest answer directly
-SKIP_RATE = 0.3  # two-step problems: box the first step's result
-SLIP_RATE = {"worked": 0.08, "direct": 0.15}  # final number off by a little
+SKIP_RATE = 0.25  # two-step problems: box the first step's result
+SLIP_RATE = {"worked": 0.06, "direct": 0.12}  # final number off by a little
 
 
 @dataclass(frozen=True)
