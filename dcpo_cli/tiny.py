@@ -58,8 +58,8 @@ CONFIGS = {
 # stops after its first step and boxes that intermediate result (a habit RL can unlearn for
 # every problem at once); any solution sometimes slips in its final number.
 WORKED_SHARE = 0.5  # share of solutions written out step by step; the rest answer directly
-SKIP_RATE = 0.25  # two-step problems: box the first step's result
-SLIP_RATE = {"worked": 0.06, "direct": 0.12}  # final number off by a little
+SKIP_RATE = 0.3  # two-step problems: box the first step's result
+SLIP_RATE = {"worked": 0.08, "direct": 0.15}  # final number off by a little
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,11 @@ def all_problems() -> list[Problem]:
     digits, small = range(1, 10), range(2, 7)
     problems = [Problem("add", f"{a}+{b}", (_step(a, "+", b),)) for a in digits for b in digits]
     problems += [Problem("mul", f"{a}*{b}", (_step(a, "*", b),)) for a in small for b in small]
-    problems += [Problem("add3", f"{a}+{b}+{c}", (_step(a, "+", b), _step(a + b, "+", c)))
-                 for a in digits for b in digits if a + b < 10 for c in digits]
-    problems += [Problem("add_sub", f"{a}+{b}-{c}", (_step(a, "+", b), _step(a + b, "-", c)))
-                 for a in digits for b in digits if a + b < 10 for c in digits if c <= a + b]
+    # One family for a+b+c and a+b-c, so the additions and subtractions together get the
+    # same share of the warm start as each multiplication family.
+    problems += [Problem("add_sub", f"{a}+{b}{op}{c}", (_step(a, "+", b), _step(a + b, op, c)))
+                 for a in digits for b in digits if a + b < 10 for op in "+-"
+                 for c in digits if op == "+" or c <= a + b]
     problems += [Problem("mul_add", f"{a}*{b}+{c}", (_step(a, "*", b), _step(a * b, "+", c)))
                  for a in small for b in small for c in digits]
     problems += [Problem("add_mul", f"({a}+{b})*{c}", (_step(a, "+", b), _step(a + b, "*", c)))
