@@ -6,8 +6,8 @@
   DIR/test.parquet    held-out prompts (different expressions), for `dcpo eval`
   DIR/summary.json    how the initial policy samples, and the loop settings to use
 
-The task: short digit expressions (a+b, a*b, a+b+c, a+b-c, a*b+c, (a+b)*c). A response
-either works it out ("6*5=30, 30+4=34. \\boxed{34}") or answers directly ("\\boxed{34}"). The
+The task: short digit expressions (a+b, a*b, a+b+c, a*b+c, (a+b)*c). A response either
+works it out ("6*5=30, 30+4=34. \\boxed{34}") or answers directly ("\\boxed{34}"). The
 warm-start data is deliberately imperfect: some two-step solutions stop after the first step
 and box its result, and some final numbers slip by a little. The policy therefore starts in
 the right format, often wrong, and knowing more than it samples (greedy decoding beats
@@ -48,7 +48,7 @@ class TinyConfig:
 
 
 CONFIGS = {
-    "default": TinyConfig(model=DEFAULT_SIZE, test_fraction=0.12, sft_steps=700, sft_batch=32,
+    "default": TinyConfig(model=DEFAULT_SIZE, test_fraction=0.15, sft_steps=700, sft_batch=32,
                           sft_lr=3e-3),
     "test": TinyConfig(model=TEST_SIZE, test_fraction=0.02, sft_steps=12, sft_batch=16,
                        sft_lr=3e-3),
@@ -79,16 +79,13 @@ def _step(a: int, op: str, b: int) -> tuple[str, int]:
 
 
 def all_problems() -> list[Problem]:
-    """Every expression of the task (970), in a fixed order. Operands are digits and every
-    worked step is one of about 280 small facts, few enough for a couple of minutes of SFT."""
+    """Every expression of the task (730), in a fixed order. Operands are digits and every
+    worked step is one of about 230 small facts, few enough for a couple of minutes of SFT."""
     digits, small = range(1, 10), range(2, 7)
     problems = [Problem("add", f"{a}+{b}", (_step(a, "+", b),)) for a in digits for b in digits]
     problems += [Problem("mul", f"{a}*{b}", (_step(a, "*", b),)) for a in small for b in small]
-    # One family for a+b+c and a+b-c, so the additions and subtractions together get the
-    # same share of the warm start as each multiplication family.
-    problems += [Problem("add_sub", f"{a}+{b}{op}{c}", (_step(a, "+", b), _step(a + b, op, c)))
-                 for a in digits for b in digits if a + b < 10 for op in "+-"
-                 for c in digits if op == "+" or c <= a + b]
+    problems += [Problem("add3", f"{a}+{b}+{c}", (_step(a, "+", b), _step(a + b, "+", c)))
+                 for a in digits for b in digits if a + b < 10 for c in digits]
     problems += [Problem("mul_add", f"{a}*{b}+{c}", (_step(a, "*", b), _step(a * b, "+", c)))
                  for a in small for b in small for c in digits]
     problems += [Problem("add_mul", f"({a}+{b})*{c}", (_step(a, "+", b), _step(a + b, "*", c)))

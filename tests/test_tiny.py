@@ -50,7 +50,7 @@ def test_problems_are_unique_and_answers_right():
         assert problem.answer == evaluate(problem.expression) >= 0
         for step, value in problem.steps:  # every worked step is itself right
             assert evaluate(step) == value
-    assert {p.family for p in PROBLEMS} == {"add", "mul", "add_sub", "mul_add", "add_mul"}
+    assert {p.family for p in PROBLEMS} == {"add", "mul", "add3", "mul_add", "add_mul"}
 
 
 def expected_test_count(fraction: float) -> int:
