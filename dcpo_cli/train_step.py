@@ -192,6 +192,8 @@ def resume_decision(out: Path, state_path: Path, data: StepData, state: SasState
         current = _state_checksum(state_path)
         if current == files.file_checksum(out / SAS_SNAPSHOT):
             return "done"
+        if state.last_step is not None and state.last_step > data.step:
+            return "done"  # a loop re-run: later steps have already moved STATE on
         if current == trainer.get("state_before_checksum"):
             return "sync"
         raise DcpoError(f"{state_path}: changed since {out.name} was written from it; "

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUN=${1:-runs/demo}
-export STEPS=${STEPS:-30}
+export STEPS=${STEPS:-24}
 export DCPO=${DCPO:-.venv/bin/dcpo}
 started=$(date +%s)
 

@@ -7,7 +7,7 @@
 #
 # Environment knobs (defaults in brackets): ALGO [dcpo], SEED [0], TINY_SIZE [default],
 # BATCH [32] prompts per step, N [8] responses per prompt, LR [2e-4], EVAL_AT [8] samples per
-# test problem. Copy this file as the starting point of your own runs.
+# test problem, REWARD [math-verify] your own reward as package.module:function. Copy this file as the starting point of your own runs.
 set -euo pipefail
 
 RUN=${1:?usage: examples/tiny_loop.sh RUN_DIR [STEPS]}
@@ -20,6 +20,7 @@ N=${N:-8}
 LR=${LR:-2e-4}
 EVAL_AT=${EVAL_AT:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
+REWARD=${REWARD:-}
 DCPO=${DCPO:-dcpo}
 
 tiny=$RUN/tiny
@@ -45,7 +46,7 @@ for ((step = 0; step < STEPS; step++)); do
   [ -f "$rollouts" ] || $DCPO rollout --model "$model" --prompts "$tiny/train.parquet" \
     --step "$step" --batch-size "$BATCH" --n "$N" --temperature 1.0 \
     --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$rollouts"
-  [ -f "$scored" ] || $DCPO score "$rollouts" --out "$scored"
+  [ -f "$scored" ] || $DCPO score "$rollouts" --out "$scored" ${REWARD:+--reward "$REWARD"}
   # train-step is idempotent: with its checkpoint already written it only finishes the
   # state update (if a kill interrupted it) and returns.
   $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \

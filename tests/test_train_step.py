@@ -242,6 +242,23 @@ def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step
         assert got == pytest.approx(want, abs=1e-9)
 
 
+def test_rerunning_an_earlier_step_after_later_ones_is_done(first_step, tokenizer, tmp_path):
+    """A shell loop re-run after a kill replays every train-step; the finished ones must not
+    touch a state that later steps have already moved on."""
+    root, scored_0, state, ckpt, _, _ = first_step
+    state_copy = tmp_path / "state.json"
+    shutil.copy(state, state_copy)
+    options = TrainOptions(lr=1e-3, micro_batch_tokens=256)
+    scored_1 = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS_1)
+    run_train_step(ckpt, [scored_1], state_copy, tmp_path / "ckpt-2", options,
+                   show_progress=False)
+    after_step_1 = state_copy.read_bytes()
+    outcome = run_train_step(ckpt.parent / "unused-model", [scored_0], state_copy, ckpt,
+                             options, show_progress=False)
+    assert outcome.status == "done"
+    assert state_copy.read_bytes() == after_step_1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an fp32 equivalence; GPUs train in bf16")
 def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer, tmp_path):
     scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, REWARDS_0, max_len=30)

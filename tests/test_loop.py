@@ -1,0 +1,140 @@
+"""The shell loop end to end: two steps of examples/tiny_loop.sh, SIGKILL at random moments
+and resume to bit-identical weights and SAS state, `dcpo report` on the run, and the example
+scripts using only options the CLI has."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, run_dcpo
+
+STEPS = 2
+# The reduced tiny configuration keeps each stage to a few seconds on 2 cores.
+LOOP_ENV = {"TINY_SIZE": "test", "BATCH": "4", "N": "4", "MAX_NEW_TOKENS": "12",
+            "EVAL_AT": "2", "LR": "1e-3", "SEED": "3",
+            "DCPO": f"{sys.executable} -m dcpo_cli"}
+
+
+def loop_command(run_dir: Path) -> list[str]:
+    return ["bash", str(REPO / "examples" / "tiny_loop.sh"), str(run_dir), str(STEPS)]
+
+
+# The reduced model never writes a correct answer, so the loop scores with a reward that
+# gives every group mixed outcomes: the updates then have real gradients to replay.
+PARITY_REWARD = ("def parity(response_text, answer, row):\n"
+                 "    return float(len(response_text) % 2)\n")
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("reward")
+    (directory / "loop_reward.py").write_text(PARITY_REWARD)
+    return directory
+
+
+def loop_env(reward_dir: Path) -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(reward_dir), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **LOOP_ENV, "REWARD": "loop_reward:parity", "PYTHONPATH": path}
+
+
+def final_files(run_dir: Path) -> dict[str, bytes]:
+    ckpt = run_dir / "ckpt" / f"step-{STEPS:06d}"
+    return {"weights": (ckpt / "model.safetensors").read_bytes(),
+            "state": (run_dir / "state.json").read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, reward_dir):
+    """One uninterrupted loop; the reference the killed runs must reproduce."""
+    run_dir = tmp_path_factory.mktemp("loop") / "run"
+    started = time.perf_counter()
+    result = subprocess.run(loop_command(run_dir), env=loop_env(reward_dir), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, time.perf_counter() - started
+
+
+def test_two_steps_end_to_end(finished_run):
+    run_dir, _ = finished_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(STEPS))
+    assert all(r["responses"] == 16 for r in records)
+    assert all(r["grad_norm"] > 0 and 0 < r["reward_mean"] < 1 for r in records)
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["last_step"] == STEPS - 1
+    for step in range(STEPS):
+        for name in ("rollouts", "scored"):
+            assert (run_dir / "steps" / f"{step:06d}" / f"{name}.parquet").is_file()
+    for label in ("step-000000", f"step-{STEPS:06d}"):
+        summary = json.loads((run_dir / "eval" / label / "summary.json").read_text())
+        scores = summary["test"]  # the benchmark is named after the file stem
+        assert {"avg@1", "avg@2", "pass@2", "maj@2"} <= scores.keys()
+
+    result = run_dcpo("report", run_dir)
+    assert result.code == 0, result.stderr
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert "TCR" in result.stdout and "avg@2" in result.stdout
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(finished_run, reward_dir,
+                                                                tmp_path):
+    reference_dir, seconds = finished_run
+    run_dir = tmp_path / "run"
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(5):
+        process = subprocess.Popen(loop_command(run_dir), env=loop_env(reward_dir),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        try:
+            process.wait(timeout=rng.uniform(0.1, 0.4) * seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the loop and every stage it started
+            process.wait()
+            kills += 1
+    assert kills >= 2  # the loop was really interrupted, more than once
+    result = subprocess.run(loop_command(run_dir), env=loop_env(reward_dir), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert final_files(run_dir) == final_files(reference_dir)
+    records = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records] == list(range(STEPS))
+
+
+# ---------------------------------------------------------------- the example scripts
+
+
+def script_calls(path: Path) -> list[tuple[str, list[str]]]:
+    """(subcommand, options) for every `$DCPO <cmd> ...` call, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", path.read_text())
+    calls = []
+    for match in re.finditer(r"\$DCPO ([a-z-]+(?: init)?)([^\n;|&]*)", text):
+        calls.append((match.group(1), re.findall(r"(?<!\S)(--[a-z][a-z-]*)", match.group(2))))
+    return calls
+
+
+@pytest.mark.parametrize("script", ["tiny_loop.sh", "demo.sh", "qwen2.5-math-7b.sh"])
+def test_example_scripts_use_only_existing_options(script):
+    import typer.main
+
+    from dcpo_cli.cli import app
+
+    root = typer.main.get_command(app)
+    calls = script_calls(REPO / "examples" / script)
+    assert calls or script == "demo.sh"
+    for name, options in calls:
+        command = root
+        for part in name.split():
+            command = command.commands[part]
+        known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        unknown = sorted(set(options) - known)
+        assert not unknown, f"{script}: dcpo {name} has no option(s) {unknown}"
