@@ -218,6 +218,10 @@ def grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """(R - mean) / (std + 1e-6) over one group, std with Bessel's correction."""
     if rewards.numel() < 2:
         raise DcpoError("group advantages need at least 2 responses per prompt")
+    if bool((rewards == rewards[0]).all()):
+        # Exactly 0: the mean of equal fractional rewards can differ from them by a rounding
+        # residue, which /1e-6 would turn into a nonzero advantage.
+        return torch.zeros_like(rewards)
     return (rewards - rewards.mean()) / (rewards.std(unbiased=True) + GRPO_STD_EPS)
 
 

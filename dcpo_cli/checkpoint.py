@@ -108,9 +108,13 @@ def scheduled_lr(base_lr: float, global_step: int, warmup_steps: int) -> float:
     return base_lr * min(1.0, (global_step + 1) / warmup_steps)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float
+                        ) -> None:
+    """This step's lr and --weight-decay; loading a checkpoint's optimizer state would
+    otherwise bring back the values it was saved with."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+        group["weight_decay"] = weight_decay
 
 
 def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> None:

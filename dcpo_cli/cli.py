@@ -7,6 +7,7 @@ so `dcpo --help` stays instant.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -61,13 +62,14 @@ app.command("report")(report_cmd.report)
 
 
 def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; a DcpoError becomes one line on stderr and 2."""
+    """Run the CLI and return its exit code; a DcpoError becomes one line on stderr and 2,
+    any other failure one line and 1."""
     from dcpo_cli.console import err
 
     try:
         app(args=argv, prog_name="dcpo", standalone_mode=False)
     except DcpoError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        _print_error(str(exc))
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -77,7 +79,25 @@ def run(argv: list[str] | None = None) -> int:
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("aborted")
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: still one line, unless debugging
+        if os.environ.get("DCPO_DEBUG"):
+            raise
+        if isinstance(exc, OSError) and exc.filename:
+            _print_error(f"{exc.filename}: {exc.strerror or exc}")
+        else:
+            _print_error(f"unexpected {type(exc).__name__}: {exc} (set DCPO_DEBUG=1 to see "
+                         "the traceback)")
+        return 1
     return 0
+
+
+def _print_error(message: str) -> None:
+    from rich.markup import escape
+
+    from dcpo_cli.console import err
+
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True,
+              soft_wrap=True)
 
 
 def main() -> None:

@@ -210,24 +210,45 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     that exists is always complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
         _fsync_tree(target)
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
         os.replace(target, path)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_path(path: str | Path) -> None:
+    """Refuse an output that would replace a directory, or whose folder cannot be made;
+    called before the work, so a bad --out never costs a finished generation."""
+    path = Path(path)
+    if path.is_dir():
+        raise DcpoError(f"{path}: is an existing directory; give a new path to write to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DcpoError(f"{path}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise DcpoError(f"{path.parent}: not writable")
+
+
 def _fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for file in files:
-        with open(file, "rb") as handle:
+    """fsync every file, then every folder, so a power cut never leaves a renamed but
+    incomplete directory."""
+    if path.is_file():
+        entries = [path]
+    else:
+        entries = [p for p in path.rglob("*") if p.is_file()]
+        entries += sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True) + [path]
+    for entry in entries:
+        if entry.is_dir():
+            _fsync_dir(entry)
+            continue
+        with open(entry, "rb") as handle:
             os.fsync(handle.fileno())
 
 

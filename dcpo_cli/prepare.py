@@ -70,7 +70,8 @@ def _load_local(path: Path) -> list[dict]:
 
 def _parse_jsonl(text: str, name: str) -> list[dict]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -148,12 +149,18 @@ def prepare_records(records: list[dict], name: str, *, problem_field: str | None
     ids: set[str] = set()
     for number, record in enumerate(records):
         if is_verl_record(record) and not problem_field:
-            messages = [{"role": str(m["role"]), "content": str(m["content"])}
-                        for m in record["prompt"]]
-            answer = clean_answer(record["reward_model"]["ground_truth"])
-            extra = record.get("extra_info") or {}
-            problem = extra.get("raw_problem") or messages[-1]["content"]
-            raw_id = extra.get("index", record.get("index"))
+            try:
+                messages = [{"role": str(m["role"]), "content": str(m["content"])}
+                            for m in record["prompt"]]
+                answer = clean_answer(record["reward_model"]["ground_truth"])
+                extra = record.get("extra_info") or {}
+                problem = str(extra.get("raw_problem") or messages[-1]["content"])
+                raw_id = extra.get("index", record.get("index"))
+            except (KeyError, TypeError, IndexError, AttributeError) as exc:
+                raise DcpoError(f"{name}: record {number + 1} is not in the verl layout (prompt "
+                                "messages with role and content, reward_model.ground_truth, "
+                                f"extra_info as a mapping): {type(exc).__name__} {exc}"
+                                ) from None
         else:
             pf = _pick_field(record, problem_field, PROBLEM_FIELDS, "problem", name)
             af = _pick_field(record, answer_field, ANSWER_FIELDS, "answer", name)

@@ -145,6 +145,7 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     options.check()
     if step < 0:
         raise DcpoError("--step must be >= 0")
+    files.check_output_path(out)
     table = files.read_table(prompts_path, "prompts")
     engine = engine or load_engine(options.engine, model)
     fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None

@@ -182,6 +182,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     from dcpo_cli.console import progress
 
     options.check()
+    files.check_output_path(out)
     table, metadata = read_inputs(paths)
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
     if options.reward:

@@ -40,7 +40,7 @@ from dcpo_cli.checkpoint import (
     read_trainer_state,
     save_checkpoint,
     scheduled_lr,
-    set_lr,
+    set_hyperparameters,
     vocab_size,
 )
 from dcpo_cli.errors import DcpoError
@@ -90,6 +90,7 @@ class StepData:
     prompt_tokens: list[list[int]]
     response_tokens: list[list[int]]
     rewards: list[float]
+    correct: list[bool]
     truncated: list[bool]
     files: list[str]  # the shard each row came from (for error messages)
     checksums: dict[str, str]
@@ -116,7 +117,7 @@ def load_scored(paths: list[Path]) -> StepData:
     names = [Path(p).name for p in paths]
     if len({str(Path(p).resolve()) for p in paths}) != len(paths):
         raise DcpoError("the same --scored file is given twice")
-    data = StepData(-1, [], [], [], [], [], [], [], {})
+    data = StepData(-1, [], [], [], [], [], [], [], [], {})
     steps: dict[str, int] = {}
     for path, name in zip(paths, names, strict=True):
         table = files.read_table(path, "scored")
@@ -129,7 +130,8 @@ def load_scored(paths: list[Path]) -> StepData:
             raise DcpoError(f"{name}: metadata step {meta_step} differs from the 'step' column")
         steps[name] = step
         columns = table.select(["prompt_id", "sample_index", "prompt_token_ids",
-                                "response_token_ids", "reward", "finish_reason"]).to_pydict()
+                                "response_token_ids", "reward", "correct",
+                                "finish_reason"]).to_pydict()
         for i, (prompt, response) in enumerate(zip(columns["prompt_token_ids"],
                                                    columns["response_token_ids"], strict=True)):
             if not prompt or not response:
@@ -143,9 +145,10 @@ def load_scored(paths: list[Path]) -> StepData:
         data.prompt_tokens += columns["prompt_token_ids"]
         data.response_tokens += columns["response_token_ids"]
         data.rewards += [float(r) for r in rewards]
+        data.correct += [bool(c) for c in columns["correct"]]
         data.truncated += [reason == "length" for reason in columns["finish_reason"]]
         data.files += [name] * table.num_rows
-        data.checksums[str(Path(path).resolve())] = files.file_checksum(path)
+        data.checksums[name] = files.file_checksum(path)  # by name: a moved run resumes
     if len(set(steps.values())) != 1:
         listing = ", ".join(f"{n}: {s}" for n, s in steps.items())
         raise DcpoError(f"the scored files come from different steps ({listing})")
@@ -202,6 +205,25 @@ def resume_decision(out: Path, state_path: Path, data: StepData, state: SasState
         raise DcpoError(f"{state_path}: already absorbed step {state.last_step}; refusing to "
                         f"train on step {data.step} again")
     return "fresh"
+
+
+def align_state_with_model(model_dir: Path, state_path: Path, state: SasState) -> SasState:
+    """STATE must be the state the --model checkpoint left behind. If that checkpoint's own
+    state update never happened (killed in between), finish it now; anything else would
+    train on statistics that skipped or repeated a step."""
+    snapshot = model_dir / SAS_SNAPSHOT
+    if not snapshot.is_file():
+        return state
+    current = _state_checksum(state_path)
+    if current == files.file_checksum(snapshot):
+        return state
+    trainer = read_trainer_state(model_dir) or {}
+    if current == trainer.get("state_before_checksum"):
+        _copy_atomic(snapshot, state_path)
+        return SasState.load(state_path)
+    raise DcpoError(f"{state_path}: is not the SAS state {model_dir.name} left behind (it holds "
+                    f"step {state.last_step}, the checkpoint step {trainer.get('rollout_step')})"
+                    "; pass this run's state file")
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
@@ -307,6 +329,8 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
     state = SasState.load(state_path)
 
     decision = resume_decision(out, state_path, data, state)
+    if decision == "fresh" and is_checkpoint(model_dir):
+        state = align_state_with_model(model_dir, state_path, state)
     if decision != "fresh":
         metrics = json.loads((out / METRICS).read_text())
         if decision == "sync":
@@ -330,7 +354,7 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
         torch.manual_seed(options.seed)
         global_step, updates_before = 0, 0
     lr = scheduled_lr(options.lr, global_step, options.warmup_steps)
-    set_lr(optimizer, lr)
+    set_hyperparameters(optimizer, lr, options.weight_decay)
     load_seconds = time.perf_counter() - load_started
 
     advantages, groups, dropped, new_state = compute_advantages(data, config, state,
@@ -425,9 +449,10 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
         # Old log-probs of every trained response with the weights before any update. The
         # first mini-batch's come from its own training forward (weights still unchanged),
         # which saves one forward pass over a quarter of the step.
-        first = set(plans[0][0]) if plans else set()
-        later = [r for rows in groups for r in rows if r not in first]
-        old_batches = micro_plan(later) if later else []
+        # Later mini-batches are packed exactly as their training forward will be, so under
+        # bf16 the ratio starts at exactly 1 there too.
+        old_batches = [batch for rows in (plans[0][1:] if plans else [])
+                       for batch in micro_plan(rows)]
         task = bar.add_task("old log-probs", total=len(old_batches), info="") \
             if show_progress else None
         with torch.no_grad(), _autocast(device, autocast_dtype):
@@ -470,6 +495,10 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
                     _tally(stats, batch, terms, logp.detach(), old_pad, epoch == len(plans) - 1)
                     stats["tokens"] += batch.num_tokens
                 norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+                if not torch.isfinite(norm):  # stop before NaN weights could be saved
+                    raise DcpoError(f"step {data.step}: the gradient of update "
+                                    f"{stats['updates'] + 1} is not finite; nothing was "
+                                    "written (try a lower --lr)")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats["grad_norms"].append(float(norm))
@@ -525,11 +554,12 @@ def _metrics(data: StepData, advantages: list[float], stats: dict[str, Any], con
         "dual_clip_ratio": stats["dual_clipped"] / tokens,
         "nonzero_advantage_ratio": sum(a != 0 for a in advantages) / data.num_rows,
         "reward_mean": sum(data.rewards) / data.num_rows,
+        "accuracy": sum(data.correct) / data.num_rows,
         "response_length_mean": sum(lengths) / data.num_rows,
         "response_length_max": max(lengths),
         "truncated_ratio": sum(data.truncated) / data.num_rows,
         "approx_kl": stats["kl_sum"] / tokens,
-        "entropy": stats["entropy"],
+        "entropy": stats["entropy"] if math.isfinite(stats["entropy"]) else None,
         "grad_norm": sum(norms) / len(norms) if norms else 0.0,
         "grad_norm_max": max(norms) if norms else 0.0,
         "loss": sum(stats["losses"]) / len(stats["losses"]) if stats["losses"] else 0.0,

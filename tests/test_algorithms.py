@@ -283,6 +283,10 @@ def test_grpo_advantages_by_hand():
     assert adv.tolist() == pytest.approx([0.5 / (std + 1e-6), -0.5 / (std + 1e-6)] * 1
                                          + [-0.5 / (std + 1e-6), 0.5 / (std + 1e-6)])
     assert alg.grpo_advantages(torch.tensor([1.0, 1.0, 1.0])).tolist() == [0.0] * 3
+    # Equal fractional rewards: their float mean is off by a rounding residue, yet the
+    # advantage (and so the response utilization ratio) must be exactly 0.
+    for dtype in (torch.float32, torch.float64):
+        assert alg.grpo_advantages(torch.tensor([0.1] * 3, dtype=dtype)).tolist() == [0.0] * 3
     with pytest.raises(DcpoError):
         alg.grpo_advantages(torch.tensor([1.0]))
 

@@ -44,3 +44,43 @@ def test_inspect_prompts_json_and_table(dcpo, benchmarks, tmp_path):
     assert table.code == 0 and "first 5 rows" in table.stdout
     assert_one_line_error(dcpo("inspect", out, "--columns", "nope"), "column 'nope' is missing")
     assert_one_line_error(dcpo("inspect", tmp_path / "missing.parquet"), "no such file")
+
+
+def _crashing_inspect(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    """`dcpo inspect` whose reader hits a bug (a RuntimeError nobody foresaw)."""
+    code = ("import sys, dcpo_cli.inspect as i\n"
+            "def boom(*a, **k): raise RuntimeError('a bug')\n"
+            "i.describe = boom\n"
+            "from dcpo_cli.cli import run\n"
+            "sys.exit(run(['inspect', 'whatever.parquet']))\n")
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **env_extra})
+
+
+def test_an_unforeseen_failure_is_one_line_and_exit_1_unless_debugging():
+    proc = _crashing_inspect({"DCPO_DEBUG": ""})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "RuntimeError: a bug" in lines[0] and "DCPO_DEBUG=1" in lines[0]
+    debug = _crashing_inspect({"DCPO_DEBUG": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_error_lines_show_brackets_literally(dcpo, tmp_path):
+    folder = tmp_path / "[bold]runs[red]"
+    folder.mkdir()
+    result = dcpo("inspect", folder / "missing.parquet")
+    assert_one_line_error(result, "[bold]runs[red]")
+
+
+def test_an_output_path_that_is_a_directory_is_refused_before_any_work(dcpo, benchmarks,
+                                                                        tmp_path):
+    keep = tmp_path / "out" / "keep.txt"
+    keep.parent.mkdir()
+    keep.write_text("precious")
+    result = dcpo("prepare", benchmarks / "aime24.jsonl", "--out", tmp_path / "out")
+    assert_one_line_error(result, "out", "is an existing directory")
+    assert keep.read_text() == "precious"

@@ -100,13 +100,26 @@ def test_invalid_table_is_not_written(tmp_path):
     assert not path.exists()
 
 
-def test_atomic_directory_replaces_old_one(tmp_path):
+def test_an_output_never_replaces_a_directory(tmp_path):
+    target = tmp_path / "run"
+    (target / "ckpt").mkdir(parents=True)
+    (target / "ckpt" / "weights").write_text("precious")
+    for write in (lambda: files.write_json({"a": 1}, target),
+                  lambda: files.write_table(rollout_table([rollout_row()]), target,
+                                            files.make_metadata("rollouts", "rollout"))):
+        with pytest.raises(DcpoError, match="is an existing directory"):
+            write()
+    assert (target / "ckpt" / "weights").read_text() == "precious"
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_atomic_directory_is_complete_when_it_appears(tmp_path):
     target = tmp_path / "ckpt"
-    for version in ("one", "two"):
-        with files.atomic_path(target) as tmp:
-            tmp.mkdir()
-            (tmp / "weights").write_text(version)
-    assert (target / "weights").read_text() == "two"
+    with files.atomic_path(target) as tmp:
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "weights").write_text("one")
+        assert not target.exists()
+    assert (target / "sub" / "weights").read_text() == "one"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 

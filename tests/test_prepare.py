@@ -84,7 +84,21 @@ def test_missing_problem_field_is_reported():
         prepare_records([{"text": "hi", "answer": "1"}], "x.jsonl")
 
 
-@pytest.mark.parametrize("case", ["truncated", "missing_column", "bad_jsonl", "empty"])
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, dcpo):
+    src = tmp_path / "sep.jsonl"
+    src.write_text(json.dumps({"problem": "a\u2028b\u0085c", "answer": "1"},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    result = dcpo("prepare", src, "--out", tmp_path / "p.parquet")
+    assert result.code == 0, result.stderr
+    from dcpo_cli import files
+
+    rows = files.read_table(tmp_path / "p.parquet", "prompts").to_pylist()
+    assert len(rows) == 1 and "a\u2028b\u0085c" in json.dumps(rows[0]["prompt"],
+                                                             ensure_ascii=False)
+
+
+@pytest.mark.parametrize("case", ["truncated", "missing_column", "bad_jsonl", "empty",
+                                  "verl_without_content"])
 def test_bad_inputs_give_one_line_and_no_output(case, tmp_path, dcpo, benchmarks):
     out = tmp_path / "out.parquet"
     if case == "truncated":
@@ -99,6 +113,11 @@ def test_bad_inputs_give_one_line_and_no_output(case, tmp_path, dcpo, benchmarks
         src = tmp_path / "bad.jsonl"
         src.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": oops}\n')
         fragments = ("bad.jsonl", "line 2 is not valid JSON")
+    elif case == "verl_without_content":
+        src = tmp_path / "verl.jsonl"
+        src.write_text(json.dumps({"prompt": [{"role": "user"}],
+                                   "reward_model": {"ground_truth": "3"}}) + "\n")
+        fragments = ("verl.jsonl", "record 1 is not in the verl layout")
     else:
         src = tmp_path / "empty.jsonl"
         src.write_text("")

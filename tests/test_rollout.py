@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -119,7 +120,7 @@ def _check_completions(engine, encoded, groups, settings):
 
 def test_sampled_logprobs_equal_a_teacher_forced_recomputation(engine):
     encoded = encode_prompts(engine.tokenizer, PROMPTS)
-    settings = SamplingSettings(n=3, max_new_tokens=MAX_NEW, seed=5)
+    settings = SamplingSettings(n=6, max_new_tokens=MAX_NEW, seed=5)
     groups = engine.generate([ids for _, ids in encoded], settings)
     _check_completions(engine, encoded, groups, settings)
     reasons = {c.finish_reason for group in groups for c in group}
@@ -147,6 +148,32 @@ def test_logprobs_are_those_of_the_warped_sampling_distribution(engine):
                 scores = warper(None, scores)
             expected = torch.log_softmax(scores, -1).gather(1, torch.tensor(c.token_ids)[:, None])
             assert torch.allclose(torch.tensor(c.logprobs), expected[:, 0], atol=1e-4)
+
+
+def test_the_models_own_sampling_defaults_are_not_applied(random_model_dir, tmp_path):
+    """Hub models ship sampling defaults (top-k, temperature) in generation_config.json;
+    transformers would apply them after our recorder. Here they would make sampling greedy."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(random_model_dir, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text()) \
+        if (model_dir / "generation_config.json").is_file() else {}
+    config.update(do_sample=True, top_k=1, temperature=0.05, repetition_penalty=2.0)
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    engine = load_engine("hf", model_dir)
+    encoded = encode_prompts(engine.tokenizer, PROMPTS[:2])
+    groups = engine.generate([ids for _, ids in encoded],
+                             SamplingSettings(n=2, max_new_tokens=12, seed=4))
+    not_argmax = 0
+    for (_, prompt_ids), group in zip(encoded, groups, strict=True):
+        for c in group:
+            logits = _teacher_forced(engine.model, prompt_ids, c.token_ids)
+            expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None])
+            assert torch.allclose(torch.tensor(c.logprobs), expected[:, 0], atol=1e-4)
+            not_argmax += sum(a != t for a, t in zip(logits.argmax(-1).tolist(), c.token_ids,
+                                                     strict=True))
+    assert not_argmax > 0  # temperature 1.0 over the full vocabulary, not top-1
 
 
 def test_greedy_takes_the_argmax_and_is_repeatable(engine):

@@ -136,6 +136,8 @@ def test_one_dcpo_step_trains_and_records_sas(first_step, random_model_dir):
     metrics = json.loads((ckpt / "metrics.json").read_text())
     assert metrics.keys() >= METRIC_KEYS
     assert metrics["nonzero_advantage_ratio"] == 1.0  # every step-0 group is mixed
+    rewards_0 = [r for group in REWARDS_0.values() for r in group]
+    assert metrics["accuracy"] == sum(rewards_0) / len(rewards_0)  # `correct` is reward > 0
     assert metrics["truncated_ratio"] == 0.25
     assert metrics["lr"] == pytest.approx(1e-4)  # warm-up: step 1 of 10
     assert metrics["updates"] == 4  # 4 prompts, default mini-batch = a quarter
@@ -259,6 +261,67 @@ def test_rerunning_an_earlier_step_after_later_ones_is_done(first_step, tokenize
     assert state_copy.read_bytes() == after_step_1
 
 
+def test_a_moved_run_still_resumes(first_step, random_model_dir, tmp_path):
+    root, scored, state, ckpt, _, _ = first_step
+    moved = tmp_path / "moved"
+    for path in (scored, state):
+        (moved / path.name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, moved / path.name)
+    shutil.copytree(ckpt, moved / ckpt.name)
+    outcome = run_train_step(random_model_dir, [moved / scored.name], moved / state.name,
+                             moved / ckpt.name, TrainOptions(lr=1e-3), show_progress=False)
+    assert outcome.status == "done"
+
+
+def test_continuing_from_a_checkpoint_needs_the_state_it_left(first_step, tokenizer,
+                                                                tmp_path):
+    """ckpt-1 was trained from an absent state. Continuing from it with an absent state is
+    the loop after a kill between checkpoint and state: the state update is finished first.
+    A state from elsewhere is refused instead of silently skipping a step's statistics."""
+    from dcpo_cli.algorithms import PromptStats
+    from dcpo_cli.sas_state import SasState
+
+    root, _, state, ckpt, _, _ = first_step
+    scored_1 = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS_1)
+    options = TrainOptions(lr=1e-3, micro_batch_tokens=256)
+    synced = tmp_path / "state.json"
+    run_train_step(ckpt, [scored_1], synced, tmp_path / "ckpt-2", options,
+                   show_progress=False)
+    saved = json.loads(synced.read_text())
+    assert saved["last_step"] == 1
+    assert {p: s["times"] for p, s in saved["prompts"].items()} == dict.fromkeys(REWARDS_1, 2)
+
+    foreign = tmp_path / "foreign.json"
+    SasState({"p0": PromptStats(1, 0.5, 0.5)}, 0).save(foreign)
+    result = run_dcpo("train-step", "--model", ckpt, "--scored", scored_1, "--state", foreign,
+                      "--out", tmp_path / "ckpt-x", *FAST)
+    assert_one_line_error(result, "foreign.json", f"is not the SAS state {ckpt.name} left")
+    assert not (tmp_path / "ckpt-x").exists()
+
+
+def test_resumed_optimizer_takes_the_new_weight_decay(first_step, tokenizer, tmp_path):
+    root, _, state, ckpt, _, _ = first_step
+    shutil.copy(state, tmp_path / "state.json")
+    scored_1 = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS_1)
+    run_train_step(ckpt, [scored_1], tmp_path / "state.json", tmp_path / "ckpt-2",
+                   TrainOptions(lr=1e-3, weight_decay=0.0), show_progress=False)
+    saved = torch.load(tmp_path / "ckpt-2" / "optimizer.pt", weights_only=True)
+    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.0]
+    assert torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"][0][
+        "weight_decay"] == 0.1
+
+
+def test_a_non_finite_gradient_writes_nothing(first_step, random_model_dir, tmp_path,
+                                              monkeypatch):
+    root, scored, _, _, _, _ = first_step
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: torch.tensor(float("nan")))
+    with pytest.raises(DcpoError, match="gradient of update 1 is not finite"):
+        run_train_step(random_model_dir, [scored], tmp_path / "state.json", tmp_path / "ckpt",
+                       TrainOptions(lr=1e-3), show_progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an fp32 equivalence; GPUs train in bf16")
 def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer, tmp_path):
     scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, REWARDS_0, max_len=30)
@@ -284,6 +347,10 @@ def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
                       "--state", tmp_path / "s.json", "--out", tmp_path / "c")
     assert_one_line_error(result, "big-ids.parquet", "vocabulary")
     assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
+    result = run_dcpo("train-step", "--model", random_model_dir, "--scored", bad_vocab,
+                      "--state", tmp_path / "s.json", "--out", tmp_path / "c",
+                      "--mini-batch-size", "0")
+    assert_one_line_error(result, "--mini-batch-size must be at least 1")
 
     options = TrainOptions()
     single = write_scored(tmp_path / "single.parquet", tokenizer, 0, {"p0": [1], "p1": [0, 1]})

@@ -53,7 +53,7 @@ def train_step(
     from dcpo_cli.train_step import TrainOptions, metrics_table, run_train_step
 
     for name, value in (("--micro-batch-tokens", micro_batch_tokens), ("--epochs", epochs),
-                        ("--mini-batch-size", mini_batch_size or 1)):
+                        ("--mini-batch-size", 1 if mini_batch_size is None else mini_batch_size)):
         if value < 1:
             raise DcpoError(f"{name} must be at least 1")
     if lr < 0 or warmup_steps < 0 or max_grad_norm <= 0:

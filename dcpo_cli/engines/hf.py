@@ -78,7 +78,7 @@ class HFEngine:
     def __init__(self, model_path: str | Path, device: str | None = None,
                  dtype: str | None = None, token_budget: int | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
@@ -94,6 +94,10 @@ class HFEngine:
             raise DcpoError(f"{model_path}: cannot load the model ({reason})") from None
         self.model.to(self.device).eval()
         self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
+        # transformers merges the model's own generation_config.json (a Hub model's sampling
+        # defaults: temperature, top-k, repetition penalty, ...) into every generate call;
+        # a bare one keeps sampling exactly as the user asked.
+        self.model.generation_config = GenerationConfig()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.token_budget = token_budget or (262_144 if self.device == "cuda" else 16_384)
@@ -131,7 +135,8 @@ class HFEngine:
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         # Our warpers, in transformers' own order, then the recorder; the generation config
-        # turns every built-in processor off so nothing runs after the recorder.
+        # turns every built-in processor off so nothing runs after the recorder (a field left
+        # None would take transformers' default, such as top_k=50).
         processors = []
         if not settings.greedy:
             if settings.temperature != 1.0:
@@ -143,7 +148,7 @@ class HFEngine:
         recorder = _Recorder()
         config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy,
-            temperature=None, top_k=None, top_p=None, eos_token_id=sorted(self.eos_ids),
+            temperature=1.0, top_k=0, top_p=1.0, eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.pad_id, bos_token_id=None,
         )
         torch.manual_seed(seed)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings, finish
-from dcpo_cli.engines.hf import eos_token_ids
+from dcpo_cli.engines.hf import batch_seed, eos_token_ids
 
 
 class VllmEngine:
@@ -30,12 +30,14 @@ class VllmEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
+        # One seed per prompt: with a single shared seed vLLM gives every request the same
+        # random stream, so a prompt repeated in a batch would get identical samples.
+        params = [SamplingParams(
             n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
             top_k=settings.top_k if settings.top_k > 0 else -1,
-            max_tokens=settings.max_new_tokens, logprobs=0, seed=settings.seed,
-            skip_special_tokens=True,
-        )
+            max_tokens=settings.max_new_tokens, logprobs=0,
+            seed=batch_seed(settings.seed, [(index, 0)]), skip_special_tokens=True,
+        ) for index in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results, responses, tokens = [], 0, 0

@@ -1,0 +1,97 @@
+"""The vLLM engine against a stand-in `vllm` module (vLLM is not installed on CI machines):
+what it asks vLLM for, and how it turns vLLM's outputs into completions."""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+
+from dcpo_cli.engines import SamplingSettings, load_engine
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+
+
+@dataclass
+class FakeSample:
+    token_ids: list[int]
+    logprobs: list[dict[int, FakeLogprob]]
+
+
+@dataclass
+class FakeOutput:
+    outputs: list[FakeSample]
+
+
+@dataclass
+class FakeLLM:
+    """Answers every prompt with its own token ids reversed, then eos (id 2), the i-th
+    sample shifted by i; each token's log-prob is -token/100."""
+
+    model: str
+    gpu_memory_utilization: float = 0.0
+    logprobs_mode: str = ""
+    calls: list = field(default_factory=list)
+
+    def __post_init__(self):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
+        FakeLLM.last = self
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append((prompts, params))
+        outputs = []
+        for prompt, param in zip(prompts, params, strict=True):
+            samples = []
+            for i in range(param.n):
+                ids = [t + i for t in reversed(prompt["prompt_token_ids"])][: param.max_tokens]
+                ids = (ids + [2])[: param.max_tokens]
+                samples.append(FakeSample(ids, [{t: FakeLogprob(-t / 100)} for t in ids]))
+            outputs.append(FakeOutput(samples))
+        return outputs
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    return vllm
+
+
+def test_vllm_engine_requests_and_completions(fake_vllm, random_model_dir):
+    engine = load_engine("vllm", random_model_dir)
+    llm = FakeLLM.last
+    assert llm.logprobs_mode == "processed_logprobs"  # the sampled distribution's log-probs
+    prompts = [[10, 11, 12], [10, 11, 12], [20, 21, 22, 23, 24, 25]]
+    settings = SamplingSettings(n=2, temperature=0.8, top_p=0.9, top_k=0, max_new_tokens=4,
+                                seed=7)
+    groups = engine.generate(prompts, settings)
+
+    (_, params), = llm.calls
+    assert all(p.n == 2 and p.logprobs == 0 and p.top_k == -1 and p.max_tokens == 4
+               and p.temperature == 0.8 and p.top_p == 0.9 for p in params)
+    seeds = [p.seed for p in params]
+    assert len(set(seeds)) == 3  # a repeated prompt gets its own random stream
+    assert seeds == [p.seed for p in (engine.generate(prompts, settings), llm.calls[-1][1])[1]]
+
+    first, _, long = groups
+    assert [c.token_ids for c in first] == [[12, 11, 10, 2], [13, 12, 11, 2]]
+    assert [c.finish_reason for c in first] == ["stop", "stop"]
+    assert first[0].logprobs == [-0.12, -0.11, -0.10, -0.02]
+    assert [c.finish_reason for c in long] == ["length", "length"]
+    assert long[0].token_ids == [25, 24, 23, 22]
+    assert long[0].text == engine.tokenizer.decode([25, 24, 23, 22], skip_special_tokens=True)
