@@ -272,22 +272,37 @@ def sas_advantages(rewards: torch.Tensor, stats: PromptStats | None
 # ---------------------------------------------------------------- metrics (DESIGN.md 1.7)
 
 
-def clip_fractions(terms: LossTerms, mask: torch.Tensor) -> dict[str, float]:
-    """Token clipping ratio, split by side, and the dual-clipped fraction."""
-    total = max(int(mask.sum()), 1)
+CLIP_COUNTS = ("clipped", "clipped_low", "clipped_high", "dual_clipped", "tokens")
+
+
+def clip_counts(terms: LossTerms, mask: torch.Tensor) -> dict[str, int]:
+    """Clipped response tokens (both sides, each side, dual-clipped) and all response tokens
+    of one micro-batch: counts, so they add up across micro-batches."""
     return {
-        "clip_ratio": int(terms.clipped.sum()) / total,
-        "clip_ratio_low": int(terms.clipped_low.sum()) / total,
-        "clip_ratio_high": int(terms.clipped_high.sum()) / total,
-        "dual_clip_ratio": int(terms.dual_clipped.sum()) / total,
+        "clipped": int((terms.clipped & mask).sum()),
+        "clipped_low": int((terms.clipped_low & mask).sum()),
+        "clipped_high": int((terms.clipped_high & mask).sum()),
+        "dual_clipped": int((terms.dual_clipped & mask).sum()),
+        "tokens": int(mask.sum()),
     }
 
 
-def nonzero_advantage_ratio(advantages: torch.Tensor) -> float:
+def clip_fractions(counts: dict[str, int]) -> dict[str, float]:
+    """Token clipping ratio, split by side, and the dual-clipped fraction."""
+    total = max(counts["tokens"], 1)
+    return {
+        "clip_ratio": counts["clipped"] / total,
+        "clip_ratio_low": counts["clipped_low"] / total,
+        "clip_ratio_high": counts["clipped_high"] / total,
+        "dual_clip_ratio": counts["dual_clipped"] / total,
+    }
+
+
+def nonzero_advantage_ratio(advantages: list[float]) -> float:
     """Response utilization ratio: the fraction of responses whose advantage is not 0."""
-    if advantages.numel() == 0:
+    if not advantages:
         return 0.0
-    return float((advantages != 0).double().mean())
+    return sum(a != 0 for a in advantages) / len(advantages)
 
 
 def approx_kl_sum(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor

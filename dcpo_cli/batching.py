@@ -62,7 +62,11 @@ def micro_batches(rows: list[int], lengths: list[int], token_budget: int) -> lis
 
 def shard(items: list, rank: int = 0, world_size: int = 1) -> list:
     """This rank's share of a list of micro-batches: the one place data is split across
-    processes (every rank gets every `world_size`-th item; a single process gets all)."""
+    processes (every rank gets every `world_size`-th item; a single process gets all).
+
+    Today train-step runs one process. Under torchrun the loss normalizers stay global (the
+    whole mini-batch's responses and tokens), so gradients must be summed across ranks, not
+    averaged, and every rank needs the old log-probs of its own rows."""
     return items[rank::world_size]
 
 

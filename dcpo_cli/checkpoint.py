@@ -83,9 +83,22 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
         raise DcpoError(f"{directory}: cannot load the model ({reason})") from None
     model.to(device)
     model.config.use_cache = False
+    disable_dropout(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def disable_dropout(model) -> None:
+    """A deterministic forward in train mode: the old log-probs (and the first mini-batch's
+    reuse of its own forward as them) assume that the same weights give the same numbers.
+    The saved config keeps its values; only this process's modules change."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # transformers' functional dropouts
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
 
 
 def vocab_size(model) -> int:

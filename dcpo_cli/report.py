@@ -118,9 +118,12 @@ def load_evals(run_dir: Path) -> list[dict[str, Any]]:
         label = path.parent.name
         match = _EVAL_LABEL.match(label)
         step = int(match.group(1)) if match else _number(summary.get("_step"))
+        benchmarks = [b for b in summary if not b.startswith("_") and b != "average"]
         for benchmark, values in summary.items():
             if benchmark.startswith("_") or not isinstance(values, dict):
                 continue
+            if benchmark == "average" and len(benchmarks) == 1:
+                continue  # the average of one benchmark is that benchmark again
             numbers = {k: v for k, v in values.items() if _number(v) is not None}
             rows.append({"label": label, "step": None if step is None else int(step),
                          "benchmark": benchmark, **numbers})

@@ -94,6 +94,7 @@ class StepData:
     truncated: list[bool]
     files: list[str]  # the shard each row came from (for error messages)
     checksums: dict[str, str]
+    max_new_tokens: int | None = None  # the rollouts' generation limit, from the metadata
 
     @property
     def num_rows(self) -> int:
@@ -119,10 +120,13 @@ def load_scored(paths: list[Path]) -> StepData:
         raise DcpoError("the same --scored file is given twice")
     data = StepData(-1, [], [], [], [], [], [], [], [], {})
     steps: dict[str, int] = {}
+    limits: set[int | None] = set()
     for path, name in zip(paths, names, strict=True):
         table = files.read_table(path, "scored")
         column_steps = set(table.column("step").to_pylist())
-        meta_step = files.read_metadata(path).get("step")
+        metadata = files.read_metadata(path)
+        meta_step = metadata.get("step")
+        limits.add(metadata.get("max_new_tokens"))
         if len(column_steps) != 1:
             raise DcpoError(f"{name}: rows from several steps {sorted(column_steps)}")
         step = meta_step if isinstance(meta_step, int) else column_steps.pop()
@@ -153,6 +157,7 @@ def load_scored(paths: list[Path]) -> StepData:
         listing = ", ".join(f"{n}: {s}" for n, s in steps.items())
         raise DcpoError(f"the scored files come from different steps ({listing})")
     data.step = next(iter(steps.values()))
+    data.max_new_tokens = limits.pop() if len(limits) == 1 else None
     keys = list(zip(data.prompt_ids, data.sample_index, strict=True))
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -426,13 +431,12 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
     size = options.mini_batch_size or default_mini_batch_size(len(groups))
     plans = [mini_batches(groups, size, options.seed, data.step, epoch)
              for epoch in range(options.epochs)] if groups else []
-    max_length = max(len(r) for r in data.response_tokens)
+    max_length = dr_grpo_length(data) if config.loss_agg == "seq-mean-token-sum-norm" else None
     old: dict[int, torch.Tensor] = {}
     entropy_sum, entropy_count = 0.0, 0
     stats: dict[str, Any] = {
         "updates": 0, "tokens": 0, "grad_norms": [], "losses": [],
-        "clipped": 0, "clipped_low": 0, "clipped_high": 0, "dual_clipped": 0, "trained_tokens": 0,
-        "kl_sum": 0.0,
+        "clip_counts": dict.fromkeys(algorithms.CLIP_COUNTS, 0), "kl_sum": 0.0,
         "row_clipped": {}, "row_new": {}, "entropy": float("nan"),
     }
     params = [p for p in model.parameters() if p.requires_grad]
@@ -442,7 +446,7 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
         return [collate(part, data.prompt_tokens, data.response_tokens,
                         _pad_id(model)).to(device) for part in parts]
 
-    model.train()  # dropout stays off in these configs; train() enables checkpointing
+    model.train()  # for gradient checkpointing; build_policy turned dropout off
     total_updates = sum(len(p) for p in plans)
     bar = progress() if show_progress else contextlib.nullcontext()
     with bar:
@@ -513,6 +517,15 @@ def _update(model, optimizer, data: StepData, config, options: TrainOptions,
     return stats
 
 
+def dr_grpo_length(data: StepData) -> int:
+    """Dr. GRPO's constant normalizer: the rollouts' max_new_tokens, the same every step."""
+    if not isinstance(data.max_new_tokens, int) or data.max_new_tokens < 1:
+        raise DcpoError(f"{', '.join(sorted(set(data.files)))}: --loss-agg "
+                        "seq-mean-token-sum-norm needs the rollouts' max_new_tokens, which the "
+                        "metadata lacks (or the shards disagree on)")
+    return data.max_new_tokens
+
+
 def _pad_id(model) -> int:
     pad = model.config.pad_token_id
     if pad is None:
@@ -525,12 +538,9 @@ def _pad_id(model) -> int:
 def _tally(stats: dict[str, Any], batch: MicroBatch, terms, logp: torch.Tensor,
            old_pad: torch.Tensor, last_epoch: bool) -> None:
     mask = batch.response_mask
-    stats["clipped"] += int((terms.clipped & mask).sum())
-    stats["clipped_low"] += int((terms.clipped_low & mask).sum())
-    stats["clipped_high"] += int((terms.clipped_high & mask).sum())
-    stats["trained_tokens"] += int(mask.sum())
+    for key, count in algorithms.clip_counts(terms, mask).items():
+        stats["clip_counts"][key] += count
     stats["kl_sum"] += algorithms.approx_kl_sum(logp.float(), old_pad, mask)
-    stats["dual_clipped"] += int(terms.dual_clipped.sum())
     if last_epoch:
         per_row_clipped = (terms.clipped & mask).sum(-1).tolist()
         counts = mask.sum(-1).clamp_min(1)
@@ -543,16 +553,13 @@ def _tally(stats: dict[str, Any], batch: MicroBatch, terms, logp: torch.Tensor,
 def _metrics(data: StepData, advantages: list[float], stats: dict[str, Any], config,
              options: TrainOptions, lr: float, dropped: int, trained_groups: int
              ) -> dict[str, Any]:
-    tokens = max(stats["trained_tokens"], 1)
+    tokens = max(stats["clip_counts"]["tokens"], 1)
     lengths = [len(r) for r in data.response_tokens]
     norms = stats["grad_norms"]
     return {
         "algo": options.algo,
-        "clip_ratio": stats["clipped"] / tokens,
-        "clip_ratio_low": stats["clipped_low"] / tokens,
-        "clip_ratio_high": stats["clipped_high"] / tokens,
-        "dual_clip_ratio": stats["dual_clipped"] / tokens,
-        "nonzero_advantage_ratio": sum(a != 0 for a in advantages) / data.num_rows,
+        **algorithms.clip_fractions(stats["clip_counts"]),
+        "nonzero_advantage_ratio": algorithms.nonzero_advantage_ratio(advantages),
         "reward_mean": sum(data.rewards) / data.num_rows,
         "accuracy": sum(data.correct) / data.num_rows,
         "response_length_mean": sum(lengths) / data.num_rows,

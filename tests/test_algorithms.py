@@ -400,7 +400,7 @@ def test_bad_configs_are_refused_with_the_option_named(algo, overrides, fragment
 
 
 def test_step_metrics_by_hand():
-    assert alg.nonzero_advantage_ratio(torch.tensor([0.0, 1.0, -0.5, 0.0])) == 0.5
+    assert alg.nonzero_advantage_ratio([0.0, 1.0, -0.5, 0.0]) == 0.5
     old = torch.tensor([[-1.0, -2.0, -3.0]])
     new = torch.tensor([[-1.5, -1.0, 9.0]])
     mask = torch.tensor([[True, True, False]])
@@ -408,7 +408,11 @@ def test_step_metrics_by_hand():
     terms = alg.surrogate_loss(alg.PRESETS["grpo"], torch.log(torch.tensor([[1.5, 0.5, 1.0]])),
                                torch.zeros(1, 3), torch.tensor([1.0]),
                                torch.ones(1, 3, dtype=torch.bool))
-    fractions = alg.clip_fractions(terms, torch.ones(1, 3, dtype=torch.bool))
+    counts = alg.clip_counts(terms, torch.tensor([[True, True, False]]))
+    assert counts == {"clipped": 1, "clipped_low": 0, "clipped_high": 1, "dual_clipped": 0,
+                      "tokens": 2}
+    counts = alg.clip_counts(terms, torch.ones(1, 3, dtype=torch.bool))
+    fractions = alg.clip_fractions(counts)
     assert fractions["clip_ratio"] == pytest.approx(1 / 3)
     assert fractions["clip_ratio_high"] == pytest.approx(1 / 3)
     assert fractions["clip_ratio_low"] == 0.0

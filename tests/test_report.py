@@ -111,11 +111,16 @@ def test_eval_summaries(tmp_path):
     run = write_run(tmp_path, "run", range(3), evals={0: 10.0, 20: 40.0})
     other = run / "eval" / "final"
     other.mkdir()
-    (other / "summary.json").write_text(json.dumps({"aime24": {"avg@1": 50.0}, "_step": 30}))
+    (other / "summary.json").write_text(json.dumps({"aime24": {"avg@1": 50.0}, "_step": 30,
+                                                    "average": {"avg@1": 50.0}}))
+    two = json.loads((run / "eval" / "step-000020" / "summary.json").read_text())
+    two["average"] = {"avg@1": 45.0}
+    (run / "eval" / "step-000020" / "summary.json").write_text(json.dumps(two))
     data = gather_run(run)
+    # The average is kept over two benchmarks and dropped over one (it would repeat it).
     assert {(r["label"], r["benchmark"]) for r in data["evals"]} == {
         ("step-000000", "aime24"), ("step-000000", "gsm8k"), ("step-000020", "aime24"),
-        ("step-000020", "gsm8k"), ("final", "aime24")}
+        ("step-000020", "gsm8k"), ("step-000020", "average"), ("final", "aime24")}
     curves = eval_series(data)
     assert curves[("aime24", "avg@1")] == ([0, 20, 30], [10.0, 40.0, 50.0])
     assert curves[("aime24", "avg@32")] == ([0, 20], [7.0, 37.0])

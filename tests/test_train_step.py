@@ -26,7 +26,8 @@ REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [
 
 
 def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float]],
-                 seed: int = 0, max_len: int = 12, vocab: int | None = None) -> Path:
+                 seed: int = 0, max_len: int = 12, vocab: int | None = None,
+                 max_new_tokens: int | None = None) -> Path:
     """A scored file made by hand: random responses ending in eos, rewards as given."""
     gen = torch.Generator().manual_seed(seed + 1000 * step)
     vocab = vocab or len(tokenizer)
@@ -50,7 +51,8 @@ def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float
                 rows[name].append(value)
     schema = pa.schema([(n, t) for n, t in files.SCORED_COLUMNS.items()])
     files.write_table(pa.table(rows, schema=schema), path,
-                      files.make_metadata("scored", "score", step=step))
+                      files.make_metadata("scored", "score", step=step,
+                                          extra={"max_new_tokens": max_new_tokens}))
     return path
 
 
@@ -337,6 +339,44 @@ def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer
         torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=0)
         changed += int(not torch.equal(tensor, load_weights(random_model_dir)[name]))
     assert changed > 0
+
+
+def test_dr_grpo_normalizes_by_the_rollouts_generation_limit(random_model_dir, tokenizer,
+                                                             tmp_path):
+    options = TrainOptions(algo="grpo", overrides={"loss_agg": "seq-mean-token-sum-norm"},
+                           lr=1e-3)
+    unknown = write_scored(tmp_path / "unknown.parquet", tokenizer, 0, REWARDS_0)
+    with pytest.raises(DcpoError, match="unknown.parquet.*needs the rollouts' max_new_tokens"):
+        run_train_step(random_model_dir, [unknown], tmp_path / "s.json", tmp_path / "c",
+                       options, show_progress=False)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
+    losses = {}
+    for limit in (16, 32):
+        scored = write_scored(tmp_path / f"limit-{limit}.parquet", tokenizer, 0, REWARDS_0,
+                              max_new_tokens=limit)
+        outcome = run_train_step(random_model_dir, [scored], tmp_path / f"s{limit}.json",
+                                 tmp_path / f"c{limit}", options, show_progress=False)
+        losses[limit] = outcome.metrics["loss"]
+    # Same responses, same first update: the loss halves with twice the constant. (Adam
+    # makes later updates nearly scale-free, hence the tolerance.)
+    assert losses[32] == pytest.approx(losses[16] / 2, rel=0.05)
+
+
+def test_the_policy_is_built_without_dropout(random_model_dir, tmp_path):
+    """Old log-probs must be reproducible by the training forward (same weights, same
+    numbers), so a model configured with dropout trains with it off."""
+    from dcpo_cli.checkpoint import build_policy
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(random_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["attention_dropout"] = 0.5
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model, _ = build_policy(model_dir, torch.device("cpu"))
+    model.train()
+    ids = torch.arange(5, 45).reshape(2, 20)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
 
 
 def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
