@@ -44,7 +44,10 @@ def test_chunked_logprobs_and_gradients_match_log_softmax(n, vocab, hidden, chun
                                [h2, w2] if b2 is None else [h2, w2, b2])
     assert len(got) == len(params)
     for g, r in zip(got, want, strict=True):
-        torch.testing.assert_close(g.float(), r, atol=1e-5, rtol=1e-4)
+        # A weight gradient sums n terms that can cancel: float32 rounding of either side is
+        # then relative to the terms' size, not to the (small) sum.
+        scale = max(1.0, float(r.abs().max()))
+        torch.testing.assert_close(g.float(), r, atol=5e-5 * scale, rtol=1e-4)
 
 
 def test_chunked_logprobs_reach_float32_leaves():
