@@ -1,4 +1,5 @@
-"""Rewards: math-verify answer checking in a killable process pool, overlong shaping, user rewards.
+"""Rewards: math-verify answer checking and user rewards in a killable process pool, overlong
+shaping.
 
 `verify_batch` compares each gold answer with the last `\\boxed{...}` of its response. Every
 check runs in a worker process with a hard deadline: math-verify's own timeout relies on
@@ -14,10 +15,12 @@ import importlib
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
+from typing import Any
 
 from dcpo_cli.errors import DcpoError
 
@@ -82,8 +85,18 @@ def check_answer(boxed: str, answer: str) -> bool:
     return bool(verify(list(gold), pred, timeout_seconds=None))
 
 
+def _run_job(job: tuple) -> Any:
+    """What a worker computes: ("verify", boxed, answer) -> bool, or
+    ("user", spec, response_text, answer, row) -> float."""
+    kind, *args = job
+    if kind == "verify":
+        return check_answer(*args)
+    spec, text, answer, row = args
+    return float(load_reward_function(spec)(text, answer, row))
+
+
 def _worker_main(conn) -> None:
-    """Answer (index, boxed, answer) requests until told to stop (None) or killed."""
+    """Answer (index, job) requests until told to stop (None) or killed."""
     # math-verify warns that its own timeouts are off: deliberate, the parent enforces them.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     while True:
@@ -93,11 +106,11 @@ def _worker_main(conn) -> None:
             return
         if message is None:
             return
-        index, boxed, answer = message
+        index, job = message
         try:
-            result = (index, check_answer(boxed, answer), False)
-        except Exception:  # a verifier crash scores the response wrong, with a flag
-            result = (index, False, True)
+            result = (index, _run_job(job), None)
+        except Exception as exc:  # reported to the parent, which decides what it means
+            result = (index, None, f"{type(exc).__name__}: {exc}")
         conn.send(result)
 
 
@@ -120,9 +133,9 @@ class _Worker:
         self.index: int | None = None
         self.deadline = 0.0
 
-    def submit(self, index: int, boxed: str, answer: str, timeout: float) -> None:
+    def submit(self, index: int, job: tuple, timeout: float) -> None:
         self.index, self.deadline = index, time.monotonic() + timeout
-        self.conn.send((index, boxed, answer))
+        self.conn.send((index, job))
 
     def kill(self) -> None:
         self.process.kill()
@@ -146,35 +159,30 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int | None = None,
-                 timeout: float = 5.0,
-                 on_progress: Callable[[int], None] | None = None) -> list[Verdict]:
-    """Verdicts for each (response, gold answer) pair; never hangs longer than `timeout` each.
+@dataclass(frozen=True)
+class JobOutcome:
+    value: Any = None  # the job's result, when it finished
+    timed_out: bool = False
+    error: str | None = None  # the exception it raised, or "the worker died"
 
-    Responses without a box are wrong without a worker call. `on_progress(k)` is called with
-    the number of newly finished responses.
-    """
-    if len(responses) != len(answers):
-        raise ValueError("responses and answers differ in length")
-    extracted = [extract_boxed(text) for text in responses]
-    verdicts: list[Verdict | None] = [
-        None if box is not None else Verdict(False, None) for box in extracted
-    ]
-    pending = [i for i, box in enumerate(extracted) if box is not None]
-    if on_progress and len(pending) < len(responses):
-        on_progress(len(responses) - len(pending))
-    if not pending:
-        return verdicts  # type: ignore[return-value]
+
+def run_jobs(jobs: dict[int, tuple], workers: int | None, timeout: float,
+             on_progress: Callable[[int], None] | None = None) -> dict[int, JobOutcome]:
+    """Run each job in a pool of worker processes, none longer than `timeout` seconds: a
+    worker that overruns or dies is killed and replaced, so the pool never stalls."""
+    if not jobs:
+        return {}
     ctx = _context()
-    count = max(1, min(workers or default_workers(), len(pending)))
+    count = max(1, min(workers or default_workers(), len(jobs)))
     pool = [_Worker(ctx) for _ in range(count)]
-    queue = list(reversed(pending))
+    queue = list(reversed(jobs))
+    outcomes: dict[int, JobOutcome] = {}
     try:
         while queue or any(w.index is not None for w in pool):
             for worker in pool:
                 if worker.index is None and queue:
                     i = queue.pop()
-                    worker.submit(i, extracted[i], answers[i], timeout)
+                    worker.submit(i, jobs[i], timeout)
             busy = [w for w in pool if w.index is not None]
             wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = wait([w.conn for w in busy], timeout=wait_for)
@@ -183,15 +191,14 @@ def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int 
                     continue
                 if worker.conn in ready:
                     try:
-                        index, correct, error = worker.conn.recv()
+                        index, value, error = worker.conn.recv()
                     except EOFError:  # the worker died (e.g. out of memory): flag, replace
-                        index, correct, error = worker.index, False, True
+                        index, value, error = worker.index, None, "the worker died"
                         worker.kill()
                         pool[position] = worker = _Worker(ctx)
-                    verdicts[index] = Verdict(correct, extracted[index], False, error)
+                    outcomes[index] = JobOutcome(value, False, error)
                 elif time.monotonic() >= worker.deadline:
-                    index = worker.index
-                    verdicts[index] = Verdict(False, extracted[index], True, False)
+                    outcomes[worker.index] = JobOutcome(None, True, None)
                     worker.kill()
                     pool[position] = worker = _Worker(ctx)
                 else:
@@ -205,7 +212,33 @@ def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int 
                 worker.kill()
             else:
                 worker.stop()
-    return verdicts  # type: ignore[return-value]
+    return outcomes
+
+
+def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int | None = None,
+                 timeout: float = 5.0,
+                 on_progress: Callable[[int], None] | None = None) -> list[Verdict]:
+    """Verdicts for each (response, gold answer) pair; never hangs longer than `timeout` each.
+
+    Responses without a box are wrong without a worker call; a verifier crash scores wrong
+    with `error=True`. `on_progress(k)` is called with the number of newly finished responses.
+    """
+    if len(responses) != len(answers):
+        raise ValueError("responses and answers differ in length")
+    extracted = [extract_boxed(text) for text in responses]
+    jobs = {i: ("verify", box, answers[i]) for i, box in enumerate(extracted) if box is not None}
+    if on_progress and len(jobs) < len(responses):
+        on_progress(len(responses) - len(jobs))
+    outcomes = run_jobs(jobs, workers, timeout, on_progress)
+    verdicts = []
+    for i, box in enumerate(extracted):
+        outcome = outcomes.get(i)
+        if outcome is None:
+            verdicts.append(Verdict(False, None))
+        else:
+            verdicts.append(Verdict(bool(outcome.value), box, outcome.timed_out,
+                                    outcome.error is not None))
+    return verdicts
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
@@ -225,6 +258,8 @@ def load_reward_function(spec: str) -> Callable[[str, str, dict], float]:
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
         raise DcpoError(f"--reward {spec!r}: expected the form package.module:function")
+    if os.getcwd() not in sys.path:  # a module beside the user, as `python -m` would find it
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

@@ -125,18 +125,23 @@ def max_length_from(metadata: list[dict[str, Any]], options: ScoreOptions) -> in
     return values.pop()
 
 
-def _user_rewards(spec: str, table: pa.Table) -> list[float]:
-    from dcpo_cli.rewards import load_reward_function
+def _user_rewards(table: pa.Table, options: ScoreOptions, on_progress=None
+                  ) -> tuple[list[float], list[bool]]:
+    """The user's reward of every row, run in the killable pool: a row that overruns
+    --timeout gets --wrong-reward and the timeout flag; one that raises stops the stage."""
+    from dcpo_cli.rewards import run_jobs
 
-    function = load_reward_function(spec)  # cached import: cheap when run_score checked it
-    rewards = []
-    for index, row in enumerate(table.to_pylist()):
-        try:
-            rewards.append(float(function(row["response_text"], row["answer"], row)))
-        except Exception as exc:
-            raise DcpoError(f"--reward {spec}: failed on row {index} "
-                            f"({type(exc).__name__}: {exc})") from None
-    return rewards
+    rows = table.to_pylist()
+    jobs = {i: ("user", options.reward, row["response_text"], row["answer"], row)
+            for i, row in enumerate(rows)}
+    outcomes = run_jobs(jobs, options.workers, options.timeout, on_progress)
+    for index in range(len(rows)):
+        if outcomes[index].error is not None:
+            raise DcpoError(f"--reward {options.reward}: failed on row {index} "
+                            f"({outcomes[index].error})")
+    rewards = [options.wrong_reward if outcomes[i].timed_out else outcomes[i].value
+               for i in range(len(rows))]
+    return rewards, [outcomes[i].timed_out for i in range(len(rows))]
 
 
 def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None = None,
@@ -147,12 +152,10 @@ def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None =
     responses = table.column("response_text").to_pylist()
     answers = table.column("answer").to_pylist()
     if options.reward:
-        rewards = _user_rewards(options.reward, table)
-        correct = [r > 0 for r in rewards]
+        rewards, timeouts = _user_rewards(table, options, on_progress)
+        correct = [r > 0 and not t for r, t in zip(rewards, timeouts, strict=True)]
         extracted = [extract_boxed(text) or "" for text in responses]
-        timeouts = errors = [False] * len(rewards)
-        if on_progress:
-            on_progress(len(rewards))
+        errors = [False] * len(rewards)
     else:
         verdicts = verify_batch(responses, answers, workers=options.workers,
                                 timeout=options.timeout, on_progress=on_progress)

@@ -107,6 +107,32 @@ def test_user_reward_function(tmp_path, dcpo):
         "my_reward:length_reward"
 
 
+def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcpo):
+    (tmp_path / "slow_reward.py").write_text(
+        "import time\n"
+        "def reward(response_text, answer, row):\n"
+        "    if response_text == 'hang':\n"
+        "        time.sleep(600)\n"
+        "    if response_text == 'raise':\n"
+        "        raise ValueError('cannot judge')\n"
+        "    return 1.0\n")
+    path = _rollouts(tmp_path / "r.parquet", ["fine", "hang", "fine"], ["7", "7", "7"])
+    result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward",
+                  "slow_reward:reward", "--timeout", "2", "--wrong-reward", "-1",
+                  cwd=tmp_path, timeout=120)
+    assert result.code == 0, result.stderr
+    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    assert scored.column("reward").to_pylist() == [1.0, -1.0, 1.0]
+    assert scored.column("verify_timeout").to_pylist() == [False, True, False]
+    assert scored.column("correct").to_pylist() == [True, False, True]
+
+    bad = _rollouts(tmp_path / "b.parquet", ["fine", "raise"], ["7", "7"])
+    result = dcpo("score", bad, "--out", tmp_path / "b-scored.parquet", "--reward",
+                  "slow_reward:reward", cwd=tmp_path)
+    assert_one_line_error(result, "slow_reward:reward", "row 1", "ValueError: cannot judge")
+    assert not (tmp_path / "b-scored.parquet").exists()
+
+
 def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
     path = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"], ["1", "1"])
     assert run(["score", str(path), "--out", str(tmp_path / "s.parquet")]) == 0

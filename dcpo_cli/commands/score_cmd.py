@@ -10,15 +10,18 @@ def score(
                                           "file with prompt_id, response_text, answer)."),
     out: Path = typer.Option(..., help="Scored Parquet file to write."),
     workers: int | None = typer.Option(None, help="Verifier processes (default: all cores)."),
-    timeout: float = typer.Option(5.0, help="Seconds allowed to verify one response; "
-                                  "slower ones score as wrong and are flagged."),
+    timeout: float = typer.Option(5.0, help="Seconds allowed to score one response (the "
+                                  "verifier or --reward); slower ones get --wrong-reward and "
+                                  "are flagged."),
     wrong_reward: float = typer.Option(0.0, help="Reward of a wrong answer (right is 1.0)."),
     overlong_buffer: int = typer.Option(0, help="DAPO overlong shaping buffer in tokens "
                                         "(0: off); the max length comes from the rollouts."),
     max_length: int | None = typer.Option(None, help="Max response length for overlong "
                                           "shaping, for files without rollout metadata."),
     reward: str | None = typer.Option(None, help="Your own reward, package.module:function, "
-                                      "called as f(response_text, answer, row) -> float."),
+                                      "called as f(response_text, answer, row) -> float in "
+                                      "the worker pool; a module in the current folder is "
+                                      "found."),
 ) -> None:
     """Score responses with math-verify (or your own reward) and write one scored file."""
     from rich.table import Table
