@@ -31,8 +31,11 @@ class PreparedSet:
 
 
 def load_records(src: str, split: str | None = None, config: str | None = None) -> list[dict]:
-    """Records of a local JSONL/JSON/Parquet file, or of a Hub dataset named `owner/name`."""
+    """Records of a local JSONL/JSON/Parquet file, of a Hub dataset named `owner/name`, or of
+    a folder holding a downloaded Hub dataset (both read with `datasets`)."""
     path = Path(src)
+    if path.is_dir():
+        return _load_hub(src, split, config)
     if path.exists():
         return _load_local(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", src) and not path.suffix:
@@ -42,8 +45,6 @@ def load_records(src: str, split: str | None = None, config: str | None = None) 
 
 def _load_local(path: Path) -> list[dict]:
     name = path.name
-    if path.is_dir():
-        raise DcpoError(f"{path}: is a directory, expected a JSONL, JSON or Parquet file")
     if path.stat().st_size == 0:
         raise DcpoError(f"{name}: the file is empty")
     suffix = path.suffix.lower()
@@ -89,7 +90,7 @@ def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
         import datasets
     except ImportError:
         raise DcpoError(
-            f"{name}: loading Hub datasets needs the `datasets` package "
+            f"{name}: loading Hub datasets (or a folder of one) needs the `datasets` package "
             "(pip install 'dcpo-cli[hub]'), or pass a local file"
         ) from None
     try:

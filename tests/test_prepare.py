@@ -84,6 +84,28 @@ def test_missing_problem_field_is_reported():
         prepare_records([{"text": "hi", "answer": "1"}], "x.jsonl")
 
 
+def test_a_folder_holding_a_hub_dataset_is_read_with_datasets(tmp_path, dcpo, benchmarks,
+                                                              monkeypatch):
+    """What `hf download --repo-type dataset openai/gsm8k --local-dir D` leaves behind,
+    read by the same `datasets` code that loads Hub names."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # a private, empty cache
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = tmp_path / "gsm8k"
+    (folder / "main").mkdir(parents=True)
+    lines = (benchmarks / "gsm8k.jsonl").read_text().splitlines()
+    (folder / "main" / "train.jsonl").write_text("\n".join(lines[:7]) + "\n")
+    (folder / "main" / "test.jsonl").write_text("\n".join(lines[7:10]) + "\n")
+    result = dcpo("prepare", folder, "--split", "test", "--out", tmp_path / "t.parquet")
+    assert result.code == 0, result.stderr
+    rows = files.read_table(tmp_path / "t.parquet", "prompts").to_pylist()
+    want = [json.loads(line)["answer"].split("####")[-1].strip() for line in lines[7:10]]
+    assert [r["answer"] for r in rows] == want
+    missing = dcpo("prepare", folder, "--split", "validation", "--out", tmp_path / "v.parquet")
+    assert_one_line_error(missing, "gsm8k", "could not load the Hub dataset")
+    assert not (tmp_path / "v.parquet").exists()
+
+
 def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, dcpo):
     src = tmp_path / "sep.jsonl"
     src.write_text(json.dumps({"problem": "a\u2028b\u0085c", "answer": "1"},

@@ -9,7 +9,8 @@ PAPER_INSTRUCTION = "Please reason step by step, and put your final answer withi
 
 def prepare(
     src: str = typer.Argument(..., help="JSONL, JSON or Parquet file (verl layout too), "
-                              "or a Hub dataset name such as openai/gsm8k."),
+                              "a Hub dataset name such as openai/gsm8k, or a folder "
+                              "holding a downloaded Hub dataset."),
     out: Path = typer.Option(..., "--out", "-o", help="Prompts Parquet file to write."),
     problem_field: str | None = typer.Option(None, help="Field holding the problem text."),
     answer_field: str | None = typer.Option(None, help="Field holding the gold answer."),
