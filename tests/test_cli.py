@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,8 +54,6 @@ def _crashing_inspect(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
             "i.describe = boom\n"
             "from dcpo_cli.cli import run\n"
             "sys.exit(run(['inspect', 'whatever.parquet']))\n")
-    import os
-
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, **env_extra})
 
