@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from dcpo_cli import files
+    from dcpo_cli import contracts
     from dcpo_cli.engines import SamplingSettings, load_engine
     from dcpo_cli.prepare import prompts_table
     from dcpo_cli.prompting import encode_prompts
@@ -71,8 +71,8 @@ def main() -> None:
         rows = [{"prompt_id": f"p{i}", "answer": str(i), "problem": "", "source": "bench",
                  "prompt": [{"role": "user", "content": f"Compute {i} * {i + 7} + {3 * i}."}]}
                 for i in range(args.prompts)]
-        files.write_table(prompts_table(rows), tmp / "prompts.parquet",
-                          files.make_metadata("prompts", "bench"))
+        contracts.write_table(prompts_table(rows), tmp / "prompts.parquet",
+                          contracts.make_metadata("prompts", "bench"))
         engine = load_engine("hf", tmp / "model")
         prompts = [ids for _, ids in encode_prompts(engine.tokenizer,
                                                     [r["prompt"] for r in rows])]

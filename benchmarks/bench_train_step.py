@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcpo_cli import files  # noqa: E402
+from dcpo_cli import contracts  # noqa: E402
 from dcpo_cli.tiny_model import DEFAULT_SIZE, TEST_SIZE, TinySize  # noqa: E402
 
 QWEN_VOCAB = 151_936
@@ -38,7 +38,7 @@ def make_scored(path: Path, vocab: int, eos: int, prompts: int, n: int, min_len:
     import pyarrow as pa
 
     gen = torch.Generator().manual_seed(seed)
-    rows: dict[str, list] = {name: [] for name in files.SCORED_COLUMNS}
+    rows: dict[str, list] = {name: [] for name in contracts.SCORED_COLUMNS}
     for p in range(prompts):
         prompt = torch.randint(5, vocab, (int(torch.randint(20, 60, (1,), generator=gen)),),
                                generator=gen).tolist()
@@ -52,9 +52,9 @@ def make_scored(path: Path, vocab: int, eos: int, prompts: int, n: int, min_len:
                           answer="1", reward=reward, correct=reward > 0, extracted_answer="")
             for k, v in values.items():
                 rows[k].append(v)
-    schema = pa.schema(list(files.SCORED_COLUMNS.items()))
-    files.write_table(pa.table(rows, schema=schema), path,
-                      files.make_metadata("scored", "score", step=0))
+    schema = pa.schema(list(contracts.SCORED_COLUMNS.items()))
+    contracts.write_table(pa.table(rows, schema=schema), path,
+                      contracts.make_metadata("scored", "score", step=0))
     return path
 
 

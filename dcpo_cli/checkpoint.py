@@ -167,7 +167,7 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
     the same atomic directory. The one place a checkpoint is saved (under FSDP2, rank 0
     would gather a full state dict here).
     """
-    from dcpo_cli.files import atomic_path
+    from dcpo_cli.contracts import atomic_path
 
     with atomic_path(out) as tmp:
         tmp.mkdir()

@@ -2,7 +2,7 @@
 samples and the summary (DESIGN.md 1.8).
 
 Outputs, under the output directory:
-- `<benchmark>/samples.parquet` (contract `files.EVAL_SAMPLE_COLUMNS`, plus the gold
+- `<benchmark>/samples.parquet` (contract `contracts.EVAL_SAMPLE_COLUMNS`, plus the gold
   `answer`): the greedy response has `sample_index` -1 and `greedy` true, the K sampled ones
   `sample_index` 0..K-1 and `greedy` false, so (prompt_id, sample_index) is a unique key.
   A missing extraction is stored as "". The metadata holds the options and the model
@@ -26,14 +26,14 @@ from typing import Any
 
 import pyarrow as pa
 
-from dcpo_cli import benchmarks, files
+from dcpo_cli import contracts, eval_sets
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.eval_metrics import Sample, average_metrics, benchmark_metrics
 from dcpo_cli.prepare import PAPER_INSTRUCTION
 
 GREEDY_INDEX = -1
 SAMPLES_FILE = "samples.parquet"
-SAMPLES_SCHEMA = pa.schema([*((name, kind) for name, kind in files.EVAL_SAMPLE_COLUMNS.items()),
+SAMPLES_SCHEMA = pa.schema([*((name, kind) for name, kind in contracts.EVAL_SAMPLE_COLUMNS.items()),
                             ("answer", pa.string())])
 
 
@@ -113,9 +113,9 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DcpoError(f"{out}: exists and is not a directory (--out names a folder)")
-    data_dir = benchmarks.data_dir_from(data_dir)
+    data_dir = eval_sets.data_dir_from(data_dir)
     # load every benchmark first, so a data problem stops the run before the model loads
-    datasets = [benchmarks.load_benchmark(spec, data_dir, instruction=options.instruction,
+    datasets = [eval_sets.load_benchmark(spec, data_dir, instruction=options.instruction,
                                           limit=options.limit) for spec in specs]
     names = [data.name for data in datasets]
     duplicates = sorted({n for n in names if names.count(n) > 1} | {"average"} & set(names))
@@ -137,11 +137,11 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
                 engine = load_engine(options.engine, str(model))
             table = generate_samples(engine, data, options)
             inputs = [data.source] if Path(data.source).is_file() else []
-            metadata = files.make_metadata(
+            metadata = contracts.make_metadata(
                 "eval_samples", "eval", options=run_options, inputs=inputs,
                 extra={"benchmark": data.name, "source": data.source, "model": str(model),
                        "model_fingerprint": fingerprint, "problems": len(data.rows)})
-            files.write_table(table, path, metadata)
+            contracts.write_table(table, path, metadata)
         results[data.name] = _result(data, table, options, path, reused,
                                      time.perf_counter() - started)
     write_summary(results, out, options, model)
@@ -152,17 +152,17 @@ def _finished_samples(path: Path, run_options: dict, fingerprint: str) -> pa.Tab
     """The samples of an earlier run with identical options and model, else None."""
     if not path.is_file():
         return None
-    metadata = files.read_metadata(path)
+    metadata = contracts.read_metadata(path)
     wanted = json.loads(json.dumps(run_options, default=str))  # as stored in the metadata
     if metadata.get("options") != wanted or metadata.get("model_fingerprint") != fingerprint:
         return None
     try:
-        return files.read_table(path, "eval_samples")
+        return contracts.read_table(path, "eval_samples")
     except DcpoError:  # damaged or edited: compute it again
         return None
 
 
-def generate_samples(engine: Any, data: benchmarks.BenchmarkData,
+def generate_samples(engine: Any, data: eval_sets.BenchmarkData,
                      options: EvalOptions) -> pa.Table:
     """Greedy and/or K sampled responses for every problem, verified, as a samples table."""
     from dcpo_cli.console import progress
@@ -251,7 +251,7 @@ def _sample(row: dict) -> Sample:
     return Sample(row["extracted_answer"] or None, bool(row["correct"]))
 
 
-def _result(data: benchmarks.BenchmarkData, table: pa.Table, options: EvalOptions, path: Path,
+def _result(data: eval_sets.BenchmarkData, table: pa.Table, options: EvalOptions, path: Path,
             reused: bool, seconds: float) -> BenchmarkResult:
     metrics = samples_metrics(table, [row["prompt_id"] for row in data.rows], options)
     reasons = table.column("finish_reason").to_pylist()
@@ -263,8 +263,8 @@ def write_summary(results: dict[str, BenchmarkResult], out: Path, options: EvalO
                   model: str | Path) -> dict[str, dict[str, float | int]]:
     summary = {name: result.metrics for name, result in results.items()}
     summary["average"] = average_metrics(summary)
-    files.write_json(summary, out / "summary.json")
-    files.write_json({**asdict(options), "model": str(model),
+    contracts.write_json(summary, out / "summary.json")
+    contracts.write_json({**asdict(options), "model": str(model),
                       "model_fingerprint": model_fingerprint(model),
                       "benchmarks": list(results)}, out / "options.json")
     return summary

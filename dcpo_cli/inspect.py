@@ -9,7 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 
 
@@ -56,8 +56,8 @@ def _short_number(value: Any) -> str:
 
 
 def describe_parquet(path: Path, rows: int, columns: list[str] | None) -> dict[str, Any]:
-    table = files.read_parquet(path)
-    metadata = files.read_metadata(path)
+    table = contracts.read_parquet(path)
+    metadata = contracts.read_metadata(path)
     if columns:
         missing = [c for c in columns if c not in table.column_names]
         if missing:
@@ -65,7 +65,7 @@ def describe_parquet(path: Path, rows: int, columns: list[str] | None) -> dict[s
     shown = table.select(columns) if columns else table
     return {
         "file": str(path),
-        "kind": files.detect_kind(table, metadata),
+        "kind": contracts.detect_kind(table, metadata),
         "rows": table.num_rows,
         "schema": {f.name: str(f.type) for f in table.schema},
         "metadata": metadata,

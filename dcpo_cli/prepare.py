@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -49,7 +49,7 @@ def _load_local(path: Path) -> list[dict]:
         raise DcpoError(f"{name}: the file is empty")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return files.read_parquet(path).to_pylist()
+        return contracts.read_parquet(path).to_pylist()
     text = path.read_text(encoding="utf-8", errors="replace")
     if suffix == ".jsonl":
         return _parse_jsonl(text, name)
@@ -191,7 +191,7 @@ def prepare_records(records: list[dict], name: str, *, problem_field: str | None
 
 PROMPTS_SCHEMA = pa.schema([
     ("prompt_id", pa.string()),
-    ("prompt", files.MESSAGE_TYPE),
+    ("prompt", contracts.MESSAGE_TYPE),
     ("answer", pa.string()),
     ("problem", pa.string()),
     ("source", pa.string()),

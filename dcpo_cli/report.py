@@ -320,7 +320,7 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dcpo_cli.files import atomic_path
+    from dcpo_cli.contracts import atomic_path
 
     out_path = Path(out_path)
     fmt = out_path.suffix.lstrip(".").lower() or "png"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -126,7 +126,7 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     digest = hashlib.sha256()
     for path in weights:
         digest.update(path.name.encode())
-        digest.update(files.file_checksum(path).encode())
+        digest.update(contracts.file_checksum(path).encode())
     return digest.hexdigest()
 
 
@@ -145,8 +145,8 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     options.check()
     if step < 0:
         raise DcpoError("--step must be >= 0")
-    files.check_output_path(out)
-    table = files.read_table(prompts_path, "prompts")
+    contracts.check_output_path(out)
+    table = contracts.read_table(prompts_path, "prompts")
     engine = engine or load_engine(options.engine, model)
     fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
 
@@ -178,7 +178,7 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
         completions = engine.generate([encoded[i][1] for i in keep], settings, report)
     seconds = time.perf_counter() - started
 
-    rows: dict[str, list] = {name: [] for name in files.ROLLOUT_COLUMNS}
+    rows: dict[str, list] = {name: [] for name in contracts.ROLLOUT_COLUMNS}
     for i, group in zip(keep, completions, strict=True):
         text, prompt_ids = encoded[i]
         for sample_index, completion in enumerate(group):
@@ -191,18 +191,18 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
                 ("finish_reason", completion.finish_reason), ("answer", records[i]["answer"]),
             ):
                 rows[name].append(value)
-    schema = pa.schema([(name, kind) for name, kind in files.ROLLOUT_COLUMNS.items()])
+    schema = pa.schema([(name, kind) for name, kind in contracts.ROLLOUT_COLUMNS.items()])
     result = pa.table(rows, schema=schema)
 
     option_record = {**asdict(options), "shard": f"{options.shard[0]}/{options.shard[1]}"}
-    metadata = files.make_metadata(
+    metadata = contracts.make_metadata(
         "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
         extra={"model": str(model), "model_fingerprint": fingerprint, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
                "skipped_prompts": skipped},
     )
-    files.write_table(result, out, metadata)
+    contracts.write_table(result, out, metadata)
     tokens = sum(len(ids) for ids in rows["response_token_ids"])
     truncated = sum(reason == "length" for reason in rows["finish_reason"])
     return RolloutSummary(Path(out), len(keep), skipped, result.num_rows, tokens, truncated,

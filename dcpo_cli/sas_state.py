@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.algorithms import PromptStats
 from dcpo_cli.errors import DcpoError
 
@@ -54,7 +54,7 @@ class SasState:
 
     def save(self, path: str | Path) -> None:
         """Atomic write; keys sorted so equal states are equal bytes."""
-        files.write_json(self.to_json(), path)
+        contracts.write_json(self.to_json(), path)
 
     @classmethod
     def load(cls, path: str | Path) -> SasState:

@@ -1,6 +1,6 @@
 """`dcpo score`: attach rewards to responses, from one or several rollout shards.
 
-Inputs need only `prompt_id`, `response_text` and `answer` (files.SCOREABLE_COLUMNS), so
+Inputs need only `prompt_id`, `response_text` and `answer` (contracts.SCOREABLE_COLUMNS), so
 generations made by other tools can be scored too. The output keeps every input column and
 adds `reward`, `correct`, `extracted_answer` ("" when the response has no box),
 `verify_timeout`, `verify_error`, and `overlong_penalty` when shaping is on. It is marked
@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 
 ADDED_COLUMNS = ("reward", "correct", "extracted_answer", "verify_timeout", "verify_error",
@@ -72,13 +72,13 @@ def read_inputs(paths: list[Path]) -> tuple[pa.Table, list[dict[str, Any]]]:
         raise DcpoError("give at least one rollouts file to score")
     tables, metadata = [], []
     for path in paths:
-        table = files.read_table(path, "scoreable", files.SCOREABLE_COLUMNS)
+        table = contracts.read_table(path, "scoreable", contracts.SCOREABLE_COLUMNS)
         table = table.drop_columns([c for c in ADDED_COLUMNS if c in table.column_names])
         if tables and set(table.column_names) != set(tables[0].column_names):
             raise DcpoError(f"{Path(path).name}: its columns differ from those of "
                             f"{Path(paths[0]).name}; shards of one step must match")
         tables.append(_cast_known(table.select(tables[0].column_names) if tables else table))
-        metadata.append(files.read_metadata(path))
+        metadata.append(contracts.read_metadata(path))
     table = pa.concat_tables(tables, promote_options="permissive")
     _check_unique(table, paths)
     return table, metadata
@@ -87,7 +87,7 @@ def read_inputs(paths: list[Path]) -> tuple[pa.Table, list[dict[str, Any]]]:
 def _cast_known(table: pa.Table) -> pa.Table:
     """Bring contract columns to their contract types (large_string, int32, ... from
     other tools), so shards concatenate and the output meets the contract."""
-    for name, kind in files.ROLLOUT_COLUMNS.items():
+    for name, kind in contracts.ROLLOUT_COLUMNS.items():
         if name not in table.column_names or kind is None:
             continue
         if table.schema.field(name).type != kind:
@@ -185,7 +185,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     from dcpo_cli.console import progress
 
     options.check()
-    files.check_output_path(out)
+    contracts.check_output_path(out)
     table, metadata = read_inputs(paths)
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
     if options.reward:
@@ -205,7 +205,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
         scored = score_table(table, options, max_length, report)
     seconds = time.perf_counter() - started
 
-    kind = "scored" if set(files.ROLLOUT_COLUMNS) <= set(scored.column_names) else PARTIAL_KIND
+    kind = "scored" if set(contracts.ROLLOUT_COLUMNS) <= set(scored.column_names) else PARTIAL_KIND
     steps = {m.get("step") for m in metadata}
     correct = sum(scored.column("correct").to_pylist())
     timeouts = sum(scored.column("verify_timeout").to_pylist())
@@ -216,8 +216,8 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
              "verify_errors": errors}
-    meta = files.make_metadata(kind, "score", step=steps.pop() if len(steps) == 1 else None,
+    meta = contracts.make_metadata(kind, "score", step=steps.pop() if len(steps) == 1 else None,
                                options=asdict(options), inputs=paths, extra=extra)
-    files.write_table(scored, out, meta)
+    contracts.write_table(scored, out, meta)
     return ScoreSummary(Path(out), kind, scored.num_rows, correct, timeouts, errors,
                         mean_reward, seconds)

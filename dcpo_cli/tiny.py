@@ -300,7 +300,7 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
     import torch
     from transformers.utils import logging as hf_logging
 
-    from dcpo_cli import files
+    from dcpo_cli import contracts
     from dcpo_cli.console import progress
     from dcpo_cli.errors import DcpoError
     from dcpo_cli.prepare import prompts_table
@@ -321,12 +321,12 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
     train_rows, test_rows = prompt_rows(train), prompt_rows(test)
     options = {"seed": seed, "size": size}
 
-    with files.atomic_path(directory) as tmp, progress(transient=True) as bar:
+    with contracts.atomic_path(directory) as tmp, progress(transient=True) as bar:
         tmp.mkdir()
         for name, rows in (("train", train_rows), ("test", test_rows)):
-            metadata = files.make_metadata("prompts", "tiny", options=options,
+            metadata = contracts.make_metadata("prompts", "tiny", options=options,
                                            extra={"split": name})
-            files.write_table(prompts_table(rows), tmp / f"{name}.parquet", metadata)
+            contracts.write_table(prompts_table(rows), tmp / f"{name}.parquet", metadata)
 
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, config.model, seed)
@@ -358,7 +358,7 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
             "initial_policy": policy,
             "loop": TINY_LOOP,
         }
-        files.write_json(summary, tmp / "summary.json")
+        contracts.write_json(summary, tmp / "summary.json")
     return TinyResult(directory, summary, time.perf_counter() - started)
 
 

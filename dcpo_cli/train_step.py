@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dcpo_cli import algorithms, files
+from dcpo_cli import algorithms, contracts
 from dcpo_cli.batching import (
     MicroBatch,
     collate,
@@ -122,9 +122,9 @@ def load_scored(paths: list[Path]) -> StepData:
     steps: dict[str, int] = {}
     limits: set[int | None] = set()
     for path, name in zip(paths, names, strict=True):
-        table = files.read_table(path, "scored")
+        table = contracts.read_table(path, "scored")
         column_steps = set(table.column("step").to_pylist())
-        metadata = files.read_metadata(path)
+        metadata = contracts.read_metadata(path)
         meta_step = metadata.get("step")
         limits.add(metadata.get("max_new_tokens"))
         if len(column_steps) != 1:
@@ -152,7 +152,7 @@ def load_scored(paths: list[Path]) -> StepData:
         data.correct += [bool(c) for c in columns["correct"]]
         data.truncated += [reason == "length" for reason in columns["finish_reason"]]
         data.files += [name] * table.num_rows
-        data.checksums[name] = files.file_checksum(path)  # by name: a moved run resumes
+        data.checksums[name] = contracts.file_checksum(path)  # by name: a moved run resumes
     if len(set(steps.values())) != 1:
         listing = ", ".join(f"{n}: {s}" for n, s in steps.items())
         raise DcpoError(f"the scored files come from different steps ({listing})")
@@ -181,7 +181,7 @@ def check_vocab(data: StepData, vocab: int) -> None:
 
 
 def _state_checksum(path: Path) -> str | None:
-    return files.file_checksum(path) if path.is_file() else None
+    return contracts.file_checksum(path) if path.is_file() else None
 
 
 def resume_decision(out: Path, state_path: Path, data: StepData, state: SasState) -> str:
@@ -198,7 +198,7 @@ def resume_decision(out: Path, state_path: Path, data: StepData, state: SasState
             raise DcpoError(f"{out}: a checkpoint trained on other scored files already exists; "
                             "choose another --out")
         current = _state_checksum(state_path)
-        if current == files.file_checksum(out / SAS_SNAPSHOT):
+        if current == contracts.file_checksum(out / SAS_SNAPSHOT):
             return "done"
         if state.last_step is not None and state.last_step > data.step:
             return "done"  # a loop re-run: later steps have already moved STATE on
@@ -220,7 +220,7 @@ def align_state_with_model(model_dir: Path, state_path: Path, state: SasState) -
     if not snapshot.is_file():
         return state
     current = _state_checksum(state_path)
-    if current == files.file_checksum(snapshot):
+    if current == contracts.file_checksum(snapshot):
         return state
     trainer = read_trainer_state(model_dir) or {}
     if current == trainer.get("state_before_checksum"):
@@ -232,7 +232,7 @@ def align_state_with_model(model_dir: Path, state_path: Path, state: SasState) -
 
 
 def _copy_atomic(source: Path, target: Path) -> None:
-    with files.atomic_path(target) as tmp:
+    with contracts.atomic_path(target) as tmp:
         tmp.write_bytes(source.read_bytes())
 
 
@@ -393,8 +393,8 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
     }
 
     def write_extra(tmp: Path) -> None:
-        files.write_table(_records_table(data, advantages, stats), tmp / RECORDS,
-                          files.make_metadata("train_records", "train-step", step=data.step,
+        contracts.write_table(_records_table(data, advantages, stats), tmp / RECORDS,
+                          contracts.make_metadata("train_records", "train-step", step=data.step,
                                               options=options.record(), inputs=scored))
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True,
                                               default=str) + "\n")
@@ -597,7 +597,7 @@ def _records_table(data: StepData, advantages: list[float], stats: dict[str, Any
                              for r in range(data.num_rows)],
         "new_logprob_mean": [stats["row_new"].get(r, nan) for r in range(data.num_rows)],
     }
-    schema = pa.schema([(name, files.TRAIN_RECORD_COLUMNS[name]) for name in columns])
+    schema = pa.schema([(name, contracts.TRAIN_RECORD_COLUMNS[name]) for name in columns])
     return pa.table(columns, schema=schema)
 
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BENCHMARKS, assert_one_line_error
 
-from dcpo_cli import files
-from dcpo_cli.benchmarks import REGISTRY, load_benchmark
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.eval_sets import REGISTRY, load_benchmark
 from dcpo_cli.evaluate import EvalOptions, run_eval
 
 
@@ -78,7 +78,7 @@ def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, benchmark
     assert summary["average"] == summary["aime24"]
     for key in ("avg@1", "avg@2", "pass@2", "maj@2"):
         assert 0.0 <= summary["aime24"][key] <= 100.0
-    table = files.read_table(out / "aime24" / "samples.parquet", "eval_samples")
+    table = contracts.read_table(out / "aime24" / "samples.parquet", "eval_samples")
     rows = table.to_pylist()
     assert len(rows) == 90
     greedy = [r for r in rows if r["greedy"]]
@@ -89,7 +89,7 @@ def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, benchmark
     assert all(0 < r["response_tokens"] <= 8 for r in rows)
     assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
     assert "aime24" in result.stdout and "avg@2" in result.stdout
-    meta = files.read_metadata(out / "aime24" / "samples.parquet")
+    meta = contracts.read_metadata(out / "aime24" / "samples.parquet")
     assert meta["stage"] == "eval" and meta["options"]["avg_at"] == 2
     # the same options again: nothing is generated, the file is left as it was
     before = (out / "aime24" / "samples.parquet").stat().st_mtime_ns

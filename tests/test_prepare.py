@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_one_line_error
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.prepare import PAPER_INSTRUCTION, clean_answer, prepare_records
 
 
@@ -21,7 +21,7 @@ def test_verl_aime_merges_repeats_and_matches_jsonl_answers(dcpo, benchmarks, tm
     result = dcpo("prepare", benchmarks / "verl/aime_2024.parquet", "--out", out)
     assert result.code == 0, result.stderr
     assert "930 repeated rows merged" in result.stdout
-    table = files.read_table(out, "prompts")
+    table = contracts.read_table(out, "prompts")
     assert table.num_rows == 30
     # AIME answers are integers; the JSONL writes some with leading zeros ("023")
     expected = sorted(int(r["answer"]) for r in read_jsonl(benchmarks / "aime24.jsonl"))
@@ -38,7 +38,7 @@ def test_math500_jsonl(dcpo, benchmarks, tmp_path):
     assert len(rows) == 500
     assert rows[0]["prompt_id"] == "test/precalculus/807.json"
     assert rows[0]["prompt"][-1]["content"].endswith(PAPER_INSTRUCTION)
-    assert files.read_metadata(out)["stage"] == "prepare"
+    assert contracts.read_metadata(out)["stage"] == "prepare"
 
 
 def test_gsm8k_answer_after_hashes(dcpo, benchmarks, tmp_path):
@@ -98,7 +98,7 @@ def test_a_folder_holding_a_hub_dataset_is_read_with_datasets(tmp_path, dcpo, be
     (folder / "main" / "test.jsonl").write_text("\n".join(lines[7:10]) + "\n")
     result = dcpo("prepare", folder, "--split", "test", "--out", tmp_path / "t.parquet")
     assert result.code == 0, result.stderr
-    rows = files.read_table(tmp_path / "t.parquet", "prompts").to_pylist()
+    rows = contracts.read_table(tmp_path / "t.parquet", "prompts").to_pylist()
     want = [json.loads(line)["answer"].split("####")[-1].strip() for line in lines[7:10]]
     assert [r["answer"] for r in rows] == want
     missing = dcpo("prepare", folder, "--split", "validation", "--out", tmp_path / "v.parquet")
@@ -112,9 +112,9 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, dcpo):
                               ensure_ascii=False) + "\n", encoding="utf-8")
     result = dcpo("prepare", src, "--out", tmp_path / "p.parquet")
     assert result.code == 0, result.stderr
-    from dcpo_cli import files
+    from dcpo_cli import contracts
 
-    rows = files.read_table(tmp_path / "p.parquet", "prompts").to_pylist()
+    rows = contracts.read_table(tmp_path / "p.parquet", "prompts").to_pylist()
     assert len(rows) == 1 and "a\u2028b\u0085c" in json.dumps(rows[0]["prompt"],
                                                              ensure_ascii=False)
 

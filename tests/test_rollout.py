@@ -11,7 +11,7 @@ from conftest import assert_one_line_error, run_dcpo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.cli import run
 from dcpo_cli.engines import SamplingSettings, load_engine
 from dcpo_cli.engines.hf import token_budget_batches
@@ -201,7 +201,7 @@ def prompts_file(tmp_path_factory):
              "prompt": [{"role": "user", "content": f"What is {i}+{i}?" + " Think." * (i % 5)}]}
             for i in range(20)]
     path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
-    files.write_table(prompts_table(rows), path, files.make_metadata("prompts", "test"))
+    contracts.write_table(prompts_table(rows), path, contracts.make_metadata("prompts", "test"))
     return path
 
 
@@ -210,7 +210,7 @@ def _rollout(model, prompts, out, *extra):
             "--batch-size", "8", "--n", "4", "--max-new-tokens", str(MAX_NEW), "--seed", "7",
             *map(str, extra)]
     assert run(args) == 0
-    return files.read_table(out, "rollouts")
+    return contracts.read_table(out, "rollouts")
 
 
 def test_rollout_file_meets_the_contract(random_model_dir, prompts_file, tmp_path):
@@ -235,7 +235,7 @@ def test_rollout_file_meets_the_contract(random_model_dir, prompts_file, tmp_pat
         assert all(math.isfinite(x) and x <= 0 for x in r["response_logprobs"])
         hit_limit = len(r["response_token_ids"]) == MAX_NEW and r["response_token_ids"][-1] != eos
         assert r["finish_reason"] == ("length" if hit_limit else "stop")
-    meta = files.read_metadata(tmp_path / "r.parquet")
+    meta = contracts.read_metadata(tmp_path / "r.parquet")
     assert meta["kind"] == "rollouts" and meta["step"] == 0 and meta["max_new_tokens"] == MAX_NEW
     assert meta["model"] == str(random_model_dir) and len(meta["model_fingerprint"]) == 64
     assert meta["options"]["n"] == 4 and meta["seed"] == 7 and meta["skipped_prompts"] == 0
@@ -271,7 +271,7 @@ def test_long_prompts_are_skipped_and_counted(random_model_dir, prompts_file, tm
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(random_model_dir)
-    table = files.read_table(prompts_file, "prompts")
+    table = contracts.read_table(prompts_file, "prompts")
     chosen = [table.column("prompt").to_pylist()[i] for i in select_prompts(20, 8, 0, 7)]
     lengths = [len(ids) for _, ids in encode_prompts(tokenizer, chosen)]
     limit = sorted(lengths)[3]
@@ -280,7 +280,7 @@ def test_long_prompts_are_skipped_and_counted(random_model_dir, prompts_file, tm
                    "--max-prompt-tokens", limit)
     assert out.num_rows == kept * 4
     assert all(len(ids) <= limit for ids in out.column("prompt_token_ids").to_pylist())
-    assert files.read_metadata(tmp_path / "r.parquet")["skipped_prompts"] == 8 - kept
+    assert contracts.read_metadata(tmp_path / "r.parquet")["skipped_prompts"] == 8 - kept
     with pytest.raises(DcpoError, match="longer than --max-prompt-tokens"):
         from dcpo_cli.rollout import RolloutOptions, run_rollout
 

@@ -7,7 +7,7 @@ import json
 import pyarrow as pa
 from conftest import assert_one_line_error
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.cli import run
 
 
@@ -28,10 +28,10 @@ def _rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_t
         "finish_reason": ["length" if n >= max_new_tokens else "stop" for n in lengths],
         "answer": answers,
     }
-    schema = pa.schema(list(files.ROLLOUT_COLUMNS.items()))
-    meta = files.make_metadata("rollouts", "rollout", step=step,
+    schema = pa.schema(list(contracts.ROLLOUT_COLUMNS.items()))
+    meta = contracts.make_metadata("rollouts", "rollout", step=step,
                                extra={"max_new_tokens": max_new_tokens})
-    files.write_table(pa.table(columns, schema=schema), path, meta)
+    contracts.write_table(pa.table(columns, schema=schema), path, meta)
     return path
 
 
@@ -46,12 +46,12 @@ def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tm
     result = dcpo("score", tmp_path / "foreign.parquet", "--out", tmp_path / "s.parquet")
     assert result.code == 0, result.stderr
     assert "100.0%" in result.stdout and "500" in result.stdout
-    scored = files.read_parquet(tmp_path / "s.parquet")
+    scored = contracts.read_parquet(tmp_path / "s.parquet")
     assert scored.column("correct").to_pylist() == [True] * 500
     assert scored.column("reward").to_pylist() == [1.0] * 500
     assert scored.column("extracted_answer").to_pylist()[0] == \
         "\\left( 3, \\frac{\\pi}{2} \\right)"
-    meta = files.read_metadata(tmp_path / "s.parquet")
+    meta = contracts.read_metadata(tmp_path / "s.parquet")
     assert meta["kind"] == "scored-responses"  # scored, but not trainable (no token ids)
     assert meta["accuracy"] == 1.0
 
@@ -63,7 +63,7 @@ def test_shards_become_one_scored_file(tmp_path):
                   ["1/2", "\\frac12"], start=4)
     assert run(["score", str(a), str(b), "--out", str(tmp_path / "s.parquet"),
                 "--wrong-reward", "-1", "--workers", "2"]) == 0
-    scored = files.read_table(tmp_path / "s.parquet", "scored")  # the contract train-step reads
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")  # the contract train-step reads
     assert scored.num_rows == 6
     assert scored.column("correct").to_pylist() == [True, False, False, True, True, True]
     assert scored.column("reward").to_pylist() == [1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
@@ -71,7 +71,7 @@ def test_shards_become_one_scored_file(tmp_path):
         "4", "", "5", "4.0", "\\frac{1}{2}", "0.5"]
     assert scored.column("verify_timeout").to_pylist() == [False] * 6
     assert "overlong_penalty" not in scored.column_names
-    meta = files.read_metadata(tmp_path / "s.parquet")
+    meta = contracts.read_metadata(tmp_path / "s.parquet")
     assert meta["kind"] == "scored" and meta["step"] == 3 and meta["max_new_tokens"] == 16
     assert set(meta["inputs"]) == {str(a), str(b)}
 
@@ -82,13 +82,13 @@ def test_overlong_shaping_uses_the_rollouts_max_length(tmp_path):
                      ["1"] * 5, lengths=lengths)
     assert run(["score", str(path), "--out", str(tmp_path / "s.parquet"),
                 "--overlong-buffer", "4"]) == 0
-    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")
     assert scored.column("overlong_penalty").to_pylist() == [0.0, 0.0, -0.25, -0.5, -1.0]
     assert scored.column("reward").to_pylist() == [1.0, 0.0, 0.75, -0.5, 0.0]
     # --max-length overrides the metadata (and serves files without it)
     assert run(["score", str(path), "--out", str(tmp_path / "t.parquet"),
                 "--overlong-buffer", "4", "--max-length", "14"]) == 0
-    scored = files.read_table(tmp_path / "t.parquet", "scored")
+    scored = contracts.read_table(tmp_path / "t.parquet", "scored")
     assert scored.column("overlong_penalty").to_pylist() == [0.0, -0.5, -0.75, -1.0, -1.0]
 
 
@@ -100,10 +100,10 @@ def test_user_reward_function(tmp_path, dcpo):
     result = dcpo("score", path, "--out", tmp_path / "s.parquet",
                   "--reward", "my_reward:length_reward", cwd=tmp_path)
     assert result.code == 0, result.stderr
-    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")
     assert scored.column("reward").to_pylist() == [0.5, -1.0, 0.2]
     assert scored.column("correct").to_pylist() == [True, False, True]
-    assert files.read_metadata(tmp_path / "s.parquet")["reward_function"] == \
+    assert contracts.read_metadata(tmp_path / "s.parquet")["reward_function"] == \
         "my_reward:length_reward"
 
 
@@ -121,7 +121,7 @@ def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcp
                   "slow_reward:reward", "--timeout", "2", "--wrong-reward", "-1",
                   cwd=tmp_path, timeout=120)
     assert result.code == 0, result.stderr
-    scored = files.read_table(tmp_path / "s.parquet", "scored")
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")
     assert scored.column("reward").to_pylist() == [1.0, -1.0, 1.0]
     assert scored.column("verify_timeout").to_pylist() == [False, True, False]
     assert scored.column("correct").to_pylist() == [True, False, True]
@@ -138,7 +138,7 @@ def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
     assert run(["score", str(path), "--out", str(tmp_path / "s.parquet")]) == 0
     assert run(["score", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "t.parquet"),
                 "--wrong-reward", "-0.5"]) == 0
-    scored = files.read_table(tmp_path / "t.parquet", "scored")
+    scored = contracts.read_table(tmp_path / "t.parquet", "scored")
     assert scored.column_names.count("reward") == 1
     assert scored.column("reward").to_pylist() == [1.0, -0.5]
 

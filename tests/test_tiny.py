@@ -12,7 +12,7 @@ from conftest import assert_one_line_error, run_dcpo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli import files, tiny
+from dcpo_cli import contracts, tiny
 from dcpo_cli.rewards import extract_boxed
 
 PROBLEMS = tiny.all_problems()
@@ -160,8 +160,8 @@ def test_other_seed_gives_other_weights_and_split(built, tmp_path):
 
 def test_files_follow_the_prompts_contract(built):
     first, _, _ = built
-    train = files.read_table(first / "train.parquet", "prompts").to_pylist()
-    test = files.read_table(first / "test.parquet", "prompts").to_pylist()
+    train = contracts.read_table(first / "train.parquet", "prompts").to_pylist()
+    test = contracts.read_table(first / "test.parquet", "prompts").to_pylist()
     assert len(test) == expected_test_count(tiny.CONFIGS["test"].test_fraction)
     assert len(train) + len(test) == len(PROBLEMS)
     assert not {r["problem"] for r in train} & {r["problem"] for r in test}
@@ -171,7 +171,7 @@ def test_files_follow_the_prompts_contract(built):
                                   "content": f"What is {row['problem']}? {tiny.INSTRUCTION}"}]
         assert row["prompt_id"] == f"tiny/{row['problem']}"
         assert row["source"].startswith("tiny-")
-    metadata = files.read_metadata(first / "test.parquet")
+    metadata = contracts.read_metadata(first / "test.parquet")
     assert metadata["kind"] == "prompts" and metadata["stage"] == "tiny"
     assert metadata["options"] == {"seed": 5, "size": "test"}
     assert "time" not in json.dumps(metadata)  # no timestamps: bytes depend on the seed only

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.train_step import TrainOptions, run_train_step
 
@@ -31,7 +31,7 @@ def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float
     """A scored file made by hand: random responses ending in eos, rewards as given."""
     gen = torch.Generator().manual_seed(seed + 1000 * step)
     vocab = vocab or len(tokenizer)
-    rows: dict[str, list] = {name: [] for name in files.SCORED_COLUMNS}
+    rows: dict[str, list] = {name: [] for name in contracts.SCORED_COLUMNS}
     for prompt_id, group in rewards.items():
         text = f"<|im_start|>user\nWhat is {prompt_id}?<|im_end|>\n<|im_start|>assistant\n"
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -49,9 +49,9 @@ def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float
                           extracted_answer="1" if reward else "0")
             for name, value in values.items():
                 rows[name].append(value)
-    schema = pa.schema([(n, t) for n, t in files.SCORED_COLUMNS.items()])
-    files.write_table(pa.table(rows, schema=schema), path,
-                      files.make_metadata("scored", "score", step=step,
+    schema = pa.schema([(n, t) for n, t in contracts.SCORED_COLUMNS.items()])
+    contracts.write_table(pa.table(rows, schema=schema), path,
+                      contracts.make_metadata("scored", "score", step=step,
                                           extra={"max_new_tokens": max_new_tokens}))
     return path
 
@@ -94,7 +94,7 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def records(ckpt: Path) -> dict[tuple[str, int], dict]:
-    table = files.read_table(ckpt / "train_records.parquet", "train_records").to_pylist()
+    table = contracts.read_table(ckpt / "train_records.parquet", "train_records").to_pylist()
     return {(r["prompt_id"], r["sample_index"]): r for r in table}
 
 

@@ -22,7 +22,7 @@ def prepare(
     config: str | None = typer.Option(None, help="Hub datasets: configuration name."),
 ) -> None:
     """Turn a problem set into the prompts contract (prompt_id, prompt, answer)."""
-    from dcpo_cli import files
+    from dcpo_cli import contracts
     from dcpo_cli.console import out as console
     from dcpo_cli.prepare import load_records, prepare_records, prompts_table
 
@@ -35,7 +35,7 @@ def prepare(
                "id_field": id_field, "instruction": instruction, "system": system,
                "split": split, "config": config, "src": src}
     inputs = [src] if Path(src).is_file() else []
-    metadata = files.make_metadata("prompts", "prepare", options=options, inputs=inputs)
-    files.write_table(prompts_table(prepared.rows), out, metadata)
+    metadata = contracts.make_metadata("prompts", "prepare", options=options, inputs=inputs)
+    contracts.write_table(prompts_table(prepared.rows), out, metadata)
     console.print(f"wrote {out}: {len(prepared.rows)} prompts from {prepared.read} records "
                   f"({prepared.merged} repeated rows merged)", highlight=False)

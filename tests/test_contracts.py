@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 
 
@@ -24,7 +24,7 @@ def rollout_row(**overrides):
 
 
 def rollout_table(rows):
-    schema = pa.schema([(name, kind) for name, kind in files.ROLLOUT_COLUMNS.items()])
+    schema = pa.schema([(name, kind) for name, kind in contracts.ROLLOUT_COLUMNS.items()])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -32,14 +32,14 @@ def test_valid_rollouts_round_trip_with_metadata(tmp_path):
     src = tmp_path / "in.txt"
     src.write_text("hello")
     path = tmp_path / "rollouts.parquet"
-    meta = files.make_metadata("rollouts", "rollout", step=3, options={"n": 4}, inputs=[src])
-    files.write_table(rollout_table([rollout_row()]), path, meta)
-    table = files.read_table(path, "rollouts")
+    meta = contracts.make_metadata("rollouts", "rollout", step=3, options={"n": 4}, inputs=[src])
+    contracts.write_table(rollout_table([rollout_row()]), path, meta)
+    table = contracts.read_table(path, "rollouts")
     assert table.num_rows == 1
-    stored = files.read_metadata(path)
+    stored = contracts.read_metadata(path)
     assert stored["step"] == 3 and stored["stage"] == "rollout"
     assert stored["options"] == {"n": 4}
-    assert stored["inputs"][str(src)] == files.file_checksum(src)
+    assert stored["inputs"][str(src)] == contracts.file_checksum(src)
     assert list(tmp_path.iterdir()) == sorted([src, path]) or set(tmp_path.iterdir()) == {src, path}
 
 
@@ -47,7 +47,7 @@ def test_missing_column_is_named(tmp_path):
     path = tmp_path / "rollouts.parquet"
     pq.write_table(rollout_table([rollout_row()]).drop(["response_text"]), path)
     with pytest.raises(DcpoError, match=r"^rollouts.parquet: column 'response_text' is missing$"):
-        files.read_table(path, "rollouts")
+        contracts.read_table(path, "rollouts")
 
 
 def test_wrong_type_is_named(tmp_path):
@@ -56,7 +56,7 @@ def test_wrong_type_is_named(tmp_path):
         1, "prompt_id", pa.array([7], pa.int64()))
     pq.write_table(table, path)
     with pytest.raises(DcpoError, match="column 'prompt_id' has type int64, expected string"):
-        files.read_table(path, "rollouts")
+        contracts.read_table(path, "rollouts")
 
 
 def test_truncated_and_empty_files(tmp_path):
@@ -65,28 +65,28 @@ def test_truncated_and_empty_files(tmp_path):
     truncated = tmp_path / "cut.parquet"
     truncated.write_bytes(good.read_bytes()[:-40])
     with pytest.raises(DcpoError, match="^cut.parquet: not a readable Parquet file"):
-        files.read_table(truncated, "rollouts")
+        contracts.read_table(truncated, "rollouts")
     empty = tmp_path / "empty.parquet"
     empty.write_bytes(b"")
     with pytest.raises(DcpoError, match="^empty.parquet: the file is empty$"):
-        files.read_table(empty, "rollouts")
+        contracts.read_table(empty, "rollouts")
 
 
 def test_zero_rows_and_duplicate_prompt_ids(tmp_path):
     path = tmp_path / "none.parquet"
     pq.write_table(rollout_table([]), path)
     with pytest.raises(DcpoError, match="has no rows"):
-        files.read_table(path, "rollouts")
+        contracts.read_table(path, "rollouts")
     prompts = pa.table({"prompt_id": ["a", "a"], "prompt": ["x", "y"], "answer": ["1", "2"]})
     dup = tmp_path / "p.parquet"
     pq.write_table(prompts, dup)
     with pytest.raises(DcpoError, match="'prompt_id' has duplicate values"):
-        files.read_table(dup, "prompts")
+        contracts.read_table(dup, "prompts")
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     path = tmp_path / "out.parquet"
-    with pytest.raises(RuntimeError), files.atomic_path(path) as tmp:
+    with pytest.raises(RuntimeError), contracts.atomic_path(path) as tmp:
         tmp.write_text("partial")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
@@ -96,7 +96,7 @@ def test_invalid_table_is_not_written(tmp_path):
     path = tmp_path / "out.parquet"
     bad = rollout_table([rollout_row()]).drop(["answer"])
     with pytest.raises(DcpoError, match="'answer' is missing"):
-        files.write_table(bad, path, files.make_metadata("rollouts", "rollout"))
+        contracts.write_table(bad, path, contracts.make_metadata("rollouts", "rollout"))
     assert not path.exists()
 
 
@@ -104,9 +104,9 @@ def test_an_output_never_replaces_a_directory(tmp_path):
     target = tmp_path / "run"
     (target / "ckpt").mkdir(parents=True)
     (target / "ckpt" / "weights").write_text("precious")
-    for write in (lambda: files.write_json({"a": 1}, target),
-                  lambda: files.write_table(rollout_table([rollout_row()]), target,
-                                            files.make_metadata("rollouts", "rollout"))):
+    for write in (lambda: contracts.write_json({"a": 1}, target),
+                  lambda: contracts.write_table(rollout_table([rollout_row()]), target,
+                                            contracts.make_metadata("rollouts", "rollout"))):
         with pytest.raises(DcpoError, match="is an existing directory"):
             write()
     assert (target / "ckpt" / "weights").read_text() == "precious"
@@ -115,7 +115,7 @@ def test_an_output_never_replaces_a_directory(tmp_path):
 
 def test_atomic_directory_is_complete_when_it_appears(tmp_path):
     target = tmp_path / "ckpt"
-    with files.atomic_path(target) as tmp:
+    with contracts.atomic_path(target) as tmp:
         (tmp / "sub").mkdir(parents=True)
         (tmp / "sub" / "weights").write_text("one")
         assert not target.exists()
@@ -124,5 +124,5 @@ def test_atomic_directory_is_complete_when_it_appears(tmp_path):
 
 
 def test_write_json_is_readable(tmp_path):
-    files.write_json({"b": 1, "a": [1.5]}, tmp_path / "s.json")
+    contracts.write_json({"b": 1, "a": [1.5]}, tmp_path / "s.json")
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": [1.5], "b": 1}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli import files
+from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.prepare import PAPER_INSTRUCTION, load_records, prepare_records
 
@@ -117,14 +117,14 @@ def _from_file(name: str, path: Path, instruction: str, problem_field: str | Non
     records = load_records(str(path))
     if path.suffix.lower() == ".parquet" and records and "prompt_id" in records[0]:
         # already a prompts file (from `dcpo prepare`): use it as it is
-        table = files.read_table(path, "prompts")
+        table = contracts.read_table(path, "prompts")
         rows = [{"problem": None, "source": name, **row} for row in table.to_pylist()]
     else:
         verl = path.suffix.lower() == ".parquet"  # the field names apply to JSONL/Hub only
         rows = prepare_records(records, path.name, instruction=instruction, source=name,
                                problem_field=None if verl else problem_field,
                                answer_field=None if verl else answer_field).rows
-    return BenchmarkData(name, rows, str(path), files.file_checksum(path))
+    return BenchmarkData(name, rows, str(path), contracts.file_checksum(path))
 
 
 def _from_hub(bench: Benchmark, instruction: str) -> BenchmarkData:
