@@ -6,7 +6,6 @@ per-response tensors are [B]; a group's rewards are [G].
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -14,78 +13,19 @@ from typing import NamedTuple
 import torch
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.presets import (  # noqa: F401  (re-exported: one objective, its presets)
+    ADVANTAGES,
+    CLIP_MODES,
+    LOSS_AGGS,
+    PRESETS,
+    AlgoConfig,
+    resolve_config,
+    validate_config,
+)
 
-CLIP_MODES = ("dac", "fixed", "sequence")
-ADVANTAGES = ("sas", "grpo")
-LOSS_AGGS = ("otm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-             "seq-mean-token-sum-norm")
 GRPO_STD_EPS = 1e-6
 # exp() of a log-ratio beyond this is meaningless and would overflow in fp32.
 LOG_RATIO_LIMIT = 20.0
-
-
-# ---------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class AlgoConfig:
-    """Every component of the objective; a preset is one instance, an ablation a replace()."""
-
-    name: str
-    clip: str  # "dac" (per-token bounds from q), "fixed" [1-eps_low, 1+eps_high], "sequence"
-    eps_low: float
-    eps_high: float
-    ratio_max: float  # cap on DAC's upper bound
-    dual_clip: float | None  # c of dual clipping for A < 0; None turns it off
-    advantage: str  # "sas" or "grpo"
-    loss_agg: str
-    drop_uniform_groups: bool  # DAPO's dynamic sampling, applied as a filter
-
-
-PRESETS: dict[str, AlgoConfig] = {
-    "dcpo": AlgoConfig("dcpo", "dac", 0.16, 0.2, 10.0, 10.0, "sas", "otm", False),
-    "grpo": AlgoConfig("grpo", "fixed", 0.2, 0.2, 10.0, None, "grpo", "seq-mean-token-mean",
-                       False),
-    "dapo": AlgoConfig("dapo", "fixed", 0.2, 0.28, 10.0, None, "grpo", "token-mean", True),
-    # GSPO's sequence-level objective: one ratio per response, responses averaged.
-    "gspo": AlgoConfig("gspo", "sequence", 3e-4, 4e-4, 10.0, None, "grpo",
-                       "seq-mean-token-mean", False),
-}
-
-
-def resolve_config(algo: str, **overrides) -> AlgoConfig:
-    """The preset `algo` with the given fields replaced (None means "keep the preset's")."""
-    if algo not in PRESETS:
-        raise DcpoError(f"unknown --algo {algo!r}; choose one of {', '.join(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(AlgoConfig)} - {"name"}
-    unknown = set(overrides) - fields
-    if unknown:
-        raise DcpoError(f"unknown algorithm option(s): {', '.join(sorted(unknown))}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    if changes.get("dual_clip") == 0:  # `--dual-clip 0` turns dual clipping off
-        changes["dual_clip"] = None
-    config = dataclasses.replace(PRESETS[algo], **changes)
-    validate_config(config)
-    return config
-
-
-def validate_config(config: AlgoConfig) -> None:
-    if config.clip not in CLIP_MODES:
-        raise DcpoError(f"--clip must be one of {', '.join(CLIP_MODES)}, not {config.clip!r}")
-    if config.advantage not in ADVANTAGES:
-        raise DcpoError(f"--advantage must be one of {', '.join(ADVANTAGES)}, "
-                        f"not {config.advantage!r}")
-    if config.loss_agg not in LOSS_AGGS:
-        raise DcpoError(f"--loss-agg must be one of {', '.join(LOSS_AGGS)}, "
-                        f"not {config.loss_agg!r}")
-    if not (config.eps_low >= 0 and config.eps_high >= 0):
-        raise DcpoError("--eps-low and --eps-high must be >= 0")
-    if config.clip != "dac" and config.eps_low >= 1:
-        raise DcpoError("--eps-low must be < 1 for fixed or sequence clipping")
-    if not config.ratio_max > 1:
-        raise DcpoError("--ratio-max must be > 1")
-    if config.dual_clip is not None and not config.dual_clip > 1:
-        raise DcpoError("--dual-clip must be > 1 (or 0 for off)")
 
 
 # ---------------------------------------------------------------- clipping bounds
@@ -267,6 +207,20 @@ def sas_advantages(rewards: torch.Tensor, stats: PromptStats | None
     sa_total = a_new / t + (t - 1) / t * a_total
     advantages = torch.where(sa_new.abs() < sa_total.abs(), sa_new, sa_total)
     return advantages, PromptStats(times=t, mean=mean_tot, std=std_tot)
+
+
+def group_advantages(estimator: str, rewards: torch.Tensor, stats: PromptStats | None
+                     ) -> tuple[torch.Tensor, PromptStats]:
+    """The one dispatch point of the advantage estimators (`AlgoConfig.advantage`): one
+    group's advantages, and the prompt's SAS statistics after this step. The statistics
+    absorb the rewards whatever the estimator, so a later switch to SAS finds the history
+    complete."""
+    advantages, new_stats = sas_advantages(rewards, stats)
+    if estimator == "grpo":
+        advantages = grpo_advantages(rewards)
+    elif estimator != "sas":
+        raise ValueError(f"unknown advantage estimator {estimator!r}")
+    return advantages, new_stats
 
 
 # ---------------------------------------------------------------- metrics (DESIGN.md 1.7)

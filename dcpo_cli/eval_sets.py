@@ -20,7 +20,8 @@ from typing import Any
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.prepare import PAPER_INSTRUCTION, load_records, prepare_records
+from dcpo_cli.options import PAPER_INSTRUCTION
+from dcpo_cli.prepare import load_records, prepare_records
 
 DATA_DIR_ENV = "DCPO_DATA_DIR"
 

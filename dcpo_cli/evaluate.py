@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +29,12 @@ import pyarrow as pa
 from dcpo_cli import contracts, eval_sets
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.eval_metrics import Sample, average_metrics, benchmark_metrics
-from dcpo_cli.prepare import PAPER_INSTRUCTION
+from dcpo_cli.options import EvalOptions
 
 GREEDY_INDEX = -1
 SAMPLES_FILE = "samples.parquet"
 SAMPLES_SCHEMA = pa.schema([*((name, kind) for name, kind in contracts.EVAL_SAMPLE_COLUMNS.items()),
                             ("answer", pa.string())])
-
-
-@dataclass
-class EvalOptions:
-    avg_at: int = 0  # K sampled responses per problem; 0 = greedy only
-    greedy: bool = True
-    pass_at: list[int] = field(default_factory=list)  # extra pass@k values (k <= K)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 3072
-    seed: int = 0
-    engine: str = "auto"
-    instruction: str = PAPER_INSTRUCTION
-    chat_template: bool = True
-    limit: int | None = None
-
-    def check(self) -> None:
-        from dcpo_cli.engines import ENGINES
-
-        if self.engine not in ENGINES:
-            raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
-        if self.avg_at < 0:
-            raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")
-        if self.avg_at == 0 and not self.greedy:
-            raise DcpoError("nothing to evaluate: --no-greedy needs --avg-at K with K >= 1")
-        if self.avg_at == 1 and self.greedy:
-            raise DcpoError("--avg-at 1 would report a sampled avg@1 beside the greedy avg@1; "
-                            "add --no-greedy for a sampled-only avg@1, or use --avg-at 2 or more")
-        bad = [k for k in self.pass_at if not 1 <= k <= self.avg_at]
-        if bad:
-            raise DcpoError(f"--pass-at {bad[0]}: needs 1 <= k <= --avg-at ({self.avg_at})")
-        if self.max_new_tokens < 1:
-            raise DcpoError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise DcpoError("--temperature must be >= 0 and --top-p in (0, 1]")
 
 
 @dataclass

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Elements of one chunk of logits: 2^24 fp32 values = 64 MiB (about 110 tokens at 150k vocab).
-CHUNK_ELEMENTS = 1 << 24
+from dcpo_cli.options import CHUNK_ELEMENTS  # 2^24 fp32 logits = 64 MiB (~110 tokens at 150k)
 
 
 def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:

@@ -13,8 +13,7 @@ import pyarrow as pa
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
-
-PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from dcpo_cli.options import PAPER_INSTRUCTION  # noqa: F401  (re-exported)
 
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input", "query")
 ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "target", "solution_answer")

@@ -19,38 +19,9 @@ import pyarrow as pa
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.options import RolloutOptions
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-
-
-@dataclass(frozen=True)
-class RolloutOptions:
-    batch_size: int = 64
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 1024
-    max_prompt_tokens: int | None = None
-    seed: int = 0
-    shard: tuple[int, int] = (0, 1)
-    engine: str = "auto"
-    chat_template: bool = True
-
-    def check(self) -> None:
-        problems = [
-            (self.batch_size < 1, "--batch-size must be at least 1"),
-            (self.n < 1, "--n must be at least 1"),
-            (self.temperature < 0, "--temperature must be >= 0"),
-            (not 0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
-            (self.top_k < 0, "--top-k must be >= 0 (0 turns it off)"),
-            (self.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
-            (self.max_prompt_tokens is not None and self.max_prompt_tokens < 1,
-             "--max-prompt-tokens must be at least 1"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise DcpoError(message)
 
 
 @dataclass

@@ -20,30 +20,11 @@ import pyarrow.compute as pc
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.options import ScoreOptions
 
 ADDED_COLUMNS = ("reward", "correct", "extracted_answer", "verify_timeout", "verify_error",
                  "overlong_penalty")
 PARTIAL_KIND = "scored-responses"
-
-
-@dataclass(frozen=True)
-class ScoreOptions:
-    workers: int | None = None
-    timeout: float = 5.0
-    wrong_reward: float = 0.0
-    overlong_buffer: int = 0
-    max_length: int | None = None
-    reward: str | None = None
-
-    def check(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise DcpoError("--workers must be at least 1")
-        if self.timeout <= 0:
-            raise DcpoError("--timeout must be > 0 seconds")
-        if self.overlong_buffer < 0:
-            raise DcpoError("--overlong-buffer must be >= 0")
-        if self.max_length is not None and self.max_length < 1:
-            raise DcpoError("--max-length must be at least 1")
 
 
 @dataclass

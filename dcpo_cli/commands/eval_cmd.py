@@ -4,7 +4,10 @@ from pathlib import Path
 
 import typer
 
-PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from dcpo_cli.engines import ENGINES
+from dcpo_cli.options import EvalOptions, choices
+
+D = EvalOptions()  # the defaults
 
 
 def evaluate(
@@ -13,35 +16,33 @@ def evaluate(
                                         "prompts Parquet / JSONL / verl Parquet file. Repeatable."),
     out: Path = typer.Option(..., help="Output directory (summary.json, <benchmark>/"
                              "samples.parquet)."),
-    avg_at: int = typer.Option(0, "--avg-at", help="K sampled responses per problem for avg@K, "
-                               "pass@K and maj@K; 0 = greedy only."),
-    greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also decode greedily "
+    avg_at: int = typer.Option(D.avg_at, "--avg-at", help="K sampled responses per problem "
+                               "for avg@K, pass@K and maj@K; 0 = greedy only."),
+    greedy: bool = typer.Option(D.greedy, "--greedy/--no-greedy", help="Also decode greedily "
                                 "(avg@1)."),
     pass_at: list[int] = typer.Option([], "--pass-at", help="Extra pass@k values to report "
                                       "(k <= K). Repeatable."),
     data_dir: Path | None = typer.Option(None, help="Folder with the benchmark files (aime24.jsonl"
                                          " ... or verl/aime_2024.parquet ...); default "
                                          "$DCPO_DATA_DIR, else the Hugging Face Hub."),
-    engine: str = typer.Option("auto", help="Generation engine: hf, vllm or auto."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature for avg@K."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling for avg@K."),
-    top_k: int = typer.Option(0, help="Top-k sampling for avg@K (0 = off)."),
-    max_new_tokens: int = typer.Option(3072, help="Longest response, in tokens."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    instruction: str = typer.Option(PAPER_INSTRUCTION, help="Appended to each problem ('' for "
+    engine: str = typer.Option(D.engine, help=f"Generation engine: {choices(ENGINES)}."),
+    temperature: float = typer.Option(D.temperature, help="Sampling temperature for avg@K."),
+    top_p: float = typer.Option(D.top_p, help="Nucleus sampling for avg@K."),
+    top_k: int = typer.Option(D.top_k, help="Top-k sampling for avg@K (0 = off)."),
+    max_new_tokens: int = typer.Option(D.max_new_tokens, help="Longest response, in tokens."),
+    seed: int = typer.Option(D.seed, help="Sampling seed."),
+    instruction: str = typer.Option(D.instruction, help="Appended to each problem ('' for "
                                     "none). verl-layout files keep their own messages."),
     limit: int | None = typer.Option(None, help="Only the first N problems of each benchmark."),
-    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
+    chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Render prompts with the model's chat template."),
 ) -> None:
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
     from dcpo_cli.console import out as console
-    from dcpo_cli.evaluate import EvalOptions, run_eval, summary_table
+    from dcpo_cli.evaluate import run_eval, summary_table
+    from dcpo_cli.options import from_values
 
-    options = EvalOptions(avg_at=avg_at, greedy=greedy, pass_at=sorted(set(pass_at)),
-                          temperature=temperature, top_p=top_p, top_k=top_k,
-                          max_new_tokens=max_new_tokens, seed=seed, engine=engine,
-                          instruction=instruction, chat_template=chat_template, limit=limit)
+    options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
     results = run_eval(model, benchmark, out, options, data_dir=data_dir)
     console.print(summary_table(results, out / "summary.json"))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+from dcpo_cli.options import PAPER_INSTRUCTION
 
 
 def prepare(

@@ -4,6 +4,11 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.engines import ENGINES
+from dcpo_cli.options import RolloutOptions, choices
+
+D = RolloutOptions()  # the defaults
+
 
 def rollout(
     model: Path = typer.Option(..., help="Hugging Face model directory."),
@@ -11,31 +16,28 @@ def rollout(
     step: int = typer.Option(..., help="Training step; step N takes the N-th slice of "
                              "--batch-size prompts of the per-epoch shuffles (0 is the first)."),
     out: Path = typer.Option(..., help="Rollouts Parquet file to write."),
-    batch_size: int = typer.Option(64, help="Prompts per step (before sharding)."),
-    n: int = typer.Option(16, "--n", help="Responses per prompt (the group size G)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 is greedy."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold (1 turns it off)."),
-    top_k: int = typer.Option(0, help="Keep only the k likeliest tokens (0 turns it off)."),
-    max_new_tokens: int = typer.Option(1024, help="Longest response, in tokens."),
+    batch_size: int = typer.Option(D.batch_size, help="Prompts per step (before sharding)."),
+    n: int = typer.Option(D.n, "--n", help="Responses per prompt (the group size G)."),
+    temperature: float = typer.Option(D.temperature, help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(D.top_p, help="Nucleus sampling threshold (1 turns it off)."),
+    top_k: int = typer.Option(D.top_k, help="Keep only the k likeliest tokens (0 turns it off)."),
+    max_new_tokens: int = typer.Option(D.max_new_tokens, help="Longest response, in tokens."),
     max_prompt_tokens: int | None = typer.Option(
         None, help="Skip (and count) prompts longer than this, instead of truncating them."),
-    seed: int = typer.Option(0, help="Seeds the prompt shuffle and the sampling."),
+    seed: int = typer.Option(D.seed, help="Seeds the prompt shuffle and the sampling."),
     shard: str = typer.Option("0/1", help="i/n: generate only part i of n of the step's "
                               "prompts (data-parallel rollout, one file per shard)."),
-    engine: str = typer.Option("auto", help="hf, vllm, or auto (vllm when importable and a "
-                               "GPU is present, else hf)."),
-    chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
+    engine: str = typer.Option(D.engine, help=f"{choices(ENGINES)} (auto: vllm when "
+                               "importable and a GPU is present, else hf)."),
+    chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Apply the tokenizer's chat template."),
 ) -> None:
     """Generate --n responses for each prompt of step N's batch."""
     from dcpo_cli.console import out as console
-    from dcpo_cli.rollout import RolloutOptions, parse_shard, run_rollout
+    from dcpo_cli.options import from_values
+    from dcpo_cli.rollout import parse_shard, run_rollout
 
-    options = RolloutOptions(
-        batch_size=batch_size, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, seed=seed,
-        shard=parse_shard(shard), engine=engine, chat_template=chat_template,
-    )
+    options = from_values(RolloutOptions, locals(), shard=parse_shard(shard))
     s = run_rollout(model, prompts, step, out, options)
     skipped = f", {s.skipped} skipped as too long" if s.skipped else ""
     console.print(

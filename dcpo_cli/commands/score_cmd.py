@@ -4,18 +4,24 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.options import ScoreOptions
+
+D = ScoreOptions()  # the defaults
+
 
 def score(
     rollouts: list[Path] = typer.Argument(..., help="Rollout Parquet shards (or any Parquet "
                                           "file with prompt_id, response_text, answer)."),
     out: Path = typer.Option(..., help="Scored Parquet file to write."),
     workers: int | None = typer.Option(None, help="Verifier processes (default: all cores)."),
-    timeout: float = typer.Option(5.0, help="Seconds allowed to score one response (the "
+    timeout: float = typer.Option(D.timeout, help="Seconds allowed to score one response (the "
                                   "verifier or --reward); slower ones get --wrong-reward and "
                                   "are flagged."),
-    wrong_reward: float = typer.Option(0.0, help="Reward of a wrong answer (right is 1.0)."),
-    overlong_buffer: int = typer.Option(0, help="DAPO overlong shaping buffer in tokens "
-                                        "(0: off); the max length comes from the rollouts."),
+    wrong_reward: float = typer.Option(D.wrong_reward, help="Reward of a wrong answer (right "
+                                       "is 1.0)."),
+    overlong_buffer: int = typer.Option(D.overlong_buffer, help="DAPO overlong shaping buffer "
+                                        "in tokens (0: off); the max length comes from the "
+                                        "rollouts."),
     max_length: int | None = typer.Option(None, help="Max response length for overlong "
                                           "shaping, for files without rollout metadata."),
     reward: str | None = typer.Option(None, help="Your own reward, package.module:function, "
@@ -27,11 +33,10 @@ def score(
     from rich.table import Table
 
     from dcpo_cli.console import out as console
-    from dcpo_cli.score import ScoreOptions, run_score
+    from dcpo_cli.options import from_values
+    from dcpo_cli.score import run_score
 
-    options = ScoreOptions(workers=workers, timeout=timeout, wrong_reward=wrong_reward,
-                           overlong_buffer=overlong_buffer, max_length=max_length,
-                           reward=reward)
+    options = from_values(ScoreOptions, locals())
     s = run_score(rollouts, out, options)
     table = Table(title=f"{s.out} ({s.kind})", title_justify="left")
     for name in ("responses", "accuracy", "mean reward", "timeouts", "verifier errors",

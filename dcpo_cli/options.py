@@ -1,0 +1,159 @@
+"""Every stage's options, defaults, choice lists and shared constants, defined once.
+
+The typer commands take their defaults, choices and help from here, the stage modules take
+their option types from here, and nothing here imports torch or pyarrow, so `dcpo --help`
+stays instant. A new option is one field here, one typer parameter in its command (default
+`<Options>.<field>`) and its use in the stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dcpo_cli.errors import DcpoError
+
+# The paper's instruction, appended to every training and evaluation problem.
+PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+# Logits computed at once in the chunked log-prob (elements of [positions, vocab]).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def choices(names) -> str:
+    """A choice list for help texts and error messages: 'a, b or c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens: int) -> None:
+    """The sampling settings rollout and eval share, checked with the same messages."""
+    problems = [
+        (temperature < 0, "--temperature must be >= 0"),
+        (not 0 < top_p <= 1, "--top-p must be in (0, 1]"),
+        (top_k < 0, "--top-k must be >= 0 (0 turns it off)"),
+        (max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+    ]
+    for failed, message in problems:
+        if failed:
+            raise DcpoError(message)
+
+
+T = TypeVar("T")
+
+
+def from_values(cls: type[T], values: dict[str, Any], **changes: Any) -> T:
+    """An options object from a command's keyword values (its `locals()`): the parameters
+    named like the dataclass's fields, so a command does not write each option a third time."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    picked = {k: v for k, v in values.items() if k in names}
+    return cls(**{**picked, **changes})
+
+
+@dataclass(frozen=True)
+class RolloutOptions:
+    batch_size: int = 64
+    n: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int | None = None
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    engine: str = "auto"
+    chat_template: bool = True
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise DcpoError("--batch-size must be at least 1")
+        if self.n < 1:
+            raise DcpoError("--n must be at least 1")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise DcpoError("--max-prompt-tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    workers: int | None = None
+    timeout: float = 5.0
+    wrong_reward: float = 0.0
+    overlong_buffer: int = 0
+    max_length: int | None = None
+    reward: str | None = None  # package.module:function; None: math-verify
+
+    def check(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise DcpoError("--workers must be at least 1")
+        if self.timeout <= 0:
+            raise DcpoError("--timeout must be > 0 seconds")
+        if self.overlong_buffer < 0:
+            raise DcpoError("--overlong-buffer must be >= 0")
+        if self.max_length is not None and self.max_length < 1:
+            raise DcpoError("--max-length must be at least 1")
+
+
+@dataclass
+class EvalOptions:
+    avg_at: int = 0  # K sampled responses per problem; 0 = greedy only
+    greedy: bool = True
+    pass_at: list[int] = field(default_factory=list)  # extra pass@k values (k <= K)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 3072
+    seed: int = 0
+    engine: str = "auto"
+    instruction: str = PAPER_INSTRUCTION
+    chat_template: bool = True
+    limit: int | None = None
+
+    def check(self) -> None:
+        from dcpo_cli.engines import ENGINES
+
+        if self.engine not in ENGINES:
+            raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        if self.avg_at < 0:
+            raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")
+        if self.avg_at == 0 and not self.greedy:
+            raise DcpoError("nothing to evaluate: --no-greedy needs --avg-at K with K >= 1")
+        if self.avg_at == 1 and self.greedy:
+            raise DcpoError("--avg-at 1 would report a sampled avg@1 beside the greedy avg@1; "
+                            "add --no-greedy for a sampled-only avg@1, or use --avg-at 2 or more")
+        bad = [k for k in self.pass_at if not 1 <= k <= self.avg_at]
+        if bad:
+            raise DcpoError(f"--pass-at {bad[0]}: needs 1 <= k <= --avg-at ({self.avg_at})")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.max_new_tokens)
+
+
+@dataclass
+class TrainOptions:
+    algo: str = "dcpo"
+    overrides: dict[str, Any] = field(default_factory=dict)  # AlgoConfig fields to change
+    lr: float = 1e-6
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    mini_batch_size: int | None = None  # prompts per update; None: a quarter of the step's
+    micro_batch_tokens: int = 8192
+    epochs: int = 1
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    metrics_log: Path | None = None
+    chunk_elements: int = CHUNK_ELEMENTS
+
+    def record(self) -> dict[str, Any]:
+        """The options that determine the result (recorded in the checkpoint)."""
+        return {k: v for k, v in self.__dict__.items() if k != "metrics_log"}
+
+    def check(self) -> None:
+        for name, value in (("--micro-batch-tokens", self.micro_batch_tokens),
+                            ("--epochs", self.epochs),
+                            ("--mini-batch-size",
+                             1 if self.mini_batch_size is None else self.mini_batch_size)):
+            if value < 1:
+                raise DcpoError(f"{name} must be at least 1")
+        if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm <= 0:
+            raise DcpoError("--lr and --warmup-steps must be >= 0 and --max-grad-norm > 0")
