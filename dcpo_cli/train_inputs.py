@@ -1,0 +1,136 @@
+"""train-step inputs: a rollout step's scored shards, read and checked into one `StepData`,
+and the advantages of its rows."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dcpo_cli import algorithms, contracts
+from dcpo_cli.batching import group_rows
+from dcpo_cli.errors import DcpoError
+from dcpo_cli.presets import AlgoConfig
+from dcpo_cli.sas_state import SasState
+
+
+@dataclass
+class StepData:
+    """A rollout step's scored responses, one entry per row across all shards."""
+
+    step: int
+    prompt_ids: list[str]
+    sample_index: list[int]
+    prompt_tokens: list[list[int]]
+    response_tokens: list[list[int]]
+    rewards: list[float]
+    correct: list[bool]
+    truncated: list[bool]
+    files: list[str]  # the shard each row came from (for error messages)
+    checksums: dict[str, str]
+    max_new_tokens: int | None = None  # the rollouts' generation limit, from the metadata
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.prompt_ids)
+
+
+def load_scored(paths: list[Path]) -> StepData:
+    """Read the scored shards of one rollout step and check they agree."""
+    if not paths:
+        raise DcpoError("give at least one --scored file")
+    names = [Path(p).name for p in paths]
+    if len({str(Path(p).resolve()) for p in paths}) != len(paths):
+        raise DcpoError("the same --scored file is given twice")
+    data = StepData(-1, [], [], [], [], [], [], [], [], {})
+    steps: dict[str, int] = {}
+    limits: set[int | None] = set()
+    for path, name in zip(paths, names, strict=True):
+        table = contracts.read_table(path, "scored")
+        column_steps = set(table.column("step").to_pylist())
+        metadata = contracts.read_metadata(path)
+        meta_step = metadata.get("step")
+        limits.add(metadata.get("max_new_tokens"))
+        if len(column_steps) != 1:
+            raise DcpoError(f"{name}: rows from several steps {sorted(column_steps)}")
+        step = meta_step if isinstance(meta_step, int) else column_steps.pop()
+        if meta_step is not None and {meta_step} != set(table.column("step").to_pylist()):
+            raise DcpoError(f"{name}: metadata step {meta_step} differs from the 'step' column")
+        steps[name] = step
+        columns = table.select(["prompt_id", "sample_index", "prompt_token_ids",
+                                "response_token_ids", "reward", "correct",
+                                "finish_reason"]).to_pydict()
+        for i, (prompt, response) in enumerate(zip(columns["prompt_token_ids"],
+                                                   columns["response_token_ids"], strict=True)):
+            if not prompt or not response:
+                which = "prompt_token_ids" if not prompt else "response_token_ids"
+                raise DcpoError(f"{name}: row {i} has an empty '{which}'")
+        rewards = columns["reward"]
+        if any(not math.isfinite(r) for r in rewards):
+            raise DcpoError(f"{name}: column 'reward' holds NaN or infinite values")
+        data.prompt_ids += columns["prompt_id"]
+        data.sample_index += columns["sample_index"]
+        data.prompt_tokens += columns["prompt_token_ids"]
+        data.response_tokens += columns["response_token_ids"]
+        data.rewards += [float(r) for r in rewards]
+        data.correct += [bool(c) for c in columns["correct"]]
+        data.truncated += [reason == "length" for reason in columns["finish_reason"]]
+        data.files += [name] * table.num_rows
+        data.checksums[name] = contracts.file_checksum(path)  # by name: a moved run resumes
+    if len(set(steps.values())) != 1:
+        listing = ", ".join(f"{n}: {s}" for n, s in steps.items())
+        raise DcpoError(f"the scored files come from different steps ({listing})")
+    data.step = next(iter(steps.values()))
+    data.max_new_tokens = limits.pop() if len(limits) == 1 else None
+    keys = list(zip(data.prompt_ids, data.sample_index, strict=True))
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise DcpoError(f"response ({dup[0]!r}, sample {dup[1]}) appears twice in the scored "
+                        "files")
+    return data
+
+
+def check_vocab(data: StepData, vocab: int) -> None:
+    for row in range(data.num_rows):
+        for column, tokens in (("prompt_token_ids", data.prompt_tokens[row]),
+                               ("response_token_ids", data.response_tokens[row])):
+            bad = [t for t in tokens if t < 0 or t >= vocab]
+            if bad:
+                raise DcpoError(f"{data.files[row]}: '{column}' holds token id {bad[0]} outside "
+                                f"the model's vocabulary of {vocab} "
+                                f"(prompt {data.prompt_ids[row]!r})")
+
+
+
+
+@dataclass
+class StepAdvantages:
+    values: list[float]  # one per row
+    groups: list[list[int]]  # the rows of each group to train on
+    dropped: int  # groups left out (all rewards equal, when the preset drops them)
+    new_state: SasState  # the SAS state after this step (not yet written)
+
+
+def compute_advantages(data: StepData, config: AlgoConfig, state: SasState, state_path: Path
+                       ) -> StepAdvantages:
+    """Advantage of every row under the configured estimator, and the groups to train on."""
+    advantages = [0.0] * data.num_rows
+    keep, dropped = [], 0
+    updates = {}
+    for rows in group_rows(data.prompt_ids):
+        prompt_id = data.prompt_ids[rows[0]]
+        if len(rows) < 2:
+            raise DcpoError(f"{data.files[rows[0]]}: prompt {prompt_id!r} has a single "
+                            "response; group advantages need at least 2 per prompt (--n >= 2)")
+        rewards = torch.tensor([data.rewards[r] for r in rows], dtype=torch.float64)
+        adv, updates[prompt_id] = algorithms.group_advantages(config.advantage, rewards,
+                                                              state.get(prompt_id))
+        for row, value in zip(rows, adv.tolist(), strict=True):
+            advantages[row] = float(value)
+        if config.drop_uniform_groups and bool((rewards == rewards[0]).all()):
+            dropped += 1
+        else:
+            keep.append(rows)
+    return StepAdvantages(advantages, keep, dropped, state.absorb(data.step, updates, state_path))

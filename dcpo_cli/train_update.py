@@ -1,0 +1,231 @@
+"""train-step passes over the model: the old log-probs, then the mini-batch updates.
+
+`StepContext` is what both passes read (the model, the step's rows and advantages, the
+resolved objective and options); `UpdateState` is what they measure and hand on to the
+metrics and records. The math itself is `dcpo_cli.algorithms`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dcpo_cli import algorithms
+from dcpo_cli.algorithms import AlgoConfig
+from dcpo_cli.batching import (
+    MicroBatch,
+    collate,
+    default_mini_batch_size,
+    micro_batches,
+    mini_batches,
+    shard,
+)
+from dcpo_cli.errors import DcpoError
+from dcpo_cli.logprobs import decoder_of, lm_head_of, token_entropy, token_logprobs
+from dcpo_cli.options import TrainOptions
+from dcpo_cli.train_inputs import StepData
+
+Plans = list[list[list[int]]]  # per epoch, the mini-batches, each a list of rows
+
+
+@dataclass
+class StepContext:
+    """What the old-log-prob pass and the update loop read; nothing here changes."""
+
+    model: Any
+    data: StepData
+    config: AlgoConfig
+    options: TrainOptions
+    advantages: list[float]
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    lengths: list[int] = field(init=False)  # prompt + response tokens of each row
+    max_length: int | None = field(init=False)  # Dr. GRPO's constant normalizer, if used
+
+    def __post_init__(self) -> None:
+        self.max_length = dr_grpo_length(self.data) \
+            if self.config.loss_agg == "seq-mean-token-sum-norm" else None
+        self.lengths = [len(p) + len(r) for p, r in zip(self.data.prompt_tokens,
+                                                        self.data.response_tokens, strict=True)]
+
+    def micro_plan(self, rows: list[int]) -> list[MicroBatch]:
+        parts = shard(micro_batches(rows, self.lengths, self.options.micro_batch_tokens))
+        return [collate(part, self.data.prompt_tokens, self.data.response_tokens,
+                        pad_id(self.model)).to(self.device) for part in parts]
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class UpdateState:
+    """What the passes measured: the old log-probs, token counts, and the update statistics
+    (per row: clipped tokens and the new mean log-prob, from the last epoch)."""
+
+    old: dict[int, torch.Tensor] = field(default_factory=dict)  # row -> [response tokens]
+    entropy_sum: float = 0.0
+    entropy_count: int = 0
+    tokens: int = 0
+    updates: int = 0
+    grad_norms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    clip_counts: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(algorithms.CLIP_COUNTS, 0))
+    kl_sum: float = 0.0
+    row_clipped: dict[int, int] = field(default_factory=dict)
+    row_new: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def entropy(self) -> float:
+        """Mean policy entropy at the trained response tokens before any update."""
+        return self.entropy_sum / self.entropy_count if self.entropy_count else float("nan")
+
+    def keep_old(self, batch: MicroBatch, logp: torch.Tensor, entropy: torch.Tensor) -> None:
+        """Record a micro-batch's log-probs under the weights before any update."""
+        for i, row in enumerate(batch.rows):
+            self.old[row] = logp[i][batch.response_mask[i]].detach().float().cpu()
+        self.entropy_sum += float(entropy.sum())
+        self.entropy_count += entropy.numel()
+
+    def tally(self, batch: MicroBatch, terms, logp: torch.Tensor, old_pad: torch.Tensor,
+              last_epoch: bool) -> None:
+        mask = batch.response_mask
+        for key, count in algorithms.clip_counts(terms, mask).items():
+            self.clip_counts[key] += count
+        self.kl_sum += algorithms.approx_kl_sum(logp.float(), old_pad, mask)
+        if last_epoch:
+            per_row_clipped = (terms.clipped & mask).sum(-1).tolist()
+            counts = mask.sum(-1).clamp_min(1)
+            means = ((logp.float() * mask).sum(-1) / counts).tolist()
+            for i, row in enumerate(batch.rows):
+                self.row_clipped[row] = int(per_row_clipped[i])
+                self.row_new[row] = float(means[i])
+
+
+class Ticker:
+    """A progress bar's task, or nothing when progress is off."""
+
+    def __init__(self, bar, name: str, total: int) -> None:
+        self.bar = bar
+        self.task = bar.add_task(name, total=total, info="") if bar is not None else None
+
+    def advance(self, info: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, **({} if info is None else {"info": info}))
+
+
+def plan_updates(ctx: StepContext, groups: list[list[int]]) -> Plans:
+    """Each epoch's mini-batches of groups, shuffled by (seed, step, epoch)."""
+    options = ctx.options
+    size = options.mini_batch_size or default_mini_batch_size(len(groups))
+    return [mini_batches(groups, size, options.seed, ctx.data.step, epoch)
+            for epoch in range(options.epochs)] if groups else []
+
+
+def forward_logprobs(model, batch: MicroBatch, chunk_elements: int, with_entropy: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Response-token log-probs laid out [B, Lmax] (0 on padding), and optionally the
+    policy's entropy at each response token (flat, no grad). The lm-head is applied only at
+    positions that predict response tokens, chunk by chunk (see logprobs.py)."""
+    hidden = decoder_of(model)(input_ids=batch.input_ids,
+                               attention_mask=batch.attention_mask).last_hidden_state
+    picked = hidden[batch.predict_mask]
+    weight, bias = lm_head_of(model)
+    flat = token_logprobs(picked, weight, batch.targets, bias, chunk_elements)
+    entropy = None
+    if with_entropy:
+        entropy = token_entropy(picked.detach(), weight.detach(),
+                                None if bias is None else bias.detach(), chunk_elements)
+    padded = flat.new_zeros(batch.response_mask.shape).masked_scatter(batch.response_mask, flat)
+    return padded, entropy
+
+
+def old_logprobs(ctx: StepContext, plans: Plans, state: UpdateState, bar=None) -> None:
+    """Old log-probs of every trained response with the weights before any update.
+
+    The first mini-batch's come from its own training forward (weights still unchanged),
+    which saves one forward pass over a quarter of the step; see `run_updates`. The others
+    are packed exactly as their training forward will be, so under bf16 the ratio starts at
+    exactly 1 there too."""
+    later = plans[0][1:] if plans else []
+    batches = [batch for rows in later for batch in ctx.micro_plan(rows)]
+    ticker = Ticker(bar, "old log-probs", len(batches))
+    with torch.no_grad(), ctx.autocast():
+        for batch in batches:
+            logp, entropy = forward_logprobs(ctx.model, batch, ctx.options.chunk_elements, True)
+            state.keep_old(batch, logp, entropy)
+            state.tokens += batch.num_tokens
+            ticker.advance()
+
+
+def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, bar=None
+                ) -> None:
+    """`epochs` passes of mini-batch updates: one optimizer step per mini-batch."""
+    data, options, config = ctx.data, ctx.options, ctx.config
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    ticker = Ticker(bar, "updates", sum(len(p) for p in plans))
+    tick = time.perf_counter()
+    for epoch, plan in enumerate(plans):
+        for index, rows in enumerate(plan):
+            reuse = epoch == 0 and index == 0
+            num_responses = len(rows)
+            num_tokens = sum(len(data.response_tokens[r]) for r in rows)
+            loss_total = 0.0
+            for batch in ctx.micro_plan(rows):
+                with ctx.autocast():
+                    logp, entropy = forward_logprobs(ctx.model, batch, options.chunk_elements,
+                                                     with_entropy=reuse)
+                mask = batch.response_mask
+                if reuse:  # weights untouched so far: these are the old log-probs
+                    state.keep_old(batch, logp, entropy)
+                old_pad = torch.zeros(mask.shape, device=ctx.device)
+                old_pad[mask] = torch.cat([state.old[r] for r in batch.rows]).to(ctx.device)
+                adv = _rows_tensor(ctx.advantages, batch.rows, mask)
+                terms = algorithms.surrogate_loss(config, logp.float(), old_pad, adv, mask)
+                loss = algorithms.aggregate_loss(terms.per_token, mask, config.loss_agg,
+                                                 num_responses, num_tokens, ctx.max_length)
+                loss.backward()
+                loss_total += float(loss.detach())
+                state.tally(batch, terms, logp.detach(), old_pad, epoch == len(plans) - 1)
+                state.tokens += batch.num_tokens
+            norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            if not torch.isfinite(norm):  # stop before NaN weights could be saved
+                raise DcpoError(f"step {data.step}: the gradient of update "
+                                f"{state.updates + 1} is not finite; nothing was "
+                                "written (try a lower --lr)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.grad_norms.append(float(norm))
+            state.losses.append(loss_total)
+            state.updates += 1
+            rate = state.tokens / max(time.perf_counter() - tick, 1e-9)
+            ticker.advance(f"{rate:,.0f} tok/s")
+
+
+def dr_grpo_length(data: StepData) -> int:
+    """Dr. GRPO's constant normalizer: the rollouts' max_new_tokens, the same every step."""
+    if not isinstance(data.max_new_tokens, int) or data.max_new_tokens < 1:
+        raise DcpoError(f"{', '.join(sorted(set(data.files)))}: --loss-agg "
+                        "seq-mean-token-sum-norm needs the rollouts' max_new_tokens, which the "
+                        "metadata lacks (or the shards disagree on)")
+    return data.max_new_tokens
+
+
+def pad_id(model) -> int:
+    pad = model.config.pad_token_id
+    if pad is None:
+        pad = model.config.eos_token_id
+    if isinstance(pad, list):
+        pad = pad[0]
+    return int(pad or 0)
+
+
+def _rows_tensor(values: list[float], rows: list[int], mask: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([values[r] for r in rows], dtype=torch.float32,
+                        device=mask.device)[:, None].expand(mask.shape)
