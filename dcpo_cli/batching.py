@@ -40,24 +40,32 @@ def mini_batches(groups: list[list[int]], size: int, seed: int, step: int,
     return batches
 
 
-def micro_batches(rows: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Split `rows` into micro-batches whose padded size (count x longest) stays within
-    `token_budget`; rows are taken longest first, so each micro-batch holds similar lengths
-    and little compute goes to padding. A row longer than the budget goes alone."""
-    ordered = sorted(rows, key=lambda r: (-lengths[r], r))
+def pack_greedy(items: list[int], sizes: list[int], budget: int, extra: int = 0
+                ) -> list[list[int]]:
+    """Cut `items`, in the given order, into consecutive batches whose padded size
+    (count x (largest size + extra)) stays within `budget`; an item that alone exceeds it
+    goes alone. `sizes` is indexed by item. The one packer of micro-batches (train-step)
+    and generation batches (the hf engine)."""
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
-    for row in ordered:
-        longest_if_added = max(longest, lengths[row])
-        if current and (len(current) + 1) * longest_if_added > token_budget:
+    for item in items:
+        longest_if_added = max(longest, sizes[item])
+        if current and (len(current) + 1) * (longest_if_added + extra) > budget:
             batches.append(current)
-            current, longest_if_added = [], lengths[row]
-        current.append(row)
+            current, longest_if_added = [], sizes[item]
+        current.append(item)
         longest = longest_if_added
     if current:
         batches.append(current)
     return batches
+
+
+def micro_batches(rows: list[int], lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Split `rows` into micro-batches whose padded size (count x longest) stays within
+    `token_budget`; rows are taken longest first, so each micro-batch holds similar lengths
+    and little compute goes to padding. A row longer than the budget goes alone."""
+    return pack_greedy(sorted(rows, key=lambda r: (-lengths[r], r)), lengths, token_budget)
 
 
 def shard(items: list, rank: int = 0, world_size: int = 1) -> list:

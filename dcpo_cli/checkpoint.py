@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
@@ -79,7 +79,7 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DcpoError(f"{directory}: cannot load the model ({reason})") from None
     model.to(device)
     model.config.use_cache = False
@@ -138,7 +138,7 @@ def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> No
                                              weights_only=True))
         rng = torch.load(directory / RNG_STATE, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DcpoError(f"{directory}: broken checkpoint training state ({reason})") from None
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dcpo_cli import __version__
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
 
 METADATA_KEY = b"dcpo"
 
@@ -148,7 +148,7 @@ def read_parquet(path: str | Path) -> pa.Table:
     try:
         return pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DcpoError(f"{path.name}: not a readable Parquet file ({reason})") from None
 
 

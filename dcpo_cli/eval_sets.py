@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli import contracts
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
 from dcpo_cli.options import PAPER_INSTRUCTION
 from dcpo_cli.prepare import load_records, prepare_records
 
@@ -140,7 +140,7 @@ def _from_hub(bench: Benchmark, instruction: str) -> BenchmarkData:
         dataset = datasets.load_dataset(bench.hub, bench.config, split=bench.split)
         records = [dict(row) for row in dataset]
     except Exception as exc:  # offline, hub errors: all end as one line with the fix
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise DcpoError(f"{bench.name}: could not load {bench.hub} from the Hub ({reason}); "
                         f"{fix}") from None
     rows = prepare_records(records, bench.hub, instruction=instruction, source=bench.name,

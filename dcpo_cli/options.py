@@ -53,6 +53,10 @@ def from_values(cls: type[T], values: dict[str, Any], **changes: Any) -> T:
 
 @dataclass(frozen=True)
 class RolloutOptions:
+    """Flat on purpose, like the command line and the `options` recorded in each rollouts
+    file: n ... seed mirror `engines.SamplingSettings` (built from them in `run_rollout`
+    with the step's derived seed) rather than nesting it, which would change that record."""
+
     batch_size: int = 64
     n: int = 16
     temperature: float = 1.0

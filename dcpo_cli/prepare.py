@@ -12,7 +12,8 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli import contracts
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.jsonl import parse_jsonl
 from dcpo_cli.options import PAPER_INSTRUCTION  # noqa: F401  (re-exported)
 
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input", "query")
@@ -51,7 +52,7 @@ def _load_local(path: Path) -> list[dict]:
         return contracts.read_parquet(path).to_pylist()
     text = path.read_text(encoding="utf-8", errors="replace")
     if suffix == ".jsonl":
-        return _parse_jsonl(text, name)
+        return parse_jsonl(text, name)
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -68,22 +69,6 @@ def _load_local(path: Path) -> list[dict]:
     raise DcpoError(f"{name}: unknown format '{suffix}' (expected .jsonl, .json or .parquet)")
 
 
-def _parse_jsonl(text: str, name: str) -> list[dict]:
-    records = []
-    # split("\n"), not splitlines(): U+2028 and friends are legal inside JSON strings.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DcpoError(f"{name}: line {number} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DcpoError(f"{name}: line {number} is not a JSON object")
-        records.append(record)
-    return records
-
-
 def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
     try:
         import datasets
@@ -95,7 +80,7 @@ def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
     try:
         dataset = datasets.load_dataset(name, config, split=split or "train")
     except Exception as exc:  # network, missing split, unknown dataset: one line for all
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DcpoError(f"{name}: could not load the Hub dataset ({reason})") from None
     return [dict(row) for row in dataset]
 

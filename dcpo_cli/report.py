@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.jsonl import parse_jsonl
 
 # (metrics key, table header, format) for the per-step table, in display order.
 TABLE_COLUMNS: list[tuple[str, str, str]] = [
@@ -60,19 +61,7 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise DcpoError(f"{path}: cannot read ({exc})") from exc
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DcpoError(f"{path} line {number}: not valid JSON ({exc})") from exc
-        if not isinstance(record, dict):
-            raise DcpoError(f"{path} line {number}: expected a JSON object, "
-                            f"got {type(record).__name__}")
-        records.append(record)
-    return records
+    return parse_jsonl(text, str(path))
 
 
 def _step_of(record: dict[str, Any], position: int) -> int:

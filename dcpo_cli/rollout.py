@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli import contracts
+from dcpo_cli.engines.base import derive_seed
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.options import RolloutOptions
 
@@ -39,15 +40,9 @@ class RolloutSummary:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _seeded(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across Python runs (unlike hash())."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
 def epoch_order(num_prompts: int, epoch: int, seed: int) -> list[int]:
     order = list(range(num_prompts))
-    random.Random(_seeded("epoch", seed, epoch)).shuffle(order)
+    random.Random(derive_seed("epoch", seed, epoch)).shuffle(order)
     return order
 
 
@@ -135,7 +130,7 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     settings = SamplingSettings(
         n=options.n, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
         max_new_tokens=options.max_new_tokens,
-        seed=_seeded("rollout", options.seed, step, options.shard),
+        seed=derive_seed("rollout", options.seed, step, options.shard),
     )
 
     started = time.perf_counter()

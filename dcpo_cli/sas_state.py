@@ -19,7 +19,7 @@ from typing import Any
 
 from dcpo_cli import contracts
 from dcpo_cli.algorithms import PromptStats
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
 
 FORMAT = "dcpo-sas-state"
 VERSION = 1
@@ -65,7 +65,7 @@ class SasState:
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DcpoError(f"{path}: not a readable SAS state file ({_short(exc)})") from None
+            raise DcpoError(f"{path}: not a readable SAS state file ({first_line(exc)})") from None
         return cls.from_json(data, path)
 
     @classmethod
@@ -102,6 +102,3 @@ def _parse_entry(entry: Any, prompt_id: str, path: str | Path) -> PromptStats:
         raise DcpoError(f"{where}: std must be >= 0")
     return PromptStats(times=times, mean=float(mean), std=float(std))
 
-
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -134,7 +134,7 @@ def test_bad_inputs_give_one_line_and_no_output(case, tmp_path, dcpo, benchmarks
     elif case == "bad_jsonl":
         src = tmp_path / "bad.jsonl"
         src.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": oops}\n')
-        fragments = ("bad.jsonl", "line 2 is not valid JSON")
+        fragments = ("bad.jsonl", "line 2: not valid JSON")
     elif case == "verl_without_content":
         src = tmp_path / "verl.jsonl"
         src.write_text(json.dumps({"prompt": [{"role": "user"}],

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
 from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
 from dcpo_cli.errors import DcpoError
 
-ENGINES = ("auto", "hf", "vllm")
+# The engine registry: name -> "module:class", imported only when chosen. A new back end is
+# one module implementing `Engine` (see base.py) and one entry here; `--engine` lists it.
+REGISTRY = {
+    "hf": "dcpo_cli.engines.hf:HFEngine",
+    "vllm": "dcpo_cli.engines.vllm:VllmEngine",
+}
+ENGINES = ("auto", *REGISTRY)
 
-__all__ = ["ENGINES", "Completion", "Engine", "SamplingSettings", "load_engine", "pick_engine"]
+__all__ = ["ENGINES", "REGISTRY", "Completion", "Engine", "SamplingSettings", "load_engine",
+           "pick_engine"]
 
 
 def pick_engine(kind: str) -> str:
@@ -31,10 +39,5 @@ def load_engine(kind: str, model_path: str | Path, **options) -> Engine:
     model_path = Path(model_path)
     if not model_path.is_dir() or not (model_path / "config.json").is_file():
         raise DcpoError(f"{model_path}: not a model directory (no config.json)")
-    if kind == "vllm":
-        from dcpo_cli.engines.vllm import VllmEngine
-
-        return VllmEngine(model_path, **options)
-    from dcpo_cli.engines.hf import HFEngine
-
-    return HFEngine(model_path, **options)
+    module, name = REGISTRY[kind].split(":")
+    return getattr(importlib.import_module(module), name)(model_path, **options)

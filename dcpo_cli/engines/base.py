@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -60,3 +61,27 @@ def finish(token_ids: list[int], logprobs: list[float], eos_ids: set[int], max_n
         reason = "length"
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     return Completion(list(token_ids), list(logprobs), text, reason)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from any parts, stable across Python runs (unlike hash()): the one seed
+    derivation of rollout's prompt shuffle and sampling and of the engines' batches."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def batch_seed(seed: int, rows: list[tuple[int, int]]) -> int:
+    """A per-batch seed from the run seed and the batch's rows, so a batch's samples depend
+    only on what is in it, not on how many batches ran before."""
+    return derive_seed(seed, rows[0], len(rows))
+
+
+def eos_token_ids(tokenizer, generation_config) -> set[int]:
+    """The tokenizer's eos plus every eos id of the model's generation config."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids

@@ -6,47 +6,24 @@ warpers, so they are those of the distribution each token was actually sampled f
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings, finish
-from dcpo_cli.errors import DcpoError
-
-
-def eos_token_ids(tokenizer, generation_config) -> set[int]:
-    """The tokenizer's eos plus every eos id of the model's generation config."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
-    return ids
+from dcpo_cli.batching import pack_greedy
+from dcpo_cli.engines.base import (
+    Completion,
+    ProgressCallback,
+    SamplingSettings,
+    batch_seed,
+    eos_token_ids,
+    finish,
+)
+from dcpo_cli.errors import DcpoError, first_line
 
 
 def token_budget_batches(lengths: list[int], max_new_tokens: int, budget: int) -> list[list[int]]:
     """Split row indices, in order, into batches whose padded size (rows x (longest prompt +
     max_new_tokens)) stays within `budget` tokens; a row that alone exceeds it runs alone."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for index, length in enumerate(lengths):
-        longest_with = max(longest, length)
-        if current and (len(current) + 1) * (longest_with + max_new_tokens) > budget:
-            batches.append(current)
-            current, longest_with = [], length
-        current.append(index)
-        longest = longest_with
-    if current:
-        batches.append(current)
-    return batches
-
-
-def batch_seed(seed: int, rows: list[tuple[int, int]]) -> int:
-    """A per-batch seed from the run seed and the batch's rows, so a batch's samples depend
-    only on what is in it, not on how many batches ran before."""
-    digest = hashlib.sha256(repr((seed, rows[0], len(rows))).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+    return pack_greedy(list(range(len(lengths))), lengths, budget, extra=max_new_tokens)
 
 
 class _Recorder:
@@ -90,7 +67,7 @@ class HFEngine:
             self.tokenizer = AutoTokenizer.from_pretrained(model_path)
             self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            reason = first_line(exc)
             raise DcpoError(f"{model_path}: cannot load the model ({reason})") from None
         self.model.to(self.device).eval()
         self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)

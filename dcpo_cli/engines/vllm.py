@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings, finish
-from dcpo_cli.engines.hf import batch_seed, eos_token_ids
+from dcpo_cli.engines import base
+from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings
 
 
 class VllmEngine:
@@ -23,7 +23,7 @@ class VllmEngine:
         self.llm = LLM(model=str(model_path), gpu_memory_utilization=gpu_memory_utilization,
                        logprobs_mode="processed_logprobs", **llm_options)
         self.tokenizer = self.llm.get_tokenizer()
-        self.eos_ids = eos_token_ids(self.tokenizer, _generation_config(model_path))
+        self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(model_path))
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
@@ -36,7 +36,7 @@ class VllmEngine:
             n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
             top_k=settings.top_k if settings.top_k > 0 else -1,
             max_tokens=settings.max_new_tokens, logprobs=0,
-            seed=batch_seed(settings.seed, [(index, 0)]), skip_special_tokens=True,
+            seed=base.batch_seed(settings.seed, [(index, 0)]), skip_special_tokens=True,
         ) for index in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -48,7 +48,7 @@ class VllmEngine:
                 # logprobs=0: each position holds just the sampled token's entry
                 logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids,
                                                                          strict=True)]
-                group.append(finish(ids, logprobs, self.eos_ids, settings.max_new_tokens,
+                group.append(base.finish(ids, logprobs, self.eos_ids, settings.max_new_tokens,
                                     self.tokenizer))
                 responses, tokens = responses + 1, tokens + len(ids)
             results.append(group)
