@@ -11,6 +11,7 @@ D = EvalOptions()  # the defaults
 
 
 def evaluate(
+    *,  # keyword-only: typer passes every option by name
     model: Path = typer.Option(..., help="Model directory or checkpoint."),
     benchmark: list[str] = typer.Option(..., help="aime24, aime25, amc23, math500, gsm8k, or a "
                                         "prompts Parquet / JSONL / verl Parquet file. Repeatable."),

@@ -8,6 +8,7 @@ from dcpo_cli.options import PAPER_INSTRUCTION
 
 
 def prepare(
+    *,  # keyword-only: typer passes every option by name
     src: str = typer.Argument(..., help="JSONL, JSON or Parquet file (verl layout too), "
                               "a Hub dataset name such as openai/gsm8k, or a folder "
                               "holding a downloaded Hub dataset."),

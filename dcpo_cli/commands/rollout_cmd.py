@@ -11,6 +11,7 @@ D = RolloutOptions()  # the defaults
 
 
 def rollout(
+    *,  # keyword-only: typer passes every option by name
     model: Path = typer.Option(..., help="Hugging Face model directory."),
     prompts: Path = typer.Option(..., help="Prompts Parquet file (from `dcpo prepare`)."),
     step: int = typer.Option(..., help="Training step; step N takes the N-th slice of "

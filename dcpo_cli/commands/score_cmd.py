@@ -10,6 +10,7 @@ D = ScoreOptions()  # the defaults
 
 
 def score(
+    *,  # keyword-only: typer passes every option by name
     rollouts: list[Path] = typer.Argument(..., help="Rollout Parquet shards (or any Parquet "
                                           "file with prompt_id, response_text, answer)."),
     out: Path = typer.Option(..., help="Scored Parquet file to write."),

@@ -11,6 +11,7 @@ D = TrainOptions()  # the defaults
 
 
 def train_step(
+    *,  # keyword-only: typer passes every option by name
     model: Path = typer.Option(..., help="Policy: a model directory or a train-step checkpoint "
                                "(then optimizer, lr schedule, RNG and global step continue)."),
     scored: list[Path] = typer.Option(..., help="Scored Parquet shard(s) of one rollout step. "
