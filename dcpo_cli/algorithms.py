@@ -1,4 +1,4 @@
-"""DCPO and its baselines as pure tensor math (DESIGN.md section 1). No file or model I/O.
+"""DCPO and its baselines as pure tensor math (docs/design.md section 1). No file or model I/O.
 
 Shapes: per-token tensors are [B, L] with a boolean `mask` marking response tokens;
 per-response tensors are [B]; a group's rewards are [G].
@@ -95,7 +95,7 @@ class LossTerms(NamedTuple):
 
 def surrogate_loss(config: AlgoConfig, logprobs: torch.Tensor, old_logprobs: torch.Tensor,
                    advantages: torch.Tensor, mask: torch.Tensor) -> LossTerms:
-    """Per-token clipped surrogate (DESIGN.md 1.1):
+    """Per-token clipped surrogate (docs/design.md 1.1):
 
     l1 = -A r, l2 = -A clip(r, low, high), l = max(l1, l2), and for A < 0 with dual
     clipping l = min(l, -A c). `advantages` is [B] (one per response) or [B, L].
@@ -182,7 +182,7 @@ def _standardize(rewards: torch.Tensor, mean: float, std: float) -> torch.Tensor
 
 def sas_advantages(rewards: torch.Tensor, stats: PromptStats | None
                    ) -> tuple[torch.Tensor, PromptStats]:
-    """Smooth advantage standardization of one group (DESIGN.md 1.2, the official rule).
+    """Smooth advantage standardization of one group (docs/design.md 1.2, the official rule).
 
     `stats` is the prompt's state before this step (None on the first visit). Returns the
     advantages, in the rewards' dtype (use float64), and the prompt's new state.
@@ -223,7 +223,7 @@ def group_advantages(estimator: str, rewards: torch.Tensor, stats: PromptStats |
     return advantages, new_stats
 
 
-# ---------------------------------------------------------------- metrics (DESIGN.md 1.7)
+# ---------------------------------------------------------------- metrics (docs/design.md 1.7)
 
 
 CLIP_COUNTS = ("clipped", "clipped_low", "clipped_high", "dual_clipped", "tokens")
@@ -262,5 +262,5 @@ def nonzero_advantage_ratio(advantages: list[float]) -> float:
 def approx_kl_sum(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor
                   ) -> float:
     """Sum over response tokens of old_logp - new_logp; divided by the token count it is
-    the approximate KL(old || new) of DESIGN.md 1.7."""
+    the approximate KL(old || new) of docs/design.md 1.7."""
     return float(((old_logprobs - logprobs) * mask).sum())

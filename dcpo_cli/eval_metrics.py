@@ -1,4 +1,4 @@
-"""The evaluation metrics of DESIGN.md 1.8, as pure functions over per-sample verdicts.
+"""The evaluation metrics of docs/design.md 1.8, as pure functions over per-sample verdicts.
 
 - avg@1: accuracy of the one greedy response per problem;
 - avg@k: mean accuracy over all k*P sampled responses;

@@ -1,5 +1,5 @@
 """`dcpo eval` as a stage: generate greedy and sampled answers, verify them, write the
-samples and the summary (DESIGN.md 1.8).
+samples and the summary (docs/design.md 1.8).
 
 Outputs, under the output directory:
 - `<benchmark>/samples.parquet` (contract `contracts.EVAL_SAMPLE_COLUMNS`, plus the gold

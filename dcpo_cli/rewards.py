@@ -242,7 +242,7 @@ def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int 
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
-    """DAPO's overlong reward shaping (DESIGN.md 1.5): 0, a linear ramp to -1, then -1."""
+    """DAPO's overlong reward shaping (docs/design.md 1.5): 0, a linear ramp to -1, then -1."""
     if buffer <= 0:
         return 0.0
     soft_limit = max_length - buffer

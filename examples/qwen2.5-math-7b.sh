@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DCPO on Qwen2.5-Math-7B with the paper's settings (DESIGN.md 1.6), for one GPU node.
+# DCPO on Qwen2.5-Math-7B with the paper's settings (docs/design.md 1.6), for one GPU node.
 # The same loop as examples/tiny_loop.sh, with the vLLM engine and Hub model and data:
 # 512 prompts x 16 responses per step, temperature 1.0, top-p 1.0, ~3k-token responses,
 # AdamW lr 1e-6 with 10 warm-up steps, weight decay 0.1, grad norm 1.0, no KL, several

@@ -1,4 +1,4 @@
-"""The DCPO math (DESIGN.md section 1): hand-computed values, properties and equivalences."""
+"""The DCPO math (docs/design.md section 1): hand-computed values, properties and equivalences."""
 
 from __future__ import annotations
 

@@ -5,34 +5,11 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+from builders import write_rollouts
 from conftest import assert_one_line_error
 
 from dcpo_cli import contracts
 from dcpo_cli.cli import run
-
-
-def _rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_tokens=16):
-    """A rollouts file as `dcpo rollout` writes it (token ids are placeholders of the
-    given lengths)."""
-    count = len(responses)
-    lengths = lengths or [4] * count
-    columns = {
-        "step": [step] * count,
-        "prompt_id": [f"p{(start + i) // 2}" for i in range(count)],
-        "sample_index": [(start + i) % 2 for i in range(count)],
-        "prompt_text": ["q"] * count,
-        "prompt_token_ids": [[1, 2]] * count,
-        "response_text": responses,
-        "response_token_ids": [list(range(n)) for n in lengths],
-        "response_logprobs": [[-0.5] * n for n in lengths],
-        "finish_reason": ["length" if n >= max_new_tokens else "stop" for n in lengths],
-        "answer": answers,
-    }
-    schema = pa.schema(list(contracts.ROLLOUT_COLUMNS.items()))
-    meta = contracts.make_metadata("rollouts", "rollout", step=step,
-                               extra={"max_new_tokens": max_new_tokens})
-    contracts.write_table(pa.table(columns, schema=schema), path, meta)
-    return path
 
 
 def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tmp_path, dcpo):
@@ -57,9 +34,9 @@ def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tm
 
 
 def test_shards_become_one_scored_file(tmp_path):
-    a = _rollouts(tmp_path / "a.parquet", ["\\boxed{4}", "4", "\\boxed{5}", "\\boxed{4.0}"],
+    a = write_rollouts(tmp_path / "a.parquet", ["\\boxed{4}", "4", "\\boxed{5}", "\\boxed{4.0}"],
                   ["4", "4", "4", "4"])
-    b = _rollouts(tmp_path / "b.parquet", ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"],
+    b = write_rollouts(tmp_path / "b.parquet", ["\\boxed{\\frac{1}{2}}", "\\boxed{0.5}"],
                   ["1/2", "\\frac12"], start=4)
     assert run(["score", str(a), str(b), "--out", str(tmp_path / "s.parquet"),
                 "--wrong-reward", "-1", "--workers", "2"]) == 0
@@ -78,7 +55,7 @@ def test_shards_become_one_scored_file(tmp_path):
 
 def test_overlong_shaping_uses_the_rollouts_max_length(tmp_path):
     lengths = [10, 12, 13, 14, 16]  # L_max 16 from the metadata, buffer 4: free up to 12
-    path = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"] * 2 + ["\\boxed{1}"],
+    path = write_rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"] * 2 + ["\\boxed{1}"],
                      ["1"] * 5, lengths=lengths)
     assert run(["score", str(path), "--out", str(tmp_path / "s.parquet"),
                 "--overlong-buffer", "4"]) == 0
@@ -96,7 +73,7 @@ def test_user_reward_function(tmp_path, dcpo):
     (tmp_path / "my_reward.py").write_text(
         "def length_reward(response_text, answer, row):\n"
         "    return len(response_text) / 10 if row['sample_index'] == 0 else -1.0\n")
-    path = _rollouts(tmp_path / "r.parquet", ["abcde", "\\boxed{7}", "xy"], ["7", "7", "7"])
+    path = write_rollouts(tmp_path / "r.parquet", ["abcde", "\\boxed{7}", "xy"], ["7", "7", "7"])
     result = dcpo("score", path, "--out", tmp_path / "s.parquet",
                   "--reward", "my_reward:length_reward", cwd=tmp_path)
     assert result.code == 0, result.stderr
@@ -116,7 +93,7 @@ def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcp
         "    if response_text == 'raise':\n"
         "        raise ValueError('cannot judge')\n"
         "    return 1.0\n")
-    path = _rollouts(tmp_path / "r.parquet", ["fine", "hang", "fine"], ["7", "7", "7"])
+    path = write_rollouts(tmp_path / "r.parquet", ["fine", "hang", "fine"], ["7", "7", "7"])
     result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward",
                   "slow_reward:reward", "--timeout", "2", "--wrong-reward", "-1",
                   cwd=tmp_path, timeout=120)
@@ -126,7 +103,7 @@ def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcp
     assert scored.column("verify_timeout").to_pylist() == [False, True, False]
     assert scored.column("correct").to_pylist() == [True, False, True]
 
-    bad = _rollouts(tmp_path / "b.parquet", ["fine", "raise"], ["7", "7"])
+    bad = write_rollouts(tmp_path / "b.parquet", ["fine", "raise"], ["7", "7"])
     result = dcpo("score", bad, "--out", tmp_path / "b-scored.parquet", "--reward",
                   "slow_reward:reward", cwd=tmp_path)
     assert_one_line_error(result, "slow_reward:reward", "row 1", "ValueError: cannot judge")
@@ -134,7 +111,7 @@ def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcp
 
 
 def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
-    path = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"], ["1", "1"])
+    path = write_rollouts(tmp_path / "r.parquet", ["\\boxed{1}", "\\boxed{2}"], ["1", "1"])
     assert run(["score", str(path), "--out", str(tmp_path / "s.parquet")]) == 0
     assert run(["score", str(tmp_path / "s.parquet"), "--out", str(tmp_path / "t.parquet"),
                 "--wrong-reward", "-0.5"]) == 0
@@ -144,7 +121,7 @@ def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
-    good = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}"] * 2, ["1", "1"])
+    good = write_rollouts(tmp_path / "r.parquet", ["\\boxed{1}"] * 2, ["1", "1"])
     out = tmp_path / "s.parquet"
     cases = [
         ([tmp_path / "missing.parquet"], ["missing.parquet", "no such file"]),
@@ -174,7 +151,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
 def test_user_reward_that_raises_names_the_row(tmp_path, dcpo):
     (tmp_path / "bad_reward.py").write_text(
         "def f(response_text, answer, row):\n    return 1 / (row['sample_index'] - 1)\n")
-    path = _rollouts(tmp_path / "r.parquet", ["a", "b"], ["1", "1"])
+    path = write_rollouts(tmp_path / "r.parquet", ["a", "b"], ["1", "1"])
     result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward", "bad_reward:f",
                   cwd=tmp_path)
     assert_one_line_error(result, "row 1", "ZeroDivisionError")

@@ -7,9 +7,9 @@ import math
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
+from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
 
 from dcpo_cli import contracts
@@ -25,37 +25,6 @@ REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [
 REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
 
 
-def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float]],
-                 seed: int = 0, max_len: int = 12, vocab: int | None = None,
-                 max_new_tokens: int | None = None) -> Path:
-    """A scored file made by hand: random responses ending in eos, rewards as given."""
-    gen = torch.Generator().manual_seed(seed + 1000 * step)
-    vocab = vocab or len(tokenizer)
-    rows: dict[str, list] = {name: [] for name in contracts.SCORED_COLUMNS}
-    for prompt_id, group in rewards.items():
-        text = f"<|im_start|>user\nWhat is {prompt_id}?<|im_end|>\n<|im_start|>assistant\n"
-        prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for index, reward in enumerate(group):
-            length = int(torch.randint(2, max_len, (1,), generator=gen))
-            body = torch.randint(5, vocab, (length,), generator=gen).tolist()
-            truncated = index == 0
-            response = body if truncated else body + [tokenizer.eos_token_id]
-            values = dict(step=step, prompt_id=prompt_id, sample_index=index, prompt_text=text,
-                          prompt_token_ids=prompt_ids, response_text=tokenizer.decode(response),
-                          response_token_ids=response,
-                          response_logprobs=[-1.0] * len(response),
-                          finish_reason="length" if truncated else "stop", answer="1",
-                          reward=float(reward), correct=bool(reward > 0),
-                          extracted_answer="1" if reward else "0")
-            for name, value in values.items():
-                rows[name].append(value)
-    schema = pa.schema([(n, t) for n, t in contracts.SCORED_COLUMNS.items()])
-    contracts.write_table(pa.table(rows, schema=schema), path,
-                      contracts.make_metadata("scored", "score", step=step,
-                                          extra={"max_new_tokens": max_new_tokens}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def tokenizer(random_model_dir):
     from transformers import AutoTokenizer
@@ -64,7 +33,7 @@ def tokenizer(random_model_dir):
 
 
 def hand_sas(rewards: list[float], stats: dict | None) -> tuple[list[float], dict]:
-    """DESIGN.md 1.2, written out independently of dcpo_cli.algorithms."""
+    """docs/design.md 1.2, written out independently of dcpo_cli.algorithms."""
     n = len(rewards)
     mean_new = sum(rewards) / n
     std_new = math.sqrt(sum((r - mean_new) ** 2 for r in rewards) / (n - 1))
