@@ -1,4 +1,5 @@
-"""The Parquet file contracts of docs/design.md section 2: schemas, validation, atomic writes, metadata.
+"""The Parquet file contracts of docs/design.md section 2: schemas, validation, atomic
+writes, metadata.
 
 Every stage reads through `read_table(path, kind)` and writes through `write_table(...)`, so
 there is exactly one definition of what each file holds. Problems are reported as a
