@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
 
 from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
@@ -27,6 +25,8 @@ def pick_engine(kind: str) -> str:
         raise DcpoError(f"--engine {kind!r}: expected one of {', '.join(ENGINES)}")
     if kind != "auto":
         return kind
+    import importlib.util  # here, not at the top: `dcpo --help` imports this package
+
     if importlib.util.find_spec("vllm") is None:
         return "hf"
     import torch
@@ -39,5 +39,7 @@ def load_engine(kind: str, model_path: str | Path, **options) -> Engine:
     model_path = Path(model_path)
     if not model_path.is_dir() or not (model_path / "config.json").is_file():
         raise DcpoError(f"{model_path}: not a model directory (no config.json)")
+    import importlib
+
     module, name = REGISTRY[kind].split(":")
     return getattr(importlib.import_module(module), name)(model_path, **options)

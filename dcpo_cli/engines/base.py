@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -66,6 +65,8 @@ def finish(token_ids: list[int], logprobs: list[float], eos_ids: set[int], max_n
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts, stable across Python runs (unlike hash()): the one seed
     derivation of rollout's prompt shuffle and sampling and of the engines' batches."""
+    import hashlib  # here, not at the top: `dcpo --help` imports this module
+
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
