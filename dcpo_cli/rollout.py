@@ -19,8 +19,7 @@ import pyarrow as pa
 
 from dcpo_cli import files
 from dcpo_cli.errors import DcpoError
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+from dcpo_cli.model_source import ModelSource, model_identity, resolve_model
 
 
 @dataclass(frozen=True)
@@ -116,28 +115,15 @@ def shard_part(items: list, shard: tuple[int, int]) -> list:
     return items[start:start + size + (1 if index < extra else 0)]
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the weight files' names and bytes: equal weights, equal fingerprint,
-    wherever the directory lives."""
-    model_dir = Path(model_dir)
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not weights:
-        raise DcpoError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
-    digest = hashlib.sha256()
-    for path in weights:
-        digest.update(path.name.encode())
-        digest.update(files.file_checksum(path).encode())
-    return digest.hexdigest()
-
-
 def _prompt_value(value: Any) -> str | list[dict]:
     return value if isinstance(value, str) else [dict(m) for m in value]
 
 
-def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str | Path,
-                options: RolloutOptions, engine: Any = None) -> RolloutSummary:
-    """Generate step `step`'s rollouts and write them to `out`. `engine` replaces the real one
-    (benchmarks pass a loaded engine); otherwise it is loaded from `model`."""
+def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step: int,
+                out: str | Path, options: RolloutOptions, engine: Any = None) -> RolloutSummary:
+    """Generate step `step`'s rollouts and write them to `out`. `model` is a directory or a
+    Hub id[@revision]. `engine` replaces the real one (benchmarks pass a loaded engine);
+    otherwise it is loaded from `model`."""
     from dcpo_cli.console import progress
     from dcpo_cli.engines import SamplingSettings, load_engine
     from dcpo_cli.prompting import encode_prompts
@@ -147,8 +133,9 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
         raise DcpoError("--step must be >= 0")
     files.check_output_path(out)
     table = files.read_table(prompts_path, "prompts")
-    engine = engine or load_engine(options.engine, model)
-    fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
+    source = resolve_model(model)
+    fingerprint = model_identity(source)  # cheap: no weight byte is read
+    engine = engine or load_engine(options.engine, source.path)
 
     chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
                         options.shard)
@@ -197,7 +184,7 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     option_record = {**asdict(options), "shard": f"{options.shard[0]}/{options.shard[1]}"}
     metadata = files.make_metadata(
         "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
-        extra={"model": str(model), "model_fingerprint": fingerprint, "engine": engine.name,
+        extra={**source.record(), "model_fingerprint": fingerprint, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
                "skipped_prompts": skipped},

@@ -52,6 +52,7 @@ from dcpo_cli.logprobs import (
     token_entropy,
     token_logprobs,
 )
+from dcpo_cli.model_source import ModelSource, resolve_model
 from dcpo_cli.sas_state import SasState
 
 SAS_SNAPSHOT = "sas_state.json"
@@ -323,10 +324,12 @@ def _rows_tensor(values: list[float], rows: list[int], mask: torch.Tensor) -> to
 # ---------------------------------------------------------------- the step
 
 
-def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: Path,
-                   options: TrainOptions, show_progress: bool = True) -> Outcome:
+def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
+                   out: Path, options: TrainOptions, show_progress: bool = True) -> Outcome:
+    """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once)."""
     started = time.perf_counter()
-    model_dir, state_path, out = Path(model_dir), Path(state_path), Path(out)
+    source = resolve_model(model)
+    model_dir, state_path, out = source.path, Path(state_path), Path(out)
     if out.resolve() == model_dir.resolve():
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
@@ -389,7 +392,9 @@ def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: P
         "options": options.record(),
         "scored_checksums": data.checksums,
         "state_before_checksum": state_before,
-        "base_model": str(trainer["base_model"] if trainer else model_dir.resolve()),
+        # the weights the run started from: a Hub id and commit, or a directory
+        "base_model": trainer["base_model"] if trainer else source.name,
+        "base_model_revision": trainer.get("base_model_revision") if trainer else source.commit,
     }
 
     def write_extra(tmp: Path) -> None:
