@@ -328,24 +328,26 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
                    out: Path, options: TrainOptions, show_progress: bool = True) -> Outcome:
     """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once)."""
     started = time.perf_counter()
-    source = resolve_model(model)
-    model_dir, state_path, out = source.path, Path(state_path), Path(out)
-    if out.resolve() == model_dir.resolve():
+    state_path, out = Path(state_path), Path(out)
+    given = model.path if isinstance(model, ModelSource) else Path(model)
+    if out.resolve() == given.resolve():
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
     data = load_scored(scored)
     state = SasState.load(state_path)
 
     decision = resume_decision(out, state_path, data, state)
-    if decision == "fresh" and is_checkpoint(model_dir):
-        state = align_state_with_model(model_dir, state_path, state)
-    if decision != "fresh":
+    if decision != "fresh":  # a finished step needs no model (a loop re-run may have pruned it)
         metrics = json.loads((out / METRICS).read_text())
         if decision == "sync":
             _copy_atomic(out / SAS_SNAPSHOT, state_path)
         if options.metrics_log:
             append_metrics_once(options.metrics_log, metrics)
         return Outcome("synced" if decision == "sync" else "done", metrics, out)
+    source = resolve_model(model)  # before anything is written: a bad id leaves no trace
+    model_dir = source.path
+    if is_checkpoint(model_dir):
+        state = align_state_with_model(model_dir, state_path, state)
     state_before = _state_checksum(state_path)
 
     device, autocast_dtype = device_and_dtype()
