@@ -124,6 +124,41 @@ def test_an_uncached_id_offline_says_what_to_do(monkeypatch):
     assert "\n" not in message
 
 
+def _hub_error(name: str):
+    """One of huggingface_hub's errors as snapshot_download raises it (a fake HTTP response:
+    no network here)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub import errors
+
+    kind = getattr(errors, name)
+    if issubclass(kind, errors.HfHubHTTPError):
+        return kind("from the Hub", response=SimpleNamespace(headers={}, request=None))
+    return kind("cannot find it")
+
+
+@pytest.mark.parametrize(("error", "fragment"), [
+    ("RepositoryNotFoundError", "nor a model on the Hugging Face Hub (if it is private, log in"),
+    ("GatedRepoError", "gated on the Hugging Face Hub: accept its terms"),
+    ("RevisionNotFoundError", "has no revision 'v9'; name a branch, tag or commit"),
+    ("LocalEntryNotFoundError", "the Hugging Face Hub cannot be reached and it is not in the"),
+])
+def test_hub_errors_become_one_line_naming_the_id(monkeypatch, error, fragment):
+    import huggingface_hub
+
+    def fails(repo_id, **kwargs):
+        raise _hub_error(error)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fails)
+    with pytest.raises(DcpoError) as caught:
+        resolve_model("org/model@v9")
+    message = str(caught.value)
+    assert message.startswith("org/model@v9: ") and fragment in message and "\n" not in message
+
+
 # ---------------------------------------------------------------- the cheap identity
 
 def test_identity_of_a_plain_directory(tmp_path, tiny):
