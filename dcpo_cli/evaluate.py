@@ -8,7 +8,8 @@ Outputs, under the output directory:
   A missing extraction is stored as "". The metadata holds the options and the model
   fingerprint, which is how a re-run with the same options skips the benchmark;
 - `summary.json`: `{"<benchmark>": {"problems": P, "avg@1": .., "avg@K": .., "pass@K": ..,
-  "maj@K": ..}, ..., "average": {...}}` in percent;
+  "maj@K": ..}, ..., "average": {...}}` in percent, plus `"_model"`: the model as given, its
+  Hub id and commit (null for a local directory) and its fingerprint;
 - `options.json`: the options of the run that wrote the summary.
 
 Generation goes through the same engines as `dcpo rollout` and verification through the same
@@ -17,7 +18,6 @@ Generation goes through the same engines as `dcpo rollout` and verification thro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +29,7 @@ import pyarrow as pa
 from dcpo_cli import contracts, eval_sets
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.eval_metrics import Sample, average_metrics, benchmark_metrics
+from dcpo_cli.model_source import ModelSource, model_identity, resolve_model
 from dcpo_cli.options import EvalOptions
 
 GREEDY_INDEX = -1
@@ -47,28 +48,16 @@ class BenchmarkResult:
     seconds: float
 
 
-def model_fingerprint(model: str | Path) -> str:
-    """Identifies a model directory's contents cheaply: small files (config, tokenizer) by
-    their bytes, large ones (weights) by size and modification time. Only the top level
-    counts (a Hugging Face model directory is flat), so an eval folder inside it is ignored."""
-    path = Path(model)
-    if not path.exists():
-        return f"name:{model}"
-    digest = hashlib.sha256()
-    paths = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for item in paths:
-        stat = item.stat()
-        digest.update(str(item.relative_to(path) if item != path else item.name).encode())
-        if stat.st_size <= 1 << 20:
-            digest.update(item.read_bytes())
-        else:
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
+def model_fingerprint(model: str | Path | ModelSource) -> str:
+    """Identifies the model cheaply (`model_source.model_identity`); an eval folder inside
+    the model directory does not count (only its top-level files do)."""
+    return model_identity(model if isinstance(model, ModelSource) else Path(model))
 
 
-def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOptions,
+def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, options: EvalOptions,
              data_dir: Path | None = None, engine: Any = None) -> dict[str, BenchmarkResult]:
-    """Evaluate `model` on each benchmark spec, write the outputs, return the results.
+    """Evaluate `model` (a directory or a Hub id[@revision]) on each benchmark spec, write the
+    outputs, return the results.
 
     `engine` replaces the real one (tests pass a scripted engine); otherwise the engine is
     loaded once, only when some benchmark is not already done.
@@ -85,7 +74,8 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
     duplicates = sorted({n for n in names if names.count(n) > 1} | {"average"} & set(names))
     if duplicates:
         raise DcpoError(f"benchmark name '{duplicates[0]}' is given twice or is reserved")
-    fingerprint = model_fingerprint(model)
+    source = resolve_model(model)
+    fingerprint = model_fingerprint(source)
     results: dict[str, BenchmarkResult] = {}
     for data in datasets:
         path = out / data.name / SAMPLES_FILE
@@ -98,17 +88,17 @@ def run_eval(model: str | Path, specs: list[str], out: Path, options: EvalOption
             if engine is None:
                 from dcpo_cli.engines import load_engine
 
-                engine = load_engine(options.engine, str(model))
+                engine = load_engine(options.engine, source.path)
             table = generate_samples(engine, data, options)
             inputs = [data.source] if Path(data.source).is_file() else []
             metadata = contracts.make_metadata(
                 "eval_samples", "eval", options=run_options, inputs=inputs,
-                extra={"benchmark": data.name, "source": data.source, "model": str(model),
+                extra={"benchmark": data.name, "source": data.source, **source.record(),
                        "model_fingerprint": fingerprint, "problems": len(data.rows)})
             contracts.write_table(table, path, metadata)
         results[data.name] = _result(data, table, options, path, reused,
                                      time.perf_counter() - started)
-    write_summary(results, out, options, model)
+    write_summary(results, out, options, source)
     return results
 
 
@@ -224,13 +214,15 @@ def _result(data: eval_sets.BenchmarkData, table: pa.Table, options: EvalOptions
 
 
 def write_summary(results: dict[str, BenchmarkResult], out: Path, options: EvalOptions,
-                  model: str | Path) -> dict[str, dict[str, float | int]]:
+                  model: str | Path | ModelSource) -> dict[str, dict[str, float | int]]:
+    source = resolve_model(model)
+    model_record = {**source.record(), "model_fingerprint": model_fingerprint(source)}
     summary = {name: result.metrics for name, result in results.items()}
     summary["average"] = average_metrics(summary)
-    contracts.write_json(summary, out / "summary.json")
-    contracts.write_json({**asdict(options), "model": str(model),
-                      "model_fingerprint": model_fingerprint(model),
-                      "benchmarks": list(results)}, out / "options.json")
+    # "_" keys are not benchmarks (report.load_evals skips them): which weights were measured
+    contracts.write_json({**summary, "_model": model_record}, out / "summary.json")
+    contracts.write_json({**asdict(options), **model_record, "benchmarks": list(results)},
+                         out / "options.json")
     return summary
 
 

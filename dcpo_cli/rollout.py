@@ -8,7 +8,6 @@ passes the step, and a re-run of a step selects, and on CPU samples, exactly the
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -20,9 +19,8 @@ import pyarrow as pa
 from dcpo_cli import contracts
 from dcpo_cli.engines.base import derive_seed
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.model_source import ModelSource, model_identity, resolve_model
 from dcpo_cli.options import RolloutOptions
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -82,28 +80,15 @@ def shard_part(items: list, shard: tuple[int, int]) -> list:
     return items[start:start + size + (1 if index < extra else 0)]
 
 
-def weights_fingerprint(model_dir: str | Path) -> str:
-    """sha256 over the weight files' names and bytes: equal weights, equal fingerprint,
-    wherever the directory lives."""
-    model_dir = Path(model_dir)
-    weights = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not weights:
-        raise DcpoError(f"{model_dir}: no weight files (*.safetensors, *.bin)")
-    digest = hashlib.sha256()
-    for path in weights:
-        digest.update(path.name.encode())
-        digest.update(contracts.file_checksum(path).encode())
-    return digest.hexdigest()
-
-
 def _prompt_value(value: Any) -> str | list[dict]:
     return value if isinstance(value, str) else [dict(m) for m in value]
 
 
-def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str | Path,
-                options: RolloutOptions, engine: Any = None) -> RolloutSummary:
-    """Generate step `step`'s rollouts and write them to `out`. `engine` replaces the real one
-    (benchmarks pass a loaded engine); otherwise it is loaded from `model`."""
+def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step: int,
+                out: str | Path, options: RolloutOptions, engine: Any = None) -> RolloutSummary:
+    """Generate step `step`'s rollouts and write them to `out`. `model` is a directory or a
+    Hub id[@revision]. `engine` replaces the real one (benchmarks pass a loaded engine);
+    otherwise it is loaded from `model`."""
     from dcpo_cli.console import progress
     from dcpo_cli.engines import SamplingSettings, load_engine
     from dcpo_cli.prompting import encode_prompts
@@ -113,8 +98,9 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
         raise DcpoError("--step must be >= 0")
     contracts.check_output_path(out)
     table = contracts.read_table(prompts_path, "prompts")
-    engine = engine or load_engine(options.engine, model)
-    fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
+    source = resolve_model(model)
+    fingerprint = model_identity(source)  # cheap: no weight byte is read
+    engine = engine or load_engine(options.engine, source.path)
 
     chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
                         options.shard)
@@ -163,7 +149,7 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
     option_record = {**asdict(options), "shard": f"{options.shard[0]}/{options.shard[1]}"}
     metadata = contracts.make_metadata(
         "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
-        extra={"model": str(model), "model_fingerprint": fingerprint, "engine": engine.name,
+        extra={**source.record(), "model_fingerprint": fingerprint, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
                "skipped_prompts": skipped},

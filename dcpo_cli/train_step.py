@@ -39,6 +39,7 @@ from dcpo_cli.checkpoint import (
 )
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.logprobs import check_plain_lm_head
+from dcpo_cli.model_source import ModelSource, resolve_model
 from dcpo_cli.options import TrainOptions
 from dcpo_cli.presets import AlgoConfig
 from dcpo_cli.sas_state import SasState
@@ -89,28 +90,33 @@ class Policy:
     global_step: int  # train steps before this one
     updates_before: int  # optimizer updates before this step
     lr: float  # this step's learning rate
-    base_model: str
+    base_model: str  # the weights the run started from: a Hub id, or a directory
+    base_model_revision: str | None  # the Hub commit (None for a directory)
 
 
-def run_train_step(model_dir: Path, scored: list[Path], state_path: Path, out: Path,
-                   options: TrainOptions, show_progress: bool = True) -> Outcome:
+def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
+                   out: Path, options: TrainOptions, show_progress: bool = True) -> Outcome:
+    """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once)."""
     started = time.perf_counter()
-    model_dir, state_path, out = Path(model_dir), Path(state_path), Path(out)
-    if out.resolve() == model_dir.resolve():
+    state_path, out = Path(state_path), Path(out)
+    given = model.path if isinstance(model, ModelSource) else Path(model)
+    if out.resolve() == given.resolve():
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
     data = load_scored(scored)
     state = SasState.load(state_path)
 
     decision = resume_decision(out, state_path, data, state)
-    if decision != "fresh":
+    if decision != "fresh":  # a finished step needs no model (a loop re-run may have pruned it)
         return _finish_resumed(decision, out, state_path, options.metrics_log)
+    source = resolve_model(model)  # before anything is written: a bad id leaves no trace
+    model_dir = source.path
     if is_checkpoint(model_dir):
         state = align_state_with_model(model_dir, state_path, state)
     state_before = state_checksum(state_path)
 
     load_started = time.perf_counter()
-    policy = load_policy(model_dir, options, data)
+    policy = load_policy(source, options, data)
     load_seconds = time.perf_counter() - load_started
 
     advantages = compute_advantages(data, config, state, state_path)
@@ -169,9 +175,10 @@ def _finish_resumed(decision: str, out: Path, state_path: Path, metrics_log: Pat
     return Outcome("synced" if decision == "sync" else "done", metrics, out)
 
 
-def load_policy(model_dir: Path, options: TrainOptions, data: StepData) -> Policy:
+def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> Policy:
     """The model (checked against the step's tokens), and an optimizer that continues a
     train-step checkpoint's state or starts fresh from --seed."""
+    model_dir = source.path
     device, autocast_dtype = device_and_dtype()
     model, tokenizer = build_policy(model_dir, device, options.gradient_checkpointing)
     check_plain_lm_head(model)
@@ -186,9 +193,10 @@ def load_policy(model_dir: Path, options: TrainOptions, data: StepData) -> Polic
         global_step, updates_before = 0, 0
     lr = scheduled_lr(options.lr, global_step, options.warmup_steps)
     set_hyperparameters(optimizer, lr, options.weight_decay)
-    base_model = str(trainer["base_model"] if trainer else model_dir.resolve())
+    base_model = trainer["base_model"] if trainer else source.name
+    revision = trainer.get("base_model_revision") if trainer else source.commit
     return Policy(model, tokenizer, optimizer, device, autocast_dtype, global_step,
-                  updates_before, lr, base_model)
+                  updates_before, lr, base_model, revision)
 
 
 def _trainer_state(policy: Policy, data: StepData, config: AlgoConfig, options: TrainOptions,
@@ -207,7 +215,9 @@ def _trainer_state(policy: Policy, data: StepData, config: AlgoConfig, options: 
         "options": options.record(),
         "scored_checksums": data.checksums,
         "state_before_checksum": state_before,
+        # the weights the run started from: a Hub id and commit, or a directory
         "base_model": policy.base_model,
+        "base_model_revision": policy.base_model_revision,
     }
 
 

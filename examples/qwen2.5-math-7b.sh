@@ -7,14 +7,22 @@
 #
 #   examples/qwen2.5-math-7b.sh RUN_DIR [STEPS]
 #
-# Needs `pip install 'dcpo-cli[vllm]'`, a GPU, and access to the Hub (or local copies: set
-# MODEL to a model directory, DATA to a prompts/JSONL/verl file, DCPO_DATA_DIR to a folder
-# holding the benchmark files). Rerun the same command after a crash: finished stages are
-# skipped and train-step never absorbs a step twice.
+# Needs `pip install 'dcpo-cli[vllm]'`, a GPU, and access to the Hub (MODEL is a Hub id,
+# optionally id@revision, fetched into the Hugging Face cache; or local copies: set MODEL to
+# a model directory, DATA to a prompts/JSONL/verl file, DCPO_DATA_DIR to a folder holding
+# the benchmark files, and HF_HUB_OFFLINE=1). Rerun the same command after a crash: finished
+# stages are skipped and train-step never absorbs a step twice.
+#
+# Every setting below comes from the environment. The test suite runs this file for 2 steps on
+# the built-in tiny model, without a GPU or downloads:
+#   ENGINE=hf MODEL=tiny/model DATA=tiny/train.parquet EVAL_BENCHMARKS=tiny/test.parquet \
+#   BATCH=4 N=2 MAX_NEW_TOKENS=16 MINI_BATCH=2 EVAL_AT=2 EVAL_EVERY=2 \
+#   examples/qwen2.5-math-7b.sh RUN_DIR 2
 set -euo pipefail
 
 RUN=${1:?usage: examples/qwen2.5-math-7b.sh RUN_DIR [STEPS]}
-STEPS=${2:-300}
+STEPS=${2:-${STEPS:-300}}
+ENGINE=${ENGINE:-vllm}                         # vllm, hf (no GPU needed) or auto
 MODEL=${MODEL:-Qwen/Qwen2.5-Math-7B}
 DATA=${DATA:-BytedTsinghua-SIA/DAPO-Math-17k}  # the official DCPO training set (verl layout)
 ALGO=${ALGO:-dcpo}                             # dcpo, grpo, dapo or gspo
@@ -23,18 +31,26 @@ BATCH=${BATCH:-512}
 N=${N:-16}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-3072}
 MINI_BATCH=${MINI_BATCH:-128}                  # prompts per optimizer update: 4 per step
+MICRO_BATCH_TOKENS=${MICRO_BATCH_TOKENS:-32768}
+LR=${LR:-1e-6}
+WARMUP_STEPS=${WARMUP_STEPS:-10}
 EVAL_EVERY=${EVAL_EVERY:-10}
 EVAL_AT=${EVAL_AT:-32}
+EVAL_BENCHMARKS=${EVAL_BENCHMARKS:-aime24 aime25 amc23 math500}  # names or files, by spaces
+EVAL_LIMIT=${EVAL_LIMIT:-}                     # only the first N problems of each benchmark
 DCPO=${DCPO:-dcpo}
 
 mkdir -p "$RUN"
 prompts=$RUN/train.parquet
 [ -f "$prompts" ] || $DCPO prepare "$DATA" --out "$prompts"
 
-evaluate() {  # evaluate MODEL LABEL
-  $DCPO eval --model "$1" --benchmark aime24 --benchmark aime25 --benchmark amc23 \
-    --benchmark math500 --avg-at "$EVAL_AT" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --seed "$SEED" --engine vllm --out "$RUN/eval/$2"
+benchmark_args=()
+for benchmark in $EVAL_BENCHMARKS; do benchmark_args+=(--benchmark "$benchmark"); done
+
+evaluate() {  # evaluate MODEL LABEL (a re-run reuses finished benchmarks)
+  $DCPO eval --model "$1" "${benchmark_args[@]}" --avg-at "$EVAL_AT" \
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" \
+    ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --out "$RUN/eval/$2"
 }
 
 # Resume: redo the newest train-step (it only syncs the SAS state if a kill came between its
@@ -55,11 +71,12 @@ for ((step = start; step < STEPS; step++)); do
 
   [ -f "$rollouts" ] || $DCPO rollout --model "$model" --prompts "$prompts" --step "$step" \
     --batch-size "$BATCH" --n "$N" --temperature 1.0 --top-p 1.0 \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine vllm --out "$rollouts"
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" --out "$rollouts"
   [ -f "$scored" ] || $DCPO score "$rollouts" --out "$scored"
   $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \
-    --out "$next" --algo "$ALGO" --lr 1e-6 --warmup-steps 10 --weight-decay 0.1 \
-    --max-grad-norm 1.0 --mini-batch-size "$MINI_BATCH" --micro-batch-tokens 32768 \
+    --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps "$WARMUP_STEPS" --weight-decay 0.1 \
+    --max-grad-norm 1.0 --mini-batch-size "$MINI_BATCH" \
+    --micro-batch-tokens "$MICRO_BATCH_TOKENS" \
     --gradient-checkpointing --seed "$SEED" --metrics-log "$RUN/metrics.jsonl"
   model=$next
   if (((step + 1) % EVAL_EVERY == 0)); then

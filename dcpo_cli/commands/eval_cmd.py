@@ -12,7 +12,8 @@ D = EvalOptions()  # the defaults
 
 def evaluate(
     *,  # keyword-only: typer passes every option by name
-    model: Path = typer.Option(..., help="Model directory or checkpoint."),
+    model: str = typer.Option(..., help="Model directory, checkpoint, or Hugging Face Hub id "
+                              "(org/name[@revision], fetched into the Hugging Face cache)."),
     benchmark: list[str] = typer.Option(..., help="aime24, aime25, amc23, math500, gsm8k, or a "
                                         "prompts Parquet / JSONL / verl Parquet file. Repeatable."),
     out: Path = typer.Option(..., help="Output directory (summary.json, <benchmark>/"

@@ -12,7 +12,8 @@ D = RolloutOptions()  # the defaults
 
 def rollout(
     *,  # keyword-only: typer passes every option by name
-    model: Path = typer.Option(..., help="Hugging Face model directory."),
+    model: str = typer.Option(..., help="Model directory, checkpoint, or Hugging Face Hub id "
+                              "(org/name[@revision], fetched into the Hugging Face cache)."),
     prompts: Path = typer.Option(..., help="Prompts Parquet file (from `dcpo prepare`)."),
     step: int = typer.Option(..., help="Training step; step N takes the N-th slice of "
                              "--batch-size prompts of the per-epoch shuffles (0 is the first)."),

@@ -12,8 +12,9 @@ D = TrainOptions()  # the defaults
 
 def train_step(
     *,  # keyword-only: typer passes every option by name
-    model: Path = typer.Option(..., help="Policy: a model directory or a train-step checkpoint "
-                               "(then optimizer, lr schedule, RNG and global step continue)."),
+    model: str = typer.Option(..., help="Policy: a model directory, a Hugging Face Hub id "
+                              "(org/name[@revision]) or a train-step checkpoint (then optimizer, "
+                              "lr schedule, RNG and global step continue)."),
     scored: list[Path] = typer.Option(..., help="Scored Parquet shard(s) of one rollout step. "
                                       "Repeatable."),
     state: Path = typer.Option(..., help="SAS state file (created if absent; updated after the "
