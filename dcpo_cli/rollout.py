@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli import files
+from dcpo_cli.engine_settings import EngineSettings
 from dcpo_cli.errors import DcpoError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -62,6 +63,7 @@ class RolloutSummary:
     tokens: int
     truncated: int
     seconds: float
+    load_seconds: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -135,19 +137,28 @@ def _prompt_value(value: Any) -> str | list[dict]:
 
 
 def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str | Path,
-                options: RolloutOptions, engine: Any = None) -> RolloutSummary:
+                options: RolloutOptions, engine: Any = None,
+                engine_settings: EngineSettings | None = None) -> RolloutSummary:
     """Generate step `step`'s rollouts and write them to `out`. `engine` replaces the real one
-    (benchmarks pass a loaded engine); otherwise it is loaded from `model`."""
+    (benchmarks and tests pass a loaded engine); otherwise it is loaded from `model` with
+    `engine_settings`."""
     from dcpo_cli.console import progress
-    from dcpo_cli.engines import SamplingSettings, load_engine
+    from dcpo_cli.engines import SamplingSettings, load_engine, pick_engine
     from dcpo_cli.prompting import encode_prompts
 
     options.check()
+    engine_settings = engine_settings or EngineSettings()
+    kind = pick_engine(options.engine)
+    engine_options = engine_settings.options_for(kind)
     if step < 0:
         raise DcpoError("--step must be >= 0")
     files.check_output_path(out)
     table = files.read_table(prompts_path, "prompts")
-    engine = engine or load_engine(options.engine, model)
+    load_seconds = None  # the engine's cold start, when this run paid it
+    if engine is None:
+        started = time.perf_counter()
+        engine = load_engine(kind, model, **engine_options)
+        load_seconds = time.perf_counter() - started
     fingerprint = weights_fingerprint(model) if Path(model).is_dir() else None
 
     chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
@@ -200,10 +211,12 @@ def run_rollout(model: str | Path, prompts_path: str | Path, step: int, out: str
         extra={"model": str(model), "model_fingerprint": fingerprint, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
-               "skipped_prompts": skipped},
+               "skipped_prompts": skipped, "engine_settings": engine_settings.record(),
+               "engine_load_seconds": None if load_seconds is None else round(load_seconds, 2),
+               "generate_seconds": round(seconds, 2)},
     )
     files.write_table(result, out, metadata)
     tokens = sum(len(ids) for ids in rows["response_token_ids"])
     truncated = sum(reason == "length" for reason in rows["finish_reason"])
     return RolloutSummary(Path(out), len(keep), skipped, result.num_rows, tokens, truncated,
-                          seconds)
+                          seconds, load_seconds)

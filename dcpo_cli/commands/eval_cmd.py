@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands import engine_flags
+
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -33,6 +35,13 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Only the first N problems of each benchmark."),
     chat_template: bool = typer.Option(True, "--chat-template/--no-chat-template",
                                        help="Render prompts with the model's chat template."),
+    tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
+    gpu_memory_utilization: float | None = engine_flags.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = engine_flags.MAX_MODEL_LEN,
+    dtype: str = engine_flags.DTYPE,
+    enforce_eager: bool = engine_flags.ENFORCE_EAGER,
+    engine_arg: list[str] = engine_flags.ENGINE_ARG,
+    verbose: bool = engine_flags.VERBOSE,
 ) -> None:
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
@@ -43,5 +52,9 @@ def evaluate(
                           temperature=temperature, top_p=top_p, top_k=top_k,
                           max_new_tokens=max_new_tokens, seed=seed, engine=engine,
                           instruction=instruction, chat_template=chat_template, limit=limit)
-    results = run_eval(model, benchmark, out, options, data_dir=data_dir)
+    settings = engine_flags.engine_settings(tensor_parallel_size, gpu_memory_utilization,
+                                            max_model_len, dtype, enforce_eager, engine_arg,
+                                            verbose)
+    results = run_eval(model, benchmark, out, options, data_dir=data_dir,
+                       engine_settings=settings)
     console.print(summary_table(results, out / "summary.json"))
