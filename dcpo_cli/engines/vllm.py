@@ -11,6 +11,8 @@ and errors come through, so our progress bar stays the one thing on screen.
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -29,8 +31,13 @@ def quiet_vllm(verbose: bool) -> None:
         return
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ notes in the workers
+    # Deprecation notes of vLLM's dependencies, here and in its engine processes
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"vllm(\.|$)")
+    # At exit vLLM stops its engine processes and warns when one takes over 5 s to go, as it
+    # does on a busy CPU; that is routine here, so only its errors remain by then.
+    atexit.register(lambda: logging.getLogger("vllm").setLevel(logging.ERROR))
 
 
 def check_engine_args(engine_args: dict[str, Any]) -> None:
