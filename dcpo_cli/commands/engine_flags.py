@@ -7,7 +7,7 @@ TENSOR_PARALLEL_SIZE = typer.Option(
     "data-parallel rollouts run one process per GPU group with --shard i/n.")
 GPU_MEMORY_UTILIZATION = typer.Option(
     None, "--gpu-memory-utilization", help="vLLM: share of each GPU's memory the engine may "
-    "take (default: vLLM's own, 0.9); on vLLM's CPU build, the share of CPU memory.")
+    "take (default: vLLM's own); on vLLM's CPU build, the share of CPU memory.")
 MAX_MODEL_LEN = typer.Option(
     None, "--max-model-len", help="vLLM: longest prompt + response it reserves room for "
     "(default: the model's context length).")
