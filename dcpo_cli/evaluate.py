@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli import contracts, eval_sets
+from dcpo_cli.engine_settings import EngineSettings
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.eval_metrics import Sample, average_metrics, benchmark_metrics
 from dcpo_cli.model_source import ModelSource, model_identity, resolve_model
@@ -55,14 +56,20 @@ def model_fingerprint(model: str | Path | ModelSource) -> str:
 
 
 def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, options: EvalOptions,
-             data_dir: Path | None = None, engine: Any = None) -> dict[str, BenchmarkResult]:
+             data_dir: Path | None = None, engine: Any = None,
+             engine_settings: EngineSettings | None = None) -> dict[str, BenchmarkResult]:
     """Evaluate `model` (a directory or a Hub id[@revision]) on each benchmark spec, write the
     outputs, return the results.
 
     `engine` replaces the real one (tests pass a scripted engine); otherwise the engine is
-    loaded once, only when some benchmark is not already done.
+    loaded once, with `engine_settings`, only when some benchmark is not already done.
     """
     options.check()
+    engine_settings = engine_settings or EngineSettings()
+    from dcpo_cli.engines import pick_engine
+
+    kind = pick_engine(options.engine)
+    engine_options = engine_settings.options_for(kind)  # a bad setting stops the run here
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DcpoError(f"{out}: exists and is not a directory (--out names a folder)")
@@ -88,7 +95,7 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
             if engine is None:
                 from dcpo_cli.engines import load_engine
 
-                engine = load_engine(options.engine, source.path)
+                engine = load_engine(kind, source.path, **engine_options)
             table = generate_samples(engine, data, options)
             inputs = [data.source] if Path(data.source).is_file() else []
             metadata = contracts.make_metadata(

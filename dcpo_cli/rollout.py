@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli import contracts
+from dcpo_cli.engine_settings import EngineSettings
 from dcpo_cli.engines.base import derive_seed
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.model_source import ModelSource, model_identity, resolve_model
@@ -32,6 +33,7 @@ class RolloutSummary:
     tokens: int
     truncated: int
     seconds: float
+    load_seconds: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -85,22 +87,30 @@ def _prompt_value(value: Any) -> str | list[dict]:
 
 
 def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step: int,
-                out: str | Path, options: RolloutOptions, engine: Any = None) -> RolloutSummary:
+                out: str | Path, options: RolloutOptions, engine: Any = None,
+                engine_settings: EngineSettings | None = None) -> RolloutSummary:
     """Generate step `step`'s rollouts and write them to `out`. `model` is a directory or a
-    Hub id[@revision]. `engine` replaces the real one (benchmarks pass a loaded engine);
-    otherwise it is loaded from `model`."""
+    Hub id[@revision]. `engine` replaces the real one (benchmarks and tests pass a loaded
+    engine); otherwise it is loaded from `model` with `engine_settings`."""
     from dcpo_cli.console import progress
-    from dcpo_cli.engines import SamplingSettings, load_engine
+    from dcpo_cli.engines import SamplingSettings, load_engine, pick_engine
     from dcpo_cli.prompting import encode_prompts
 
     options.check()
+    engine_settings = engine_settings or EngineSettings()
+    kind = pick_engine(options.engine)
+    engine_options = engine_settings.options_for(kind)
     if step < 0:
         raise DcpoError("--step must be >= 0")
     contracts.check_output_path(out)
     table = contracts.read_table(prompts_path, "prompts")
     source = resolve_model(model)
     fingerprint = model_identity(source)  # cheap: no weight byte is read
-    engine = engine or load_engine(options.engine, source.path)
+    load_seconds = None  # the engine's cold start, when this run paid it
+    if engine is None:
+        started = time.perf_counter()
+        engine = load_engine(kind, source.path, **engine_options)
+        load_seconds = time.perf_counter() - started
 
     chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
                         options.shard)
@@ -152,10 +162,12 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
         extra={**source.record(), "model_fingerprint": fingerprint, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
-               "skipped_prompts": skipped},
+               "skipped_prompts": skipped, "engine_settings": engine_settings.record(),
+               "engine_load_seconds": None if load_seconds is None else round(load_seconds, 2),
+               "generate_seconds": round(seconds, 2)},
     )
     contracts.write_table(result, out, metadata)
     tokens = sum(len(ids) for ids in rows["response_token_ids"])
     truncated = sum(reason == "length" for reason in rows["finish_reason"])
     return RolloutSummary(Path(out), len(keep), skipped, result.num_rows, tokens, truncated,
-                          seconds)
+                          seconds, load_seconds)

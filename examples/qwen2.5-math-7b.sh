@@ -39,6 +39,13 @@ EVAL_AT=${EVAL_AT:-32}
 EVAL_BENCHMARKS=${EVAL_BENCHMARKS:-aime24 aime25 amc23 math500}  # names or files, by spaces
 EVAL_LIMIT=${EVAL_LIMIT:-}                     # only the first N problems of each benchmark
 DCPO=${DCPO:-dcpo}
+# GPUs: each vLLM engine spans TP GPUs (tensor parallel; the official DCPO runs used 4), and
+# DP engines run side by side, one process per group of TP GPUs, each generating its
+# --shard i/DP of the step's prompts. DP x TP GPUs in all; e.g. TP=4 DP=2 on 8 GPUs.
+TP=${TP:-1}
+DP=${DP:-1}
+ENGINE_FLAGS=(--engine "$ENGINE")
+[ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
 
 mkdir -p "$RUN"
 prompts=$RUN/train.parquet
@@ -49,8 +56,24 @@ for benchmark in $EVAL_BENCHMARKS; do benchmark_args+=(--benchmark "$benchmark")
 
 evaluate() {  # evaluate MODEL LABEL (a re-run reuses finished benchmarks)
   $DCPO eval --model "$1" "${benchmark_args[@]}" --avg-at "$EVAL_AT" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" \
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${ENGINE_FLAGS[@]}" \
     ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --out "$RUN/eval/$2"
+}
+
+rollout() {  # rollout MODEL STEP DIR: DP shards in parallel, one per group of TP GPUs
+  local shards=() pids=()
+  for ((i = 0; i < DP; i++)); do
+    local out=$3/rollouts-$i-of-$DP.parquet
+    shards+=("$out")
+    [ -f "$out" ] && continue
+    CUDA_VISIBLE_DEVICES=$(seq -s, $((i * TP)) $((i * TP + TP - 1))) \
+      $DCPO rollout --model "$1" --prompts "$prompts" --step "$2" --batch-size "$BATCH" \
+      --n "$N" --temperature 1.0 --top-p 1.0 --max-new-tokens "$MAX_NEW_TOKENS" \
+      --seed "$SEED" --shard "$i/$DP" "${ENGINE_FLAGS[@]}" --out "$out" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed shard stops the run
+  ROLLOUTS=("${shards[@]}")
 }
 
 # Resume: redo the newest train-step (it only syncs the SAS state if a kill came between its
@@ -66,13 +89,12 @@ for ((step = start; step < STEPS; step++)); do
   name=$(printf '%06d' "$step")
   next=$RUN/ckpt/step-$(printf '%06d' $((step + 1)))
   mkdir -p "$RUN/steps/$name"
-  rollouts=$RUN/steps/$name/rollouts.parquet
   scored=$RUN/steps/$name/scored.parquet
 
-  [ -f "$rollouts" ] || $DCPO rollout --model "$model" --prompts "$prompts" --step "$step" \
-    --batch-size "$BATCH" --n "$N" --temperature 1.0 --top-p 1.0 \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine "$ENGINE" --out "$rollouts"
-  [ -f "$scored" ] || $DCPO score "$rollouts" --out "$scored"
+  if [ ! -f "$scored" ]; then
+    rollout "$model" "$step" "$RUN/steps/$name"
+    $DCPO score "${ROLLOUTS[@]}" --out "$scored"
+  fi
   $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps "$WARMUP_STEPS" --weight-decay 0.1 \
     --max-grad-norm 1.0 --mini-batch-size "$MINI_BATCH" \

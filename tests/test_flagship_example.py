@@ -26,7 +26,8 @@ def run_example(run: Path, tiny: Path) -> subprocess.CompletedProcess:
            "MODEL": str(tiny / "model"), "DATA": str(tiny / "train.parquet"),
            "EVAL_BENCHMARKS": str(tiny / "test.parquet"), "EVAL_LIMIT": "4", "EVAL_AT": "2",
            "EVAL_EVERY": "2", "BATCH": "4", "N": "2", "MAX_NEW_TOKENS": "16",
-           "MINI_BATCH": "2", "MICRO_BATCH_TOKENS": "4096", "LR": "1e-4", "WARMUP_STEPS": "0"}
+           "MINI_BATCH": "2", "MICRO_BATCH_TOKENS": "4096", "LR": "1e-4", "WARMUP_STEPS": "0",
+           "DP": "2"}  # two rollout shards side by side, as on two GPU groups
     return subprocess.run(["bash", str(SCRIPT), str(run), "2"], capture_output=True, text=True,
                           env=env, timeout=1200)
 
@@ -47,11 +48,15 @@ def test_flagship_example_runs_two_tiny_steps_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
 
     for step in ("000000", "000001"):
-        for name in ("rollouts", "scored"):
+        for name in ("rollouts-0-of-2", "rollouts-1-of-2", "scored"):
             meta = contracts.read_metadata(run / "steps" / step / f"{name}.parquet")
             assert meta["step"] == int(step)
-    rollouts = contracts.read_table(run / "steps" / "000000" / "rollouts.parquet", "rollouts")
-    assert rollouts.num_rows == 4 * 2
+    shards = [contracts.read_table(run / "steps" / "000000" / f"rollouts-{i}-of-2.parquet",
+                                   "rollouts") for i in range(2)]
+    assert [shard.num_rows for shard in shards] == [2 * 2, 2 * 2]  # 4 prompts x 2, halved
+    scored = contracts.read_table(run / "steps" / "000000" / "scored.parquet", "scored")
+    assert scored.num_rows == 4 * 2
+    rollouts = shards[0]
     assert max(len(ids) for ids in rollouts.column("response_token_ids").to_pylist()) <= 16
     ckpts = sorted(p.name for p in (run / "ckpt").iterdir())
     assert ckpts == ["step-000001", "step-000002"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -28,19 +28,14 @@ class FakeOutput:
     outputs: list[FakeSample]
 
 
-@dataclass
 class FakeLLM:
     """Answers every prompt with its own token ids reversed, then eos (id 2), the i-th
-    sample shifted by i; each token's log-prob is -token/100."""
+    sample shifted by i; each token's log-prob is -token/100. Keeps its keyword arguments."""
 
-    model: str
-    gpu_memory_utilization: float = 0.0
-    logprobs_mode: str = ""
-    calls: list = field(default_factory=list)
-
-    def __post_init__(self):
+    def __init__(self, model: str, **kwargs):
         from transformers import AutoTokenizer
 
+        self.model, self.kwargs, self.calls = model, kwargs, []
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         FakeLLM.last = self
 
@@ -75,7 +70,9 @@ def fake_vllm(monkeypatch):
 def test_vllm_engine_requests_and_completions(fake_vllm, random_model_dir):
     engine = load_engine("vllm", random_model_dir)
     llm = FakeLLM.last
-    assert llm.logprobs_mode == "processed_logprobs"  # the sampled distribution's log-probs
+    # the sampled distribution's log-probs; quiet loading; vLLM's own defaults otherwise
+    assert llm.kwargs == {"logprobs_mode": "processed_logprobs", "tensor_parallel_size": 1,
+                          "dtype": "auto", "enforce_eager": False, "use_tqdm_on_load": False}
     prompts = [[10, 11, 12], [10, 11, 12], [20, 21, 22, 23, 24, 25]]
     settings = SamplingSettings(n=2, temperature=0.8, top_p=0.9, top_k=0, max_new_tokens=4,
                                 seed=7)

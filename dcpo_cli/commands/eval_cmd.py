@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands import engine_flags
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.options import EvalOptions, choices
 
@@ -38,6 +39,13 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Only the first N problems of each benchmark."),
     chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Render prompts with the model's chat template."),
+    tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
+    gpu_memory_utilization: float | None = engine_flags.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = engine_flags.MAX_MODEL_LEN,
+    dtype: str = engine_flags.DTYPE,
+    enforce_eager: bool = engine_flags.ENFORCE_EAGER,
+    engine_arg: list[str] = engine_flags.ENGINE_ARG,
+    verbose: bool = engine_flags.VERBOSE,
 ) -> None:
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
@@ -46,5 +54,10 @@ def evaluate(
     from dcpo_cli.options import from_values
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
-    results = run_eval(model, benchmark, out, options, data_dir=data_dir)
+    settings = engine_flags.engine_settings(
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+        dtype=dtype, enforce_eager=enforce_eager, engine_arg=engine_arg, verbose=verbose)
+    results = run_eval(model, benchmark, out, options, data_dir=data_dir,
+                       engine_settings=settings)
     console.print(summary_table(results, out / "summary.json"))

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands import engine_flags
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.options import RolloutOptions, choices
 
@@ -33,6 +34,13 @@ def rollout(
                                "importable and a GPU is present, else hf)."),
     chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Apply the tokenizer's chat template."),
+    tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
+    gpu_memory_utilization: float | None = engine_flags.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = engine_flags.MAX_MODEL_LEN,
+    dtype: str = engine_flags.DTYPE,
+    enforce_eager: bool = engine_flags.ENFORCE_EAGER,
+    engine_arg: list[str] = engine_flags.ENGINE_ARG,
+    verbose: bool = engine_flags.VERBOSE,
 ) -> None:
     """Generate --n responses for each prompt of step N's batch."""
     from dcpo_cli.console import out as console
@@ -40,9 +48,14 @@ def rollout(
     from dcpo_cli.rollout import parse_shard, run_rollout
 
     options = from_values(RolloutOptions, locals(), shard=parse_shard(shard))
-    s = run_rollout(model, prompts, step, out, options)
+    settings = engine_flags.engine_settings(
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+        dtype=dtype, enforce_eager=enforce_eager, engine_arg=engine_arg, verbose=verbose)
+    s = run_rollout(model, prompts, step, out, options, engine_settings=settings)
     skipped = f", {s.skipped} skipped as too long" if s.skipped else ""
+    start = f"engine start {s.load_seconds:.1f} s, " if s.load_seconds is not None else ""
     console.print(
         f"wrote {s.out}: {s.responses} responses to {s.prompts} prompts{skipped}; "
-        f"{s.tokens} tokens in {s.seconds:.1f} s ({s.tokens_per_second:,.0f} tok/s), "
+        f"{start}{s.tokens} tokens in {s.seconds:.1f} s ({s.tokens_per_second:,.0f} tok/s), "
         f"{s.truncated / s.responses:.0%} hit --max-new-tokens", highlight=False)

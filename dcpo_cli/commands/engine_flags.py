@@ -1,0 +1,37 @@
+"""The engine flags shared by `dcpo rollout` and `dcpo eval` (declared once, used in both)."""
+
+import typer
+
+TENSOR_PARALLEL_SIZE = typer.Option(
+    1, "--tensor-parallel-size", help="vLLM: GPUs one engine spans (tensor parallel). For "
+    "data-parallel rollouts run one process per GPU group with --shard i/n.")
+GPU_MEMORY_UTILIZATION = typer.Option(
+    None, "--gpu-memory-utilization", help="vLLM: share of each GPU's memory the engine may "
+    "take (default: vLLM's own); on vLLM's CPU build, the share of CPU memory.")
+MAX_MODEL_LEN = typer.Option(
+    None, "--max-model-len", help="vLLM: longest prompt + response it reserves room for "
+    "(default: the model's context length).")
+DTYPE = typer.Option("auto", "--dtype", help="Weights' dtype: auto, bfloat16, float16 or "
+                     "float32 (auto: bfloat16 on GPU, float32 on CPU for hf; the model's own "
+                     "for vLLM).")
+ENFORCE_EAGER = typer.Option(False, "--enforce-eager", help="vLLM: no CUDA graphs or "
+                             "torch.compile (starts faster, generates slower).")
+ENGINE_ARG = typer.Option([], "--engine-arg", metavar="KEY=VALUE", help="vLLM: any other "
+                          "engine argument, e.g. max_num_seqs=256 or enable_prefix_caching="
+                          "false (VALUE read as JSON where it parses). Repeatable.")
+VERBOSE = typer.Option(False, "--verbose", help="Show the engine's own INFO logs and load "
+                       "progress bars (by default only its warnings and errors).")
+
+
+def engine_settings(*, tensor_parallel_size: int, gpu_memory_utilization: float | None,
+                    max_model_len: int | None, dtype: str, enforce_eager: bool,
+                    engine_arg: list[str], verbose: bool):
+    from dcpo_cli.engine_settings import EngineSettings, parse_engine_args
+
+    settings = EngineSettings(
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+        dtype=dtype, enforce_eager=enforce_eager, engine_args=parse_engine_args(engine_arg),
+        verbose=verbose)
+    settings.check()
+    return settings

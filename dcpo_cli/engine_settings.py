@@ -1,0 +1,132 @@
+"""How to start a generation engine (`--tensor-parallel-size`, `--dtype`, `--engine-arg`, ...),
+shared by `dcpo rollout` and `dcpo eval`. Torch-free, so the CLI can build and check it
+before anything heavy is imported.
+
+The dedicated flags are the settings every vLLM user meets (TRL's `vllm_tensor_parallel_size`,
+verl's `rollout.tensor_model_parallel_size`); `--engine-arg KEY=VALUE` passes any other
+`vllm.LLM` / `EngineArgs` field through, its value read as JSON where it parses
+(`8`, `0.5`, `true`, `{"mode": 0}`) and as a string otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcpo_cli.errors import DcpoError
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+# Engine arguments dcpo sets itself or that have their own flag.
+OWN_FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_model_len": "--max-model-len",
+    "dtype": "--dtype",
+    "enforce_eager": "--enforce-eager",
+}
+RESERVED = {
+    "model": "--model",
+    "tokenizer": "--model (the tokenizer is the model's own)",
+    "logprobs_mode": "nothing: dcpo needs the sampled distribution's log-probs",
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None  # None: vLLM's own default
+    max_model_len: int | None = None  # None: the model's context length
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    engine_args: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs, in the order given
+    verbose: bool = False  # the engine's own INFO logs and load progress bars
+
+    def check(self) -> None:
+        problems = [
+            (self.tensor_parallel_size < 1, "--tensor-parallel-size must be at least 1"),
+            (self.gpu_memory_utilization is not None
+             and not 0 < self.gpu_memory_utilization <= 1,
+             "--gpu-memory-utilization must be in (0, 1]"),
+            (self.max_model_len is not None and self.max_model_len < 1,
+             "--max-model-len must be at least 1"),
+            (self.dtype not in DTYPES, f"--dtype {self.dtype!r}: expected one of "
+             f"{', '.join(DTYPES)}"),
+        ]
+        for failed, message in problems:
+            if failed:
+                raise DcpoError(message)
+
+    def record(self) -> dict[str, Any]:
+        """What the metadata keeps (JSON-ready)."""
+        return {"tensor_parallel_size": self.tensor_parallel_size,
+                "gpu_memory_utilization": self.gpu_memory_utilization,
+                "max_model_len": self.max_model_len, "dtype": self.dtype,
+                "enforce_eager": self.enforce_eager, "engine_args": dict(self.engine_args)}
+
+    def options_for(self, engine: str) -> dict[str, Any]:
+        """Keyword arguments for the engine class `engine` ("hf" or "vllm"). The hf engine
+        takes only --dtype; a vLLM setting given to it is an error, not silently dropped."""
+        self.check()
+        if engine == "vllm":
+            return {"tensor_parallel_size": self.tensor_parallel_size,
+                    "gpu_memory_utilization": self.gpu_memory_utilization,
+                    "max_model_len": self.max_model_len, "dtype": self.dtype,
+                    "enforce_eager": self.enforce_eager, "engine_args": dict(self.engine_args),
+                    "verbose": self.verbose}
+        vllm_only = [flag for flag, value in (
+            ("--tensor-parallel-size", self.tensor_parallel_size != 1),
+            ("--gpu-memory-utilization", self.gpu_memory_utilization is not None),
+            ("--max-model-len", self.max_model_len is not None),
+            ("--enforce-eager", self.enforce_eager),
+            ("--engine-arg", bool(self.engine_args)),
+        ) if value]
+        if vllm_only:
+            raise DcpoError(f"{vllm_only[0]} is a vLLM setting, but the {engine} engine was "
+                            "chosen (pass --engine vllm)")
+        return {"dtype": None if self.dtype == "auto" else self.dtype}
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_engine_args(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    """['max_num_seqs=64', 'enable-prefix-caching=false'] -> (('max_num_seqs', 64),
+    ('enable_prefix_caching', False)); dashes in keys become underscores, as in vLLM's CLI."""
+    pairs: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise DcpoError(f"--engine-arg {item!r}: expected KEY=VALUE, e.g. max_num_seqs=64")
+        if key in OWN_FLAGS:
+            raise DcpoError(f"--engine-arg {key}: use {OWN_FLAGS[key]} instead")
+        if key in RESERVED:
+            raise DcpoError(f"--engine-arg {key}: set by dcpo itself (use {RESERVED[key]})")
+        pairs[key] = parse_value(value)
+    return tuple(pairs.items())
+
+
+def visible_devices() -> tuple[int, str]:
+    """How many devices a tensor-parallel group can span here: the GPUs torch sees, else the
+    CPU's NUMA nodes (vLLM's CPU backend places one rank per node)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPU"
+    nodes = [p for p in Path("/sys/devices/system/node").glob("node[0-9]*") if p.is_dir()]
+    return max(len(nodes), 1), "CPU NUMA node"
+
+
+def check_tensor_parallel(size: int) -> None:
+    count, kind = visible_devices()
+    if size > count:
+        plural = "s" if count != 1 else ""
+        raise DcpoError(f"--tensor-parallel-size {size}: only {count} {kind}{plural} visible "
+                        "here (one rank per device; use --shard i/n for data-parallel "
+                        "rollouts)")
