@@ -16,6 +16,7 @@ from dcpo_cli.errors import DcpoError
 from dcpo_cli.presets import (  # noqa: F401  (re-exported: one objective, its presets)
     ADVANTAGES,
     CLIP_MODES,
+    KL_TYPES,
     LOSS_AGGS,
     PRESETS,
     AlgoConfig,
@@ -129,26 +130,52 @@ def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str,
     `num_tokens` response tokens), so summing the shares of any split of the mini-batch
     gives the same loss, and the same gradient, as one pass over all of it.
 
-    - otm (DCPO): (1/N) sum_j mean_t l_jt. `seq-mean-token-mean` (GRPO) is the same formula:
-      both average tokens within a response, then responses.
+    - otm (DCPO, the paper's formula): (1/N) sum_j sum_t l_jt. No length normalization:
+      every token of response j weighs A_j whatever the response's length (docs: OTM).
+      verl calls the same formula `seq-mean-token-sum`, kept as an alias.
+    - seq-mean-token-mean (GRPO): (1/N) sum_j mean_t l_jt; a long response's tokens weigh
+      less than a short one's.
     - token-mean (DAPO): sum of all token losses / all tokens of the mini-batch.
-    - seq-mean-token-sum: (1/N) sum_j sum_t l_jt.
     - seq-mean-token-sum-norm (Dr. GRPO): sum of all token losses / (N * max_length).
     """
     mask = mask.to(per_token.dtype)
     masked = per_token * mask
-    if loss_agg in ("otm", "seq-mean-token-mean"):
+    if loss_agg in ("otm", "seq-mean-token-sum"):
+        return masked.sum() / num_responses
+    if loss_agg == "seq-mean-token-mean":
         per_response = masked.sum(-1) / mask.sum(-1).clamp_min(1)
         return per_response.sum() / num_responses
     if loss_agg == "token-mean":
         return masked.sum() / max(num_tokens, 1)
-    if loss_agg == "seq-mean-token-sum":
-        return masked.sum() / num_responses
     if loss_agg == "seq-mean-token-sum-norm":
         if not max_length:
             raise ValueError("seq-mean-token-sum-norm needs max_length")
         return masked.sum() / (num_responses * max_length)
     raise ValueError(f"unknown loss aggregation {loss_agg!r}")
+
+
+# ---------------------------------------------------------------- KL to the reference policy
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str
+               ) -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens (Schulman's k1, k2,
+    k3), as the official GRPO/GSPO runs add it to the loss (docs: KL).
+
+    - k1: logp - ref_logp (unbiased, high variance, can be negative);
+    - k2: (logp - ref_logp)^2 / 2;
+    - low_var_kl (k3): exp(ref - logp) - (ref - logp) - 1, never negative; its log-ratio is
+      clamped to [-20, 20] and the result to at most 10, as verl does, so one token far off
+      the reference cannot dominate the step.
+    """
+    if kl_type == "k1":
+        return logprobs - ref_logprobs
+    if kl_type == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    if kl_type == "low_var_kl":
+        log_ratio = torch.clamp(ref_logprobs - logprobs, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+        return torch.clamp(torch.exp(log_ratio) - log_ratio - 1, max=10.0)
+    raise ValueError(f"unknown KL type {kl_type!r}; choose one of {', '.join(KL_TYPES)}")
 
 
 # ---------------------------------------------------------------- advantages

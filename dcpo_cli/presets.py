@@ -17,6 +17,7 @@ CLIP_MODES = ("dac", "fixed", "sequence")
 ADVANTAGES = ("sas", "grpo")
 LOSS_AGGS = ("otm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
              "seq-mean-token-sum-norm")
+KL_TYPES = ("k1", "k2", "low_var_kl")
 
 
 @dataclass(frozen=True)

@@ -215,21 +215,45 @@ def test_aggregation_modes_by_hand():
     def agg(mode):
         return alg.aggregate_loss(per_token, mask, mode, 2, 4, 4).item()
 
-    assert agg("otm") == pytest.approx((3 + 2) / 2)
+    assert agg("otm") == pytest.approx((3 + 6) / 2)  # the paper: no length normalization
+    assert agg("seq-mean-token-sum") == pytest.approx((3 + 6) / 2)
     assert agg("seq-mean-token-mean") == pytest.approx((3 + 2) / 2)
     assert agg("token-mean") == pytest.approx(9 / 4)
-    assert agg("seq-mean-token-sum") == pytest.approx(9 / 2)
     assert agg("seq-mean-token-sum-norm") == pytest.approx(9 / (2 * 4))
 
 
-def test_otm_gives_every_response_the_same_weight_whatever_its_length():
-    """One long and one short response with opposite unit losses cancel under OTM, but
-    the long one dominates under token-mean."""
+def gradient_shares(lengths: list[int], mode: str) -> list[float]:
+    """Each response's share of the gradient on its log-probs, all advantages equal."""
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = True
+    logp = torch.full(mask.shape, -1.0, dtype=torch.float64, requires_grad=True)
+    terms = alg.surrogate_loss(alg.PRESETS["dcpo"], logp, logp.detach(),
+                               torch.ones(len(lengths), dtype=torch.float64), mask)
+    alg.aggregate_loss(terms.per_token, mask, mode, len(lengths), sum(lengths)).backward()
+    per_response = logp.grad.abs().sum(-1)
+    return (per_response / per_response.sum()).tolist()
+
+
+def test_otm_weighs_every_token_by_its_advantage_so_long_responses_get_more_gradient():
+    """The issue's worked example: 100/300/1000/3000 tokens, equal advantages."""
+    lengths = [100, 300, 1000, 3000]
+    assert gradient_shares(lengths, "otm") == pytest.approx([0.023, 0.068, 0.227, 0.682],
+                                                            abs=5e-4)
+    assert gradient_shares(lengths, "otm") == pytest.approx([n / 4400 for n in lengths])
+    assert gradient_shares(lengths, "seq-mean-token-mean") == pytest.approx([0.25] * 4)
+
+
+def test_seq_mean_token_mean_gives_every_response_the_same_weight_whatever_its_length():
+    """One long and one short response with opposite unit losses cancel under GRPO's
+    aggregation, but the long one dominates under token-mean and OTM."""
     mask = torch.tensor([[True] + [False] * 9, [True] * 10])
     per_token = torch.where(mask, torch.tensor([[1.0], [-1.0]]), torch.zeros(2, 10))
-    assert alg.aggregate_loss(per_token, mask, "otm", 2, 11).item() == pytest.approx(0.0)
+    assert alg.aggregate_loss(per_token, mask, "seq-mean-token-mean", 2, 11).item() == \
+        pytest.approx(0.0)
     assert alg.aggregate_loss(per_token, mask, "token-mean", 2, 11).item() == \
         pytest.approx(-9 / 11)
+    assert alg.aggregate_loss(per_token, mask, "otm", 2, 11).item() == pytest.approx(-9 / 2)
 
 
 @SETTINGS
@@ -416,3 +440,30 @@ def test_step_metrics_by_hand():
     assert fractions["clip_ratio"] == pytest.approx(1 / 3)
     assert fractions["clip_ratio_high"] == pytest.approx(1 / 3)
     assert fractions["clip_ratio_low"] == 0.0
+
+
+# ---------------------------------------------------------------- KL to the reference
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.5, -1.0])
+    d = logp - ref  # 0, -0.5, 0.5
+    assert alg.kl_penalty(logp, ref, "k1").tolist() == pytest.approx([0.0, -0.5, 0.5])
+    assert alg.kl_penalty(logp, ref, "k2").tolist() == pytest.approx([0.0, 0.125, 0.125])
+    k3 = [math.exp(-x) + x - 1 for x in d.tolist()]  # exp(ref - logp) - (ref - logp) - 1
+    assert alg.kl_penalty(logp, ref, "low_var_kl").tolist() == pytest.approx(k3)
+    assert k3[1] == pytest.approx(math.exp(0.5) - 0.5 - 1)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 10_000))
+def test_low_var_kl_is_nonnegative_bounded_and_zero_only_at_the_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(64, generator=gen, dtype=torch.float64) * 30
+    ref = -torch.rand(64, generator=gen, dtype=torch.float64) * 30
+    kl = alg.kl_penalty(logp, ref, "low_var_kl")
+    assert (kl >= 0).all() and (kl <= 10).all()
+    assert torch.equal(alg.kl_penalty(logp, logp, "low_var_kl"), torch.zeros(64,
+                                                                               dtype=kl.dtype))
+    assert ((kl > 0) == (logp != ref)).all()
