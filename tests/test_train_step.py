@@ -305,7 +305,11 @@ def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer
         weights.append(load_weights(out))
     changed = 0
     for name, tensor in weights[0].items():
-        torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=0)
+        # fp32 summation order differs between splits; AdamW divides each gradient entry by
+        # its own RMS, so near-zero entries carry that noise into steps of up to lr (1e-3):
+        # 1.1e-5 seen under OTM. A wrong split (a per-micro-batch normalizer) moves whole
+        # tensors by ~lr.
+        torch.testing.assert_close(tensor, weights[1][name], atol=5e-5, rtol=0)
         changed += int(not torch.equal(tensor, load_weights(random_model_dir)[name]))
     assert changed > 0
 
