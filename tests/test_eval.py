@@ -78,6 +78,7 @@ def offline_without_datasets(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
 
+@pytest.mark.slow
 def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, tmp_path, monkeypatch):
     offline_without_datasets(tmp_path, monkeypatch)  # the bundled copy, no flags
     out = tmp_path / "E"

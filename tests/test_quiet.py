@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from dcpo_cli.quiet import QUIET_ENV
 
 THIRD_PARTY = re.compile(r"transformers|torch|datasets|vllm|warn|deprecat", re.IGNORECASE)
@@ -21,6 +23,7 @@ def run(args, debug: bool, cwd):
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_rollout_and_eval_print_no_library_lines(random_model_dir, tmp_path):
     source = tmp_path / "p.jsonl"
     source.write_text('{"problem": "2+3?", "answer": "5"}\n{"problem": "4+4?", "answer": "8"}\n')

@@ -241,6 +241,7 @@ def test_rollout_file_meets_the_contract(random_model_dir, prompts_file, tmp_pat
     assert meta["options"]["n"] == 4 and meta["seed"] == 7 and meta["skipped_prompts"] == 0
 
 
+@pytest.mark.slow
 def test_rollout_is_reproducible_and_steps_and_shards_select_prompts(
         random_model_dir, prompts_file, tmp_path, monkeypatch):
     def ids(table):
@@ -303,6 +304,7 @@ def test_bad_options_give_one_line_errors(random_model_dir, prompts_file, tmp_pa
     assert not (tmp_path / "r.parquet").exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(random_model_dir, prompts_file, tmp_path):
     base = ["rollout", "--step", "0", "--out", tmp_path / "r.parquet"]
     result = run_dcpo(*base, "--model", random_model_dir, "--prompts", tmp_path / "none.parquet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 from conftest import assert_one_line_error
 
 from dcpo_cli import files
@@ -35,6 +36,7 @@ def _rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_t
     return path
 
 
+@pytest.mark.slow
 def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tmp_path, dcpo):
     rows = [json.loads(line) for line in (benchmarks / "math500.jsonl").read_text().splitlines()]
     table = pa.table({"prompt_id": [r["unique_id"] for r in rows],
@@ -92,6 +94,7 @@ def test_overlong_shaping_uses_the_rollouts_max_length(tmp_path):
     assert scored.column("overlong_penalty").to_pylist() == [0.0, -0.5, -0.75, -1.0, -1.0]
 
 
+@pytest.mark.slow
 def test_user_reward_function(tmp_path, dcpo):
     (tmp_path / "my_reward.py").write_text(
         "def length_reward(response_text, answer, row):\n"
@@ -107,6 +110,7 @@ def test_user_reward_function(tmp_path, dcpo):
         "my_reward:length_reward"
 
 
+@pytest.mark.slow
 def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcpo):
     (tmp_path / "slow_reward.py").write_text(
         "import time\n"
@@ -143,6 +147,7 @@ def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
     assert scored.column("reward").to_pylist() == [1.0, -0.5]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
     good = _rollouts(tmp_path / "r.parquet", ["\\boxed{1}"] * 2, ["1", "1"])
     out = tmp_path / "s.parquet"
@@ -171,6 +176,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_user_reward_that_raises_names_the_row(tmp_path, dcpo):
     (tmp_path / "bad_reward.py").write_text(
         "def f(response_text, answer, row):\n    return 1 / (row['sample_index'] - 1)\n")
