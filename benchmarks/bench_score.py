@@ -1,16 +1,16 @@
 """Scoring throughput: the math-verify pool with all workers against one worker process.
 
-    .venv/bin/python benchmarks/bench_score.py [--repeat 4] [--data ../shared/benchmarks]
+    .venv/bin/python benchmarks/bench_score.py [--repeat 4] [--data math500.jsonl]
 
-Responses are MATH-500's reference solutions (each ends in \\boxed{answer}), repeated
-`--repeat` times with the gold answer of the same or of another problem, so half are right.
+Responses are MATH-500's reference solutions (each ends in \\boxed{answer}; the copy bundled
+with dcpo unless --data), repeated `--repeat` times with the gold answer of the same or of
+another problem, so half are right.
 Target: all workers at least 1.7x faster than one on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -18,9 +18,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+BUNDLED_MATH500 = Path(__file__).resolve().parents[1] / "dcpo_cli/data/benchmarks/math500.jsonl.gz"
+
+
 def load_pairs(data: Path, repeat: int) -> tuple[list[str], list[str]]:
-    rows = [json.loads(line) for line in (data / "math500.jsonl").read_text().splitlines()
-            if line.strip()]
+    from dcpo_cli.prepare import load_records
+
+    rows = load_records(str(data))
     responses, answers = [], []
     for copy in range(repeat):
         for i, row in enumerate(rows):
@@ -38,8 +42,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=4)
-    parser.add_argument("--data", type=Path,
-                        default=Path(__file__).resolve().parents[2] / "shared" / "benchmarks")
+    parser.add_argument("--data", type=Path, default=BUNDLED_MATH500,
+                        help="MATH-500 as JSONL (.gz too), with solution and answer fields")
     args = parser.parse_args()
     responses, answers = load_pairs(args.data, args.repeat)
 

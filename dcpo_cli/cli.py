@@ -47,8 +47,14 @@ def _version(value: bool) -> None:
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show the warnings and log lines of "
+                                 "torch, transformers, datasets and vLLM (as DCPO_DEBUG=1 "
+                                 "does); hidden otherwise."),
 ) -> None:
     """Train language models with DCPO, one inspectable Parquet stage at a time."""
+    from dcpo_cli import quiet
+
+    quiet.configure(verbose=verbose or None)  # before any command imports a library
 
 
 app.command("prepare")(prepare_cmd.prepare)

@@ -1,10 +1,12 @@
 """The benchmark registry and loaders used by `dcpo eval`.
 
-A benchmark is a registry name (aime24, aime25, amc23, math500, gsm8k) or a path to any
-prompts Parquet / JSONL / verl Parquet file (named after the file stem). Registry
-benchmarks come from a local data directory (`--data-dir` or `DCPO_DATA_DIR`, holding the
-files named as in the project's shared benchmark folder: the JSONL or the verl Parquet) or
-else from the Hugging Face Hub through `datasets`, imported only then.
+A benchmark is a registry name (aime24, aime25, amc23, math500, gsm8k), a path to any
+prompts Parquet / JSONL / verl Parquet file (named after the file stem), or a Hub dataset
+name `owner/name`. Registry benchmarks ship inside the package (dcpo_cli/data/benchmarks,
+gzip-compressed JSONL; SOURCES.md there names each source and license), so they load
+offline; a local data directory (`--data-dir` or `DCPO_DATA_DIR`, holding files named
+aime24.jsonl ... or verl/aime_2024.parquet ...) overrides them. Hub names load through
+`datasets`, imported only then.
 
 Records become prompt rows through `dcpo_cli.prepare` (the same code as `dcpo prepare`): the
 problem plus the instruction as one user message. verl-layout files keep their own chat
@@ -14,7 +16,9 @@ messages (system instruction + problem), as the official DCPO evaluation uses th
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,11 @@ class Benchmark:
     config: str | None
     problem_field: str  # in the JSONL files and the Hub dataset alike
     answer_field: str
+
+    @property
+    def bundled(self) -> str:
+        """The packaged copy, in dcpo_cli/data/benchmarks."""
+        return f"{self.name}.jsonl.gz"
 
 
 REGISTRY: dict[str, Benchmark] = {b.name: b for b in (
@@ -60,7 +69,7 @@ class BenchmarkData:
 
 
 def data_dir_from(option: Path | None) -> Path | None:
-    """`--data-dir` when given, else $DCPO_DATA_DIR, else None (use the Hub)."""
+    """`--data-dir` when given, else $DCPO_DATA_DIR, else None (use the bundled copies)."""
     if option is not None:
         return Path(option)
     env = os.environ.get(DATA_DIR_ENV, "").strip()
@@ -68,12 +77,21 @@ def data_dir_from(option: Path | None) -> Path | None:
 
 
 def is_file_benchmark(name: str) -> bool:
-    return Path(name).suffix.lower() in (".jsonl", ".json", ".parquet") or Path(name).exists()
+    return (Path(name).suffix.lower() in (".jsonl", ".json", ".parquet", ".gz")
+            or Path(name).exists())
+
+
+def is_hub_name(name: str) -> bool:
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not Path(name).suffix
 
 
 def benchmark_name(spec: str) -> str:
-    """The name results are stored under: the registry name or the file stem."""
-    return spec if spec in REGISTRY else Path(spec).stem
+    """The name results are stored under: the registry name, the file stem, or for a Hub
+    dataset its name after the owner."""
+    if spec in REGISTRY:
+        return spec
+    name = Path(spec).name
+    return Path(name[:-3] if name.lower().endswith(".gz") else name).stem
 
 
 def load_benchmark(spec: str, data_dir: Path | None = None, *,
@@ -86,10 +104,12 @@ def load_benchmark(spec: str, data_dir: Path | None = None, *,
         path = Path(spec)
         if not path.is_file():
             raise DcpoError(f"{spec}: no such benchmark file")
-        data = _from_file(path.stem, path, instruction, None, None)
+        data = _from_file(benchmark_name(spec), path, instruction, None, None)
+    elif is_hub_name(spec):
+        data = _from_hub_name(spec, instruction)
     else:
         raise DcpoError(f"{spec}: unknown benchmark (choose from {', '.join(REGISTRY)}, "
-                        "or give a path to a JSONL or Parquet file)")
+                        "give a path to a JSONL or Parquet file, or a Hub dataset owner/name)")
     if limit is not None:
         if limit < 1:
             raise DcpoError(f"--limit must be at least 1 (got {limit})")
@@ -110,7 +130,13 @@ def _load_registered(bench: Benchmark, data_dir: Path | None, instruction: str
                                   bench.answer_field)
         raise DcpoError(f"{bench.name}: none of {', '.join(bench.local_files)} found in "
                         f"{data_dir}")
-    return _from_hub(bench, instruction)
+    packaged = resources.files("dcpo_cli").joinpath("data", "benchmarks", bench.bundled)
+    with resources.as_file(packaged) as path:
+        if not path.is_file():  # only a broken install gets here
+            raise DcpoError(f"{bench.name}: the packaged copy {path} is missing; reinstall "
+                            f"dcpo-cli or pass --data-dir")
+        return _from_file(bench.name, path, instruction, bench.problem_field,
+                          bench.answer_field)
 
 
 def _from_file(name: str, path: Path, instruction: str, problem_field: str | None,
@@ -128,23 +154,26 @@ def _from_file(name: str, path: Path, instruction: str, problem_field: str | Non
     return BenchmarkData(name, rows, str(path), contracts.file_checksum(path))
 
 
-def _from_hub(bench: Benchmark, instruction: str) -> BenchmarkData:
-    fix = (f"pass --data-dir DIR (or set {DATA_DIR_ENV}) to a folder holding "
-           f"{' or '.join(bench.local_files)}")
+def _from_hub_name(name: str, instruction: str) -> BenchmarkData:
+    """A Hub dataset outside the registry: its test split (else train, else its only one),
+    with the problem and answer fields found as `dcpo prepare` finds them."""
     try:
         import datasets
     except ImportError:
-        raise DcpoError(f"{bench.name}: no local copy and the `datasets` package is not "
-                        f"installed to fetch {bench.hub}; {fix}") from None
+        raise DcpoError(f"{name}: loading a Hub dataset needs the `datasets` package "
+                        "(pip install 'dcpo-cli[hub]'), or pass a local file") from None
     try:
-        dataset = datasets.load_dataset(bench.hub, bench.config, split=bench.split)
-        records = [dict(row) for row in dataset]
-    except Exception as exc:  # offline, hub errors: all end as one line with the fix
+        splits = datasets.load_dataset(name)
+        split = next((s for s in ("test", "train") if s in splits), None)
+        if split is None and len(splits) == 1:
+            split = next(iter(splits))
+        if split is None:
+            raise ValueError(f"no test or train split among {', '.join(splits)}")
+        records = [dict(row) for row in splits[split]]
+    except Exception as exc:  # offline, hub errors: all end as one line
         reason = first_line(exc)
-        raise DcpoError(f"{bench.name}: could not load {bench.hub} from the Hub ({reason}); "
-                        f"{fix}") from None
-    rows = prepare_records(records, bench.hub, instruction=instruction, source=bench.name,
-                           problem_field=bench.problem_field,
-                           answer_field=bench.answer_field).rows
-    fingerprint = f"hub:{bench.hub}:{bench.config}:{bench.split}"
-    return BenchmarkData(bench.name, rows, bench.hub, fingerprint)
+        raise DcpoError(f"{name}: could not load the Hub dataset ({reason}); give a local "
+                        "JSONL or Parquet file instead") from None
+    rows = prepare_records(records, name, instruction=instruction,
+                           source=benchmark_name(name)).rows
+    return BenchmarkData(benchmark_name(name), rows, name, f"hub:{name}:{split}")

@@ -3,6 +3,7 @@ the prompts contract."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from dataclasses import dataclass
@@ -50,6 +51,12 @@ def _load_local(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return contracts.read_parquet(path).to_pylist()
+    if name.lower().endswith(".jsonl.gz"):  # how the bundled benchmarks are stored
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+        except (OSError, EOFError) as exc:
+            raise DcpoError(f"{name}: not a readable gzip file ({exc})") from None
+        return parse_jsonl(text, name)
     text = path.read_text(encoding="utf-8", errors="replace")
     if suffix == ".jsonl":
         return parse_jsonl(text, name)
@@ -66,7 +73,8 @@ def _load_local(path: Path) -> list[dict]:
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DcpoError(f"{name}: expected a list of records (JSON objects)")
         return data
-    raise DcpoError(f"{name}: unknown format '{suffix}' (expected .jsonl, .json or .parquet)")
+    raise DcpoError(f"{name}: unknown format '{suffix}' (expected .jsonl, .jsonl.gz, .json or "
+                    ".parquet)")
 
 
 def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:

@@ -1,6 +1,8 @@
 """The built-in default: a tiny Qwen2 policy warm-started on a verifiable arithmetic task.
 
-`init_tiny(DIR)` writes, atomically:
+`init_tiny(DIR)` writes, atomically (for seed 0 and the default size it copies the prebuilt
+files shipped in dcpo_cli/data/tiny, which are this code's output; `rebuild=True` trains
+them again):
   DIR/model/          a Hugging Face model directory (tiny_model.py), after a short SFT
   DIR/train.parquet   prompts (the prompts contract), for RL
   DIR/test.parquet    held-out prompts (different expressions), for `dcpo eval`
@@ -36,6 +38,12 @@ TINY_LOOP = {"batch_size": 32, "n": 8, "lr": 2e-4, "warmup_steps": 0,
 
 INSTRUCTION = "Answer in \\boxed{}."
 SUMMARY_FORMAT = "dcpo-tiny-summary"
+
+# `init_tiny(seed=0, size="default")`'s output, shipped in the package (see BUILD.json there
+# for the torch / transformers / CPU it was built with): copying it takes a second.
+PREBUILT_DIR = ("data", "tiny")
+PREBUILT_OPTIONS = {"seed": 0, "size": "default"}
+PREBUILT_FILES = ("model", "train.parquet", "test.parquet", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -292,19 +300,14 @@ class TinyResult:
     directory: Path
     summary: dict[str, Any]
     seconds: float
+    prebuilt: bool = False  # copied from the package rather than trained here
 
 
-def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> TinyResult:
-    """Build DIR (see the module docstring) atomically: nothing appears unless all of it
-    was written."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    from dcpo_cli import contracts
-    from dcpo_cli.console import progress
+def init_tiny(directory: str | Path, seed: int = 0, size: str = "default",
+              rebuild: bool = False) -> TinyResult:
+    """Write DIR (see the module docstring) atomically: nothing appears unless all of it
+    was written. Seed 0 at the default size copies the prebuilt files unless `rebuild`."""
     from dcpo_cli.errors import DcpoError
-    from dcpo_cli.prepare import prompts_table
-    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
 
     if size not in CONFIGS:
         raise DcpoError(f"--size {size!r}: expected one of {', '.join(CONFIGS)}")
@@ -313,6 +316,85 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default") -> Ti
         raise DcpoError(f"{directory}: is a file, expected a new directory")
     if directory.is_dir() and any(directory.iterdir()):
         raise DcpoError(f"{directory}: already exists and is not empty; choose a new directory")
+    if not rebuild and {"seed": seed, "size": size} == PREBUILT_OPTIONS:
+        return copy_prebuilt(directory)
+    return build_tiny(directory, seed, size)
+
+
+def prebuilt_source():
+    """The packaged prebuilt directory (a Traversable; a real folder in any normal install)."""
+    from importlib import resources
+
+    return resources.files("dcpo_cli").joinpath(*PREBUILT_DIR)
+
+
+def copy_prebuilt(directory: Path) -> TinyResult:
+    """Copy the shipped seed-0 model and task into `directory`, atomically."""
+    import json
+    from importlib import resources
+
+    from dcpo_cli import contracts
+    from dcpo_cli.errors import DcpoError
+
+    started = time.perf_counter()
+    with resources.as_file(prebuilt_source()) as source:
+        missing = [name for name in PREBUILT_FILES if not (source / name).exists()]
+        if missing:  # only a broken install gets here
+            raise DcpoError(f"{source}: the prebuilt tiny model lacks {', '.join(missing)}; "
+                            "reinstall dcpo-cli or pass --rebuild")
+        with contracts.atomic_path(directory) as tmp:
+            for name in PREBUILT_FILES:
+                for path in [source / name, *sorted((source / name).rglob("*"))]:
+                    if path.is_file():  # plain copies: writable even if the package is not
+                        target = tmp / path.relative_to(source)
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(path.read_bytes())
+        summary = json.loads((source / "summary.json").read_text())
+    return TinyResult(directory, summary, time.perf_counter() - started, prebuilt=True)
+
+
+def build_environment() -> dict[str, Any]:
+    """What decides whether a rebuild is bit-identical: the libraries, the CPU's vector
+    instructions used by torch's kernels, and the thread count (summation order)."""
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def refresh_prebuilt(built: Path, target: Path) -> None:
+    """Maintainers: replace the shipped files with `built` (the output of
+    `dcpo tiny init --rebuild built`, in this process's environment) and record that
+    environment in BUILD.json. From the repository root:
+    python -c "from pathlib import Path; from dcpo_cli import tiny;
+               tiny.refresh_prebuilt(Path('built'), Path('dcpo_cli/data/tiny'))"
+    """
+    import shutil
+
+    from dcpo_cli import contracts
+
+    for name in PREBUILT_FILES:
+        old = target / name
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+        (shutil.copytree if (built / name).is_dir() else shutil.copyfile)(built / name, old)
+    contracts.write_json(build_environment(), target / "BUILD.json")
+
+
+def build_tiny(directory: Path, seed: int, size: str) -> TinyResult:
+    """Train the tiny model from scratch and write DIR (about 2.5 min on 2 cores by default)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from dcpo_cli import contracts
+    from dcpo_cli.console import progress
+    from dcpo_cli.prepare import prompts_table
+    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
+
     config = CONFIGS[size]
     hf_logging.disable_progress_bar()  # ours is the one on screen
     started = time.perf_counter()
@@ -382,8 +464,10 @@ def summary_table(result: TinyResult):
     for family, figures in policy["by_family"].items():
         add(family.removeprefix("tiny-"), figures)
     add("all", policy, style="bold")
+    how = "prebuilt (copied; --rebuild trains it)" if result.prebuilt else \
+        f"{result.seconds:.0f} s"
     table.caption = (f"{result.summary['parameters'] / 1e6:.2f} M parameters, "
                      f"{result.summary['train_prompts']} train prompts, SFT loss "
-                     f"{result.summary['sft']['final_loss']:.3f}, {result.seconds:.0f} s; "
+                     f"{result.summary['sft']['final_loss']:.3f}, {how}; "
                      f"loop: --max-new-tokens {TINY_MAX_NEW_TOKENS}")
     return table

@@ -1,8 +1,10 @@
-"""Shared fixtures: the CLI run in-process or as a real subprocess, and the shared data."""
+"""Shared fixtures: the CLI run in-process or as a real subprocess, and the benchmark data."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,8 +19,8 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-BENCHMARKS = SHARED / "benchmarks"
+BUNDLED = REPO / "dcpo_cli" / "data" / "benchmarks"  # the package's own copies
+TEST_DATA = REPO / "tests" / "data"  # verl/aime_2024.parquet: the official DCPO eval file
 
 
 @dataclass
@@ -42,10 +44,15 @@ def dcpo():
 
 
 @pytest.fixture(scope="session")
-def benchmarks() -> Path:
-    if not BENCHMARKS.is_dir():
-        pytest.skip(f"shared benchmark data not found at {BENCHMARKS}")
-    return BENCHMARKS
+def benchmarks(tmp_path_factory) -> Path:
+    """A data directory as users keep one (`--data-dir`): the bundled benchmarks as plain
+    JSONL (aime24.jsonl ...) and the verl-layout AIME 2024 file (verl/aime_2024.parquet)."""
+    folder = tmp_path_factory.mktemp("benchmarks")
+    for packed in sorted(BUNDLED.glob("*.jsonl.gz")):
+        (folder / packed.name.removesuffix(".gz")).write_bytes(
+            gzip.decompress(packed.read_bytes()))
+    shutil.copytree(TEST_DATA / "verl", folder / "verl")
+    return folder
 
 
 def assert_one_line_error(result: Result, *fragments: str) -> None:

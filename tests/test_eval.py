@@ -3,6 +3,7 @@ re-run skipping, the verl source, and the one-line errors (offline without local
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import textwrap
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import BENCHMARKS, assert_one_line_error
+from conftest import BUNDLED, assert_one_line_error
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
@@ -50,7 +51,7 @@ class ScriptedEngine:
 
 
 def answers_of(name, limit=None):
-    return [row["answer"] for row in load_benchmark(name, BENCHMARKS, limit=limit).rows]
+    return [row["answer"] for row in load_benchmark(name, limit=limit).rows]
 
 
 @pytest.fixture
@@ -66,10 +67,23 @@ def _no_data_dir_env(monkeypatch):
     monkeypatch.delenv("DCPO_DATA_DIR", raising=False)
 
 
-def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, benchmarks, tmp_path):
+def offline_without_datasets(tmp_path, monkeypatch) -> None:
+    """Subprocesses see no network and a `datasets` package that cannot be imported."""
+    fake = tmp_path / "site" / "datasets"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(FAKE_DATASETS["absent"])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.mark.slow
+def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, tmp_path, monkeypatch):
+    offline_without_datasets(tmp_path, monkeypatch)  # the bundled copy, no flags
     out = tmp_path / "E"
     args = ["eval", "--model", random_model_dir, "--benchmark", "aime24", "--avg-at", "2",
-            "--data-dir", benchmarks, "--out", out, "--max-new-tokens", "8", "--engine", "hf"]
+            "--out", out, "--max-new-tokens", "8", "--engine", "hf"]
     result = dcpo(*args)
     assert result.code == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -102,7 +116,7 @@ def test_acceptance_tiny_model_aime24_avg_at_2(dcpo, random_model_dir, benchmark
 
 def test_scripted_right_answers_score_100_and_wrong_score_0(model_dir, tmp_path):
     gold = [(row["problem"], row["answer"]) for name in ("aime24", "amc23")
-            for row in load_benchmark(name, BENCHMARKS).rows]
+            for row in load_benchmark(name).rows]
 
     def right(prompt, i, j, greedy):  # find the problem in the prompt, answer it
         answer = next(answer for problem, answer in gold if problem in prompt)
@@ -110,8 +124,7 @@ def test_scripted_right_answers_score_100_and_wrong_score_0(model_dir, tmp_path)
 
     engine = ScriptedEngine(right)
     options = EvalOptions(avg_at=3, pass_at=[1, 2], max_new_tokens=16)
-    results = run_eval(model_dir, ["aime24", "amc23"], tmp_path / "right", options,
-                       data_dir=BENCHMARKS, engine=engine)
+    results = run_eval(model_dir, ["aime24", "amc23"], tmp_path / "right", options, engine=engine)
     summary = json.loads((tmp_path / "right" / "summary.json").read_text())
     assert [s.temperature for s in engine.calls] == [0.0, 1.0, 0.0, 1.0]
     assert [s.n for s in engine.calls] == [1, 3, 1, 3]
@@ -127,8 +140,7 @@ def test_scripted_right_answers_score_100_and_wrong_score_0(model_dir, tmp_path)
         return f"I think it is \\boxed{{{int(float(answer)) + 1}}}"
 
     wrong = ScriptedEngine(wrong_reply)
-    run_eval(model_dir, ["aime24", "amc23"], tmp_path / "wrong", options,
-             data_dir=BENCHMARKS, engine=wrong)
+    run_eval(model_dir, ["aime24", "amc23"], tmp_path / "wrong", options, engine=wrong)
     summary = json.loads((tmp_path / "wrong" / "summary.json").read_text())
     for name in ("aime24", "amc23", "average"):
         assert {k: v for k, v in summary[name].items() if k != "problems"} == {
@@ -152,7 +164,7 @@ def test_scripted_mixed_answers_hand_computed(model_dir, tmp_path):
         return "no idea" if answer is None else f"\\boxed{{{answer}}}"
 
     options = EvalOptions(avg_at=4, pass_at=[2], limit=2, max_new_tokens=8)
-    results = run_eval(model_dir, ["aime24"], tmp_path / "E", options, data_dir=BENCHMARKS,
+    results = run_eval(model_dir, ["aime24"], tmp_path / "E", options,
                        engine=ScriptedEngine(reply))
     metrics = results["aime24"].metrics
     assert metrics["problems"] == 2
@@ -171,34 +183,33 @@ def test_rerun_skips_same_options_and_recomputes_on_change(model_dir, tmp_path):
     engine = ScriptedEngine(lambda prompt, i, j, greedy: "\\boxed{1}")
     out = tmp_path / "E"
     options = EvalOptions(avg_at=2, limit=3, max_new_tokens=8)
-    first = run_eval(model_dir, ["aime25"], out, options, data_dir=BENCHMARKS, engine=engine)
+    first = run_eval(model_dir, ["aime25"], out, options, engine=engine)
     assert len(engine.calls) == 2 and not first["aime25"].reused
     again = run_eval(model_dir, ["aime25"], out, EvalOptions(avg_at=2, limit=3,
-                     max_new_tokens=8), data_dir=BENCHMARKS, engine=engine)
+                     max_new_tokens=8), engine=engine)
     assert len(engine.calls) == 2 and again["aime25"].reused
     assert again["aime25"].metrics == first["aime25"].metrics
     run_eval(model_dir, ["aime25"], out, EvalOptions(avg_at=2, limit=3, max_new_tokens=8,
-             seed=1), data_dir=BENCHMARKS, engine=engine)
+             seed=1), engine=engine)
     assert len(engine.calls) == 4  # a different seed is a different evaluation
     (model_dir / "config.json").write_text('{"model_type": "scripted", "changed": 1}')
     run_eval(model_dir, ["aime25"], out, EvalOptions(avg_at=2, limit=3, max_new_tokens=8,
-             seed=1), data_dir=BENCHMARKS, engine=engine)
+             seed=1), engine=engine)
     assert len(engine.calls) == 6  # so is a changed model
     options_json = json.loads((out / "options.json").read_text())
     assert options_json["seed"] == 1 and options_json["benchmarks"] == ["aime25"]
     # results written inside the model directory do not change the model's fingerprint
     inside = model_dir / "eval"
     for reused in (False, True):
-        result = run_eval(model_dir, ["aime25"], inside, options, data_dir=BENCHMARKS,
-                          engine=engine)
+        result = run_eval(model_dir, ["aime25"], inside, options, engine=engine)
         assert result["aime25"].reused is reused
 
 
-def test_verl_parquet_gives_the_same_30_problems(model_dir, tmp_path):
+def test_verl_parquet_gives_the_same_30_problems(model_dir, tmp_path, benchmarks):
     verl_dir = tmp_path / "data"
     (verl_dir / "verl").mkdir(parents=True)
-    shutil.copy(BENCHMARKS / "verl" / "aime_2024.parquet", verl_dir / "verl")
-    from_jsonl = load_benchmark("aime24", BENCHMARKS)
+    shutil.copy(benchmarks / "verl" / "aime_2024.parquet", verl_dir / "verl")
+    from_jsonl = load_benchmark("aime24", benchmarks)
     from_verl = load_benchmark("aime24", verl_dir)
     assert from_verl.source.endswith("aime_2024.parquet") and len(from_verl.rows) == 30
     # the JSONL writes some AIME answers with leading zeros ("023")
@@ -207,17 +218,18 @@ def test_verl_parquet_gives_the_same_30_problems(model_dir, tmp_path):
     assert from_verl.rows[0]["prompt"][0]["role"] == "system"  # verl keeps its messages
 
     engine = ScriptedEngine(lambda prompt, i, j, greedy: "\\boxed{0}")
-    results = run_eval(model_dir, [str(BENCHMARKS / "verl" / "aime_2024.parquet")],
+    results = run_eval(model_dir, [str(benchmarks / "verl" / "aime_2024.parquet")],
                        tmp_path / "E", EvalOptions(max_new_tokens=8), engine=engine)
     assert results["aime_2024"].metrics == {"problems": 30, "avg@1": 0.0}
     rows = pq.read_table(tmp_path / "E" / "aime_2024" / "samples.parquet").to_pylist()
     assert len(rows) == 30 and all(r["greedy"] for r in rows)
 
 
-def test_sampled_only_and_prompts_file_and_env_data_dir(model_dir, tmp_path, monkeypatch, dcpo):
+def test_sampled_only_and_prompts_file_and_env_data_dir(model_dir, tmp_path, monkeypatch, dcpo,
+                                                         benchmarks):
     prompts = tmp_path / "p.parquet"
-    assert dcpo("prepare", BENCHMARKS / "amc23.jsonl", "--out", prompts).code == 0
-    monkeypatch.setenv("DCPO_DATA_DIR", str(BENCHMARKS))
+    assert dcpo("prepare", benchmarks / "amc23.jsonl", "--out", prompts).code == 0
+    monkeypatch.setenv("DCPO_DATA_DIR", str(benchmarks))
     engine = ScriptedEngine(lambda prompt, i, j, greedy: "\\boxed{27}")
     results = run_eval(model_dir, [str(prompts), "amc23"], tmp_path / "E",
                        EvalOptions(avg_at=2, greedy=False, limit=1, max_new_tokens=8),
@@ -243,8 +255,6 @@ def test_sampled_only_and_prompts_file_and_env_data_dir(model_dir, tmp_path, mon
 def test_bad_input_is_one_line(dcpo, tmp_path, args, fragments):
     (tmp_path / "file").write_text("")
     args = [a.format(tmp=tmp_path) for a in args]
-    if "--data-dir" not in args:
-        args += ["--data-dir", str(BENCHMARKS)]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "E")]
     result = dcpo("eval", "--model", tmp_path / "m", *args)
@@ -262,34 +272,80 @@ FAKE_DATASETS = {
 }
 
 
+@pytest.mark.slow
+def test_acceptance_offline_aime24_and_math500_with_no_data_flags(dcpo, random_model_dir,
+                                                                  tmp_path, monkeypatch):
+    offline_without_datasets(tmp_path, monkeypatch)
+    result = dcpo("eval", "--model", random_model_dir, "--benchmark", "aime24", "--benchmark",
+                  "math500", "--avg-at", "2", "--max-new-tokens", "32", "--engine", "hf",
+                  "--out", tmp_path / "E")
+    assert result.code == 0, result.stderr
+    summary = json.loads((tmp_path / "E" / "summary.json").read_text())
+    assert summary["aime24"]["problems"] == 30 and summary["math500"]["problems"] == 500
+    assert "math500" in result.stdout
+
+
+def test_bundled_benchmarks_have_their_sizes_and_sources(benchmarks):
+    sizes = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "gsm8k": 1319}
+    assert set(sizes) == set(REGISTRY)
+    notes = (BUNDLED / "SOURCES.md").read_text()
+    for name, size in sizes.items():
+        data = load_benchmark(name)
+        assert len(data.rows) == size and data.source.endswith(f"{name}.jsonl.gz")
+        assert len({r["prompt_id"] for r in data.rows}) == size
+        assert all(r["answer"].strip() and r["problem"].strip() for r in data.rows)
+        # the same rows as the plain JSONL in a data directory (the override path)
+        plain = load_benchmark(name, benchmarks)
+        assert [r["prompt"] for r in plain.rows] == [r["prompt"] for r in data.rows]
+        assert [r["answer"] for r in plain.rows] == [r["answer"] for r in data.rows]
+        assert f"`{name}.jsonl.gz`" in notes and REGISTRY[name].hub in notes
+    # MATH-500 keeps its reference solutions; GSM8K's answer is the number after ####
+    math500 = gzip.decompress((BUNDLED / "math500.jsonl.gz").read_bytes()).decode()
+    assert all("\\boxed" in json.loads(line)["solution"] for line in math500.splitlines())
+    assert load_benchmark("gsm8k").rows[0]["answer"] == "18"
+
+
 @pytest.mark.parametrize("case", sorted(FAKE_DATASETS))
-def test_no_local_data_and_no_network_is_one_line(dcpo, tmp_path, monkeypatch, case):
+def test_a_hub_name_without_datasets_or_network_is_one_line(dcpo, tmp_path, monkeypatch, case):
     fake = tmp_path / "site" / "datasets"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text(FAKE_DATASETS[case])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
-    result = dcpo("eval", "--model", tmp_path / "m", "--benchmark", "aime24", "--out",
-                  tmp_path / "E")
-    assert_one_line_error(result, "aime24", "--data-dir", "DCPO_DATA_DIR",
-                          REGISTRY["aime24"].hub)
+    result = dcpo("eval", "--model", tmp_path / "m", "--benchmark", "HuggingFaceH4/aime_2024",
+                  "--out", tmp_path / "E")
+    assert_one_line_error(result, "HuggingFaceH4/aime_2024",
+                          "datasets" if case == "absent" else "could not load")
     assert not (tmp_path / "E").exists()
 
 
 def test_real_datasets_offline_is_one_line(dcpo, tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    result = dcpo("eval", "--model", tmp_path / "m", "--benchmark", "aime24", "--out",
+    result = dcpo("eval", "--model", tmp_path / "m", "--benchmark", "math-ai/amc23", "--out",
                   tmp_path / "E")
-    assert_one_line_error(result, "aime24", "--data-dir")
+    assert_one_line_error(result, "math-ai/amc23", "could not load")
 
 
-def test_duplicate_benchmark_names_are_refused(model_dir, tmp_path):
+def test_a_hub_name_outside_the_registry_loads_its_test_split(monkeypatch):
+    import datasets
+
+    table = {"test": datasets.Dataset.from_list([{"question": "1+1?", "answer": "2"}]),
+             "train": datasets.Dataset.from_list([{"question": "x", "answer": "0"}])}
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name: calls.append(name) or datasets.DatasetDict(table))
+    data = load_benchmark("someone/quiz")
+    assert calls == ["someone/quiz"] and data.name == "quiz"
+    assert [(r["problem"], r["answer"]) for r in data.rows] == [("1+1?", "2")]
+    assert data.fingerprint == "hub:someone/quiz:test"
+
+
+def test_duplicate_benchmark_names_are_refused(model_dir, tmp_path, benchmarks):
     with pytest.raises(DcpoError, match="given twice"):
-        run_eval(model_dir, ["aime24", str(BENCHMARKS / "aime24.jsonl")], tmp_path / "E",
-                 EvalOptions(), data_dir=BENCHMARKS, engine=ScriptedEngine(None))
+        run_eval(model_dir, ["aime24", str(benchmarks / "aime24.jsonl")], tmp_path / "E",
+                 EvalOptions(), engine=ScriptedEngine(None))
 
 
 def test_engine_returning_too_few_responses_writes_nothing(model_dir, tmp_path):
@@ -300,5 +356,5 @@ def test_engine_returning_too_few_responses_writes_nothing(model_dir, tmp_path):
 
     with pytest.raises(DcpoError, match="wrong number of responses"):
         run_eval(model_dir, ["aime24"], tmp_path / "E", EvalOptions(avg_at=2, limit=2),
-                 data_dir=BENCHMARKS, engine=Short(lambda *_: "\\boxed{1}"))
+                 engine=Short(lambda *_: "\\boxed{1}"))
     assert not (tmp_path / "E" / "aime24" / "samples.parquet").exists()

@@ -63,6 +63,7 @@ def finished_run(tmp_path_factory, reward_dir):
     return run_dir, time.perf_counter() - started
 
 
+@pytest.mark.slow
 def test_two_steps_end_to_end(finished_run):
     run_dir, _ = finished_run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -85,6 +86,7 @@ def test_two_steps_end_to_end(finished_run):
     assert "TCR" in result.stdout and "avg@2" in result.stdout
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(finished_run, reward_dir,
                                                                 tmp_path):
     reference_dir, seconds = finished_run

@@ -84,6 +84,7 @@ def test_missing_problem_field_is_reported():
         prepare_records([{"text": "hi", "answer": "1"}], "x.jsonl")
 
 
+@pytest.mark.slow
 def test_a_folder_holding_a_hub_dataset_is_read_with_datasets(tmp_path, dcpo, benchmarks,
                                                               monkeypatch):
     """What `hf download --repo-type dataset openai/gsm8k --local-dir D` leaves behind,

@@ -177,6 +177,7 @@ def test_report_writes_png_and_tables(dcpo, tmp_path):
     assert not list(run.glob(".report.png.*"))  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_report_compare_and_json(dcpo, tmp_path):
     a = write_run(tmp_path, "dcpo-run", range(10), evals={9: 40.0})
     b = write_run(tmp_path, "grpo-run", range(8), algo="grpo", skew=0.2, layout="ckpt")
@@ -196,6 +197,7 @@ def test_report_compare_and_json(dcpo, tmp_path):
     assert (tmp_path / "two.svg").read_text().lstrip().startswith("<?xml")
 
 
+@pytest.mark.slow
 def test_report_errors(dcpo, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

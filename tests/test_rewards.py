@@ -50,6 +50,7 @@ def test_extract_boxed_returns_the_last_box_content(before, content, after):
     assert extract_boxed(f"{before}\\boxed{{x}} {before}\\boxed{{{content}}}{after}") == content
 
 
+@pytest.mark.slow
 def test_math500_reference_solutions_all_verify(benchmarks):
     rows = _jsonl(benchmarks / "math500.jsonl")
     verdicts = verify_batch([r["solution"] for r in rows], [r["answer"] for r in rows])
@@ -59,6 +60,7 @@ def test_math500_reference_solutions_all_verify(benchmarks):
     assert not any(v.timed_out or v.error for v in verdicts)
 
 
+@pytest.mark.slow
 def test_math500_solutions_never_match_another_problems_answer(benchmarks):
     rows = _jsonl(benchmarks / "math500.jsonl")
     answers = [r["answer"] for r in rows]

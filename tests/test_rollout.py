@@ -249,6 +249,7 @@ def _content(path):
     return contracts.read_table(path, "rollouts").to_pylist(), meta
 
 
+@pytest.mark.slow
 def test_rollout_is_reproducible_and_steps_and_shards_select_prompts(
         random_model_dir, prompts_file, tmp_path, monkeypatch):
     def ids(table):
@@ -311,6 +312,7 @@ def test_bad_options_give_one_line_errors(random_model_dir, prompts_file, tmp_pa
     assert not (tmp_path / "r.parquet").exists()
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(random_model_dir, prompts_file, tmp_path):
     base = ["rollout", "--step", "0", "--out", tmp_path / "r.parquet"]
     result = run_dcpo(*base, "--model", random_model_dir, "--prompts", tmp_path / "none.parquet")

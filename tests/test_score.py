@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pytest
 from builders import write_rollouts
 from conftest import assert_one_line_error
 
@@ -12,6 +13,7 @@ from dcpo_cli import contracts
 from dcpo_cli.cli import run
 
 
+@pytest.mark.slow
 def test_math500_reference_solutions_score_500_of_500_via_the_cli(benchmarks, tmp_path, dcpo):
     rows = [json.loads(line) for line in (benchmarks / "math500.jsonl").read_text().splitlines()]
     table = pa.table({"prompt_id": [r["unique_id"] for r in rows],
@@ -69,6 +71,7 @@ def test_overlong_shaping_uses_the_rollouts_max_length(tmp_path):
     assert scored.column("overlong_penalty").to_pylist() == [0.0, -0.5, -0.75, -1.0, -1.0]
 
 
+@pytest.mark.slow
 def test_user_reward_function(tmp_path, dcpo):
     (tmp_path / "my_reward.py").write_text(
         "def length_reward(response_text, answer, row):\n"
@@ -84,6 +87,7 @@ def test_user_reward_function(tmp_path, dcpo):
         "my_reward:length_reward"
 
 
+@pytest.mark.slow
 def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcpo):
     (tmp_path / "slow_reward.py").write_text(
         "import time\n"
@@ -120,6 +124,7 @@ def test_rescoring_a_scored_file_replaces_its_rewards(tmp_path):
     assert scored.column("reward").to_pylist() == [1.0, -0.5]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
     good = write_rollouts(tmp_path / "r.parquet", ["\\boxed{1}"] * 2, ["1", "1"])
     out = tmp_path / "s.parquet"
@@ -148,6 +153,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, dcpo):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_user_reward_that_raises_names_the_row(tmp_path, dcpo):
     (tmp_path / "bad_reward.py").write_text(
         "def f(response_text, answer, row):\n    return 1 / (row['sample_index'] - 1)\n")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_dcpo
@@ -142,6 +143,7 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 # ------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_bytes(built):
     first, second, _ = built
     hashes = sha256_tree(first)
@@ -150,6 +152,7 @@ def test_same_seed_gives_identical_bytes(built):
     assert hashes == sha256_tree(second)
 
 
+@pytest.mark.slow
 def test_other_seed_gives_other_weights_and_split(built, tmp_path):
     result = run_dcpo("tiny", "init", str(tmp_path / "c"), "--seed", "6", "--size", "test")
     assert result.code == 0, result.stderr
@@ -158,6 +161,7 @@ def test_other_seed_gives_other_weights_and_split(built, tmp_path):
         assert (first / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_files_follow_the_prompts_contract(built):
     first, _, _ = built
     train = contracts.read_table(first / "train.parquet", "prompts").to_pylist()
@@ -177,6 +181,7 @@ def test_files_follow_the_prompts_contract(built):
     assert "time" not in json.dumps(metadata)  # no timestamps: bytes depend on the seed only
 
 
+@pytest.mark.slow
 def test_summary_fields_are_consistent(built):
     first, _, result = built
     summary = json.loads((first / "summary.json").read_text())
@@ -198,6 +203,7 @@ def test_summary_fields_are_consistent(built):
     assert f"{100 * policy['accuracy']:.1f}%" in result.stdout  # printed in the table
 
 
+@pytest.mark.slow
 def test_model_round_trips_and_generates_with_its_chat_template(built):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -228,3 +234,90 @@ def test_refuses_a_non_empty_directory_and_a_bad_size(tmp_path):
     result = run_dcpo("tiny", "init", str(tmp_path / "new"), "--size", "huge")
     assert_one_line_error(result, "--size", "huge")
     assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ the prebuilt default
+
+PREBUILT = Path(str(tiny.prebuilt_source()))
+
+
+def test_default_init_copies_the_prebuilt_files(tmp_path):
+    result = run_dcpo("tiny", "init", str(tmp_path / "t"))
+    assert result.code == 0, result.stderr
+    shipped = {name: digest for name, digest in sha256_tree(PREBUILT).items()
+               if name.split("/")[0] in tiny.PREBUILT_FILES}
+    assert sha256_tree(tmp_path / "t") == shipped  # all of it, and nothing else
+    assert "prebuilt" in result.stdout
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert {"seed": summary["seed"], "size": summary["size"]} == tiny.PREBUILT_OPTIONS
+    policy = summary["initial_policy"]
+    assert f"{100 * policy['accuracy']:.1f}%" in result.stdout
+    # the demo's premise: a policy that is right sometimes, with room to learn
+    assert 0.1 < policy["accuracy"] < 0.6 and policy["mixed_fraction"] > 0.3
+
+
+def test_the_prebuilt_task_is_the_seed_0_task():
+    """What the prebuilt files hold is what this code makes for seed 0 (no training needed
+    to check the data; the weights are checked by the slow rebuild test)."""
+    config = tiny.CONFIGS["default"]
+    train, test = tiny.split_problems(tiny.all_problems(), config.test_fraction,
+                                      random.Random("split-0"))
+    for name, problems in (("train", train), ("test", test)):
+        table = contracts.read_table(PREBUILT / f"{name}.parquet", "prompts")
+        assert table.to_pylist() == tiny.prompt_rows(problems)
+        assert contracts.read_metadata(PREBUILT / f"{name}.parquet")["options"] == \
+            tiny.PREBUILT_OPTIONS
+    summary = json.loads((PREBUILT / "summary.json").read_text())
+    assert summary["loop"] == tiny.TINY_LOOP
+    assert summary["sft"]["steps"] == config.sft_steps
+
+
+def tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.mark.slow
+def test_rebuild_reproduces_the_prebuilt_files(tmp_path):
+    """`--rebuild` trains from scratch and gets the shipped files again.
+
+    What is guaranteed everywhere is compared exactly: the prompts (tables and dcpo metadata),
+    the tokenizer and the model config. The weights come out of 700 AdamW steps of float32
+    CPU kernels whose summation order depends on the torch build, the CPU's vector unit and
+    the thread count, so they are bit-exact only where those match the build recorded in
+    BUILD.json (as in CI, which runs the build it was made with); elsewhere the rebuilt
+    policy must be as good, within sampling noise, as the shipped one."""
+    import pyarrow.parquet as pq
+    import torch
+
+    result = run_dcpo("tiny", "init", str(tmp_path / "r"), "--rebuild")
+    assert result.code == 0, result.stderr
+    assert "prebuilt" not in result.stdout
+    rebuilt = tmp_path / "r"
+    assert set(sha256_tree(rebuilt)) == {name for name in sha256_tree(PREBUILT)
+                                         if name.split("/")[0] in tiny.PREBUILT_FILES}
+    for name in ("train.parquet", "test.parquet"):
+        assert pq.read_table(rebuilt / name).equals(pq.read_table(PREBUILT / name))
+        assert contracts.read_metadata(rebuilt / name) == contracts.read_metadata(PREBUILT / name)
+    for name in ("model/config.json", "model/tokenizer.json", "model/tokenizer_config.json",
+                 "model/generation_config.json"):
+        mine, shipped = (json.loads((d / name).read_text()) for d in (rebuilt, PREBUILT))
+        mine.pop("transformers_version", None)
+        shipped.pop("transformers_version", None)
+        assert mine == shipped, name
+
+    build = json.loads((PREBUILT / "BUILD.json").read_text())
+    weights, shipped_weights = tensors(rebuilt / "model/model.safetensors"), \
+        tensors(PREBUILT / "model/model.safetensors")
+    assert {k: v.shape for k, v in weights.items()} == \
+        {k: v.shape for k, v in shipped_weights.items()}
+    mine, shipped = (json.loads((d / "summary.json").read_text()) for d in (rebuilt, PREBUILT))
+    if tiny.build_environment() == build:
+        assert all(torch.equal(weights[k], shipped_weights[k]) for k in weights)
+        assert mine == shipped
+    else:
+        assert mine["parameters"] == shipped["parameters"]
+        assert abs(mine["sft"]["final_loss"] - shipped["sft"]["final_loss"]) < 0.05
+        assert abs(mine["initial_policy"]["accuracy"]
+                   - shipped["initial_policy"]["accuracy"]) < 0.08

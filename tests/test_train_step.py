@@ -133,6 +133,7 @@ def test_checkpoint_loads_and_generates(first_step):
     assert out.shape[1] == ids["input_ids"].shape[1] + 5 or out[0, -1] == tok.eos_token_id
 
 
+@pytest.mark.slow
 def test_rerun_is_done_and_absorbing_twice_is_refused(first_step, random_model_dir):
     root, scored, state, ckpt, log, _ = first_step
     again = run_dcpo("train-step", "--model", random_model_dir, "--scored", scored, "--state",
@@ -161,6 +162,7 @@ def test_crash_between_checkpoint_and_state_is_synced(first_step, random_model_d
                           show_progress=False).status == "done"
 
 
+@pytest.mark.slow
 def test_crash_before_checkpoint_reruns_to_identical_files(first_step, random_model_dir,
                                                            tmp_path, monkeypatch):
     root, scored, state, ckpt, _, _ = first_step
@@ -244,6 +246,7 @@ def test_a_moved_run_still_resumes(first_step, random_model_dir, tmp_path):
     assert outcome.status == "done"
 
 
+@pytest.mark.slow
 def test_continuing_from_a_checkpoint_needs_the_state_it_left(first_step, tokenizer,
                                                                 tmp_path):
     """ckpt-1 was trained from an absent state. Continuing from it with an absent state is
@@ -294,6 +297,7 @@ def test_a_non_finite_gradient_writes_nothing(first_step, random_model_dir, tmp_
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an fp32 equivalence; GPUs train in bf16")
+@pytest.mark.slow
 def test_update_does_not_depend_on_micro_batch_split(random_model_dir, tokenizer, tmp_path):
     scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, REWARDS_0, max_len=30)
     weights = []
@@ -352,6 +356,7 @@ def test_the_policy_is_built_without_dropout(random_model_dir, tmp_path):
         assert torch.equal(model(ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
     vocab = len(tokenizer)
     bad_vocab = write_scored(tmp_path / "big-ids.parquet", tokenizer, 0, {"p0": [1, 0]},
