@@ -243,6 +243,13 @@ def test_kl_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path
                       "--algo", "grpo", "--ref-model", wider)
     assert_one_line_error(result, "wider", "vocabulary")
     assert not (tmp_path / "c").exists() and not (tmp_path / "s.json").exists()
+    # without the KL no reference is resolved or loaded, and none is recorded
+    outcome = run_train_step(random_model_dir, [scored], tmp_path / "s.json", tmp_path / "c",
+                             TrainOptions(algo="grpo", overrides={"kl_coef": 0.0},
+                                          ref_model=str(tmp_path / "absent"), **FAST),
+                             show_progress=False)
+    assert outcome.metrics["kl_ref"] is None
+    assert "ref_model" not in json.loads((tmp_path / "c" / "trainer_state.json").read_text())
 
 
 # ------------------------------------------------------------------ mismatch and correction
@@ -399,3 +406,39 @@ def test_old_logprobs_are_at_the_rollouts_temperature(random_model_dir, tokenize
     assert outcome.metrics["rollout_temperature"] == 0.5
     assert outcome.metrics["mismatch_logprob_diff"] == pytest.approx(
         sum(abs(math.log(r)) for r in flat) / len(flat), rel=1e-4)
+
+
+def test_rollout_score_train_agree_at_the_rollout_temperature(random_model_dir, tmp_path):
+    """The whole chain: the hf engine's log-probs at temperature 0.7, carried by dcpo score,
+    meet the trainer's at the same temperature (fp32 on CPU: equal to rounding); at
+    temperature 1 the trainer would be far off."""
+    from dcpo_cli.cli import run
+    from dcpo_cli.prepare import prompts_table
+
+    rows = [{"prompt_id": f"p{i}", "answer": str(2 * i), "problem": "", "source": "test",
+             "prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in range(4)]
+    prompts = tmp_path / "prompts.parquet"
+    contracts.write_table(prompts_table(rows), prompts, contracts.make_metadata("prompts", "t"))
+    rollouts, scored = tmp_path / "r.parquet", tmp_path / "s.parquet"
+    assert run(["rollout", "--model", str(random_model_dir), "--prompts", str(prompts),
+                "--out", str(rollouts), "--batch-size", "4", "--n", "4", "--max-new-tokens",
+                "16", "--temperature", "0.7", "--engine", "hf", "--step", "0"]) == 0
+    assert run(["score", str(rollouts), "--out", str(scored), "--workers", "1"]) == 0
+    assert contracts.read_metadata(scored)["sampling"]["temperature"] == 0.7
+    options = TrainOptions(algo="grpo", overrides={"kl_coef": 0.0}, rollout_correction="tis",
+                           **FAST)
+    outcome = run_train_step(random_model_dir, [scored], tmp_path / "st.json", tmp_path / "c",
+                             options, show_progress=False)
+    assert outcome.metrics["rollout_temperature"] == 0.7
+    assert outcome.metrics["mismatch_logprob_diff"] < 1e-5
+    assert outcome.metrics["mismatch_outside_ratio"] == 0
+    weights = [r["rollout_weight_mean"] for r in records(tmp_path / "c").values()]
+    assert weights == pytest.approx([1.0] * len(weights), abs=1e-4)
+    # the same tokens scored at temperature 1 (the trainer before this change)
+    rewrite(scored, sampling=None)
+    cold = run_train_step(random_model_dir, [scored], tmp_path / "st2.json", tmp_path / "c2",
+                          TrainOptions(algo="grpo", overrides={"kl_coef": 0.0}, **FAST),
+                          show_progress=False)
+    assert cold.metrics["rollout_temperature"] == 1.0
+    assert cold.metrics["mismatch_logprob_diff"] > 100 * outcome.metrics[
+        "mismatch_logprob_diff"]
