@@ -62,6 +62,8 @@ TRAIN_RECORD_COLUMNS: dict[str, pa.DataType | None] = {
     "clipped_tokens": pa.int64(),
     "old_logprob_mean": pa.float64(),
     "new_logprob_mean": pa.float64(),
+    # mean rollout-correction weight over the response's tokens (1 without a correction)
+    "rollout_weight_mean": pa.float64(),
 }
 EVAL_SAMPLE_COLUMNS: dict[str, pa.DataType | None] = {
     "prompt_id": pa.string(),

@@ -5,6 +5,10 @@ Real policies have ~150k-token vocabularies: a full fp32 log-softmax over a micr
 gives the chosen token's logit minus a logsumexp over the vocabulary, and under autograd the
 chunk is recomputed in backward (activation checkpointing), so at most one chunk's logits
 are alive at any moment, forward or backward.
+
+`temperature` T gives the log-probs of softmax(logits / T), the distribution a rollout at
+temperature T sampled from (its `response_logprobs`). The division is on the logits, after
+the lm-head's bias; T == 1 skips it, so the numbers are bit-identical to no temperature.
 """
 
 from __future__ import annotations
@@ -20,17 +24,25 @@ def _rows_per_chunk(vocab: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(vocab, 1))
 
 
-def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    targets: torch.Tensor) -> torch.Tensor:
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+            temperature: float) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias).float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logits = _logits(hidden, weight, bias, temperature)
     chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return chosen - torch.logsumexp(logits, dim=-1)
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    bias: torch.Tensor | None = None,
-                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """log softmax(hidden @ weight.T + bias)[i, targets[i]] for hidden [N, H], targets [N].
+                   chunk_elements: int = CHUNK_ELEMENTS, temperature: float = 1.0
+                   ) -> torch.Tensor:
+    """log softmax((hidden @ weight.T + bias) / temperature)[i, targets[i]] for hidden
+    [N, H], targets [N].
 
     Differentiable with respect to `hidden`, `weight` and `bias`; returns fp32 [N].
     """
@@ -40,9 +52,10 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     for start in range(0, hidden.shape[0], rows):
         h, y = hidden[start:start + rows], targets[start:start + rows]
         if needs_grad:  # keep only the chunk's inputs; its logits are rebuilt in backward
-            pieces.append(checkpoint(_chunk_logprobs, h, weight, bias, y, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, h, weight, bias, y, temperature,
+                                     use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(h, weight, bias, y))
+            pieces.append(_chunk_logprobs(h, weight, bias, y, temperature))
     if not pieces:
         return hidden.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
@@ -50,12 +63,14 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
 
 @torch.no_grad()
 def token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """Entropy (nats) of softmax(hidden @ weight.T + bias) for each row of hidden [N, H]."""
+                  chunk_elements: int = CHUNK_ELEMENTS, temperature: float = 1.0
+                  ) -> torch.Tensor:
+    """Entropy (nats) of softmax((hidden @ weight.T + bias) / temperature) for each row of
+    hidden [N, H]."""
     rows = _rows_per_chunk(weight.shape[0], chunk_elements)
     pieces = []
     for start in range(0, hidden.shape[0], rows):
-        logits = F.linear(hidden[start:start + rows], weight, bias).float()
+        logits = _logits(hidden[start:start + rows], weight, bias, temperature)
         logz = torch.logsumexp(logits, dim=-1)
         probs = torch.softmax(logits, dim=-1)
         pieces.append(logz - (probs * logits).sum(-1))

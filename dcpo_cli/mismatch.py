@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-CORRECTIONS = ("none", "tis", "mask")
+from dcpo_cli.options import ROLLOUT_CORRECTIONS as CORRECTIONS  # ("none", "tis", "mask")
+
 OUTSIDE_BOUNDS = (0.5, 2.0)
 # exp() of a log-ratio beyond this overflows or underflows fp32 (verl clamps the same way).
 LOG_RATIO_LIMIT = 20.0

@@ -19,6 +19,8 @@ from dcpo_cli.errors import DcpoError
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 # Logits computed at once in the chunked log-prob (elements of [positions, vocab]).
 CHUNK_ELEMENTS = 1 << 24
+# Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.mismatch).
+ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
 
 
 def choices(names) -> str:
@@ -147,6 +149,10 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     metrics_log: Path | None = None
     chunk_elements: int = CHUNK_ELEMENTS
+    # The KL loss's reference policy (used when kl_coef > 0); None: the run's first model.
+    ref_model: str | None = None
+    rollout_correction: str = "none"  # per-token loss weights from pi_old / pi_sampler
+    rollout_correction_cap: float = 2.0
 
     def record(self) -> dict[str, Any]:
         """The options that determine the result (recorded in the checkpoint)."""
@@ -161,3 +167,8 @@ class TrainOptions:
                 raise DcpoError(f"{name} must be at least 1")
         if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm <= 0:
             raise DcpoError("--lr and --warmup-steps must be >= 0 and --max-grad-norm > 0")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            raise DcpoError(f"--rollout-correction must be {choices(ROLLOUT_CORRECTIONS)}, "
+                            f"not {self.rollout_correction!r}")
+        if not self.rollout_correction_cap > 0:
+            raise DcpoError("--rollout-correction-cap must be > 0")

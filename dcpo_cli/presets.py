@@ -33,6 +33,9 @@ class AlgoConfig:
     advantage: str  # "sas" or "grpo"
     loss_agg: str
     drop_uniform_groups: bool  # DAPO's dynamic sampling, applied as a filter
+    # KL loss to the reference policy (verl's use_kl_loss): kl_coef * agg(kl_penalty(...)).
+    kl_coef: float = 0.0  # 0 turns it off (and the reference model is never loaded)
+    kl_type: str = "low_var_kl"  # one of KL_TYPES
 
 
 PRESETS: dict[str, AlgoConfig] = {
@@ -41,14 +44,16 @@ PRESETS: dict[str, AlgoConfig] = {
                        drop_uniform_groups=False),
     "grpo": AlgoConfig(name="grpo", clip="fixed", eps_low=0.2, eps_high=0.2, ratio_max=10.0,
                        dual_clip=None, advantage="grpo", loss_agg="seq-mean-token-mean",
-                       drop_uniform_groups=False),
+                       drop_uniform_groups=False, kl_coef=0.001, kl_type="low_var_kl"),
     "dapo": AlgoConfig(name="dapo", clip="fixed", eps_low=0.2, eps_high=0.28, ratio_max=10.0,
                        dual_clip=None, advantage="grpo", loss_agg="token-mean",
                        drop_uniform_groups=True),
     # GSPO's sequence-level objective: one ratio per response, responses averaged.
+    # GRPO and GSPO: the official scripts' KL loss, 0.001 low_var_kl (docs/design.md 1.4).
     "gspo": AlgoConfig(name="gspo", clip="sequence", eps_low=3e-4, eps_high=4e-4,
                        ratio_max=10.0, dual_clip=None, advantage="grpo",
-                       loss_agg="seq-mean-token-mean", drop_uniform_groups=False),
+                       loss_agg="seq-mean-token-mean", drop_uniform_groups=False,
+                       kl_coef=0.001, kl_type="low_var_kl"),
 }
 
 
@@ -63,6 +68,8 @@ def resolve_config(algo: str, **overrides) -> AlgoConfig:
     changes = {k: v for k, v in overrides.items() if v is not None}
     if changes.get("dual_clip") == 0:  # `--dual-clip 0` turns dual clipping off
         changes["dual_clip"] = None
+    if changes.get("kl_type") == "k3":  # Schulman's name for low_var_kl
+        changes["kl_type"] = "low_var_kl"
     config = dataclasses.replace(PRESETS[algo], **changes)
     validate_config(config)
     return config
@@ -85,3 +92,8 @@ def validate_config(config: AlgoConfig) -> None:
         raise DcpoError("--ratio-max must be > 1")
     if config.dual_clip is not None and not config.dual_clip > 1:
         raise DcpoError("--dual-clip must be > 1 (or 0 for off)")
+    if not config.kl_coef >= 0:
+        raise DcpoError(f"--kl-coef must be >= 0 (got {config.kl_coef}; 0 turns it off)")
+    if config.kl_type not in KL_TYPES:
+        raise DcpoError(f"--kl-type must be one of {', '.join(KL_TYPES)}, "
+                        f"not {config.kl_type!r}")

@@ -29,6 +29,8 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("response_length_mean", "length", ".1f"),
     ("truncated_ratio", "truncated", ".3f"),
     ("approx_kl", "KL", ".2e"),
+    ("kl_ref", "KL ref", ".2e"),
+    ("mismatch_kl", "mismatch KL", ".2e"),
     ("entropy", "entropy", ".3f"),
     ("grad_norm", "grad norm", ".3f"),
     ("lr", "lr", ".2e"),
@@ -302,7 +304,7 @@ def _length_panel(ax, runs) -> None:
 
 
 def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
-    """Write the report figure (six panels) to `out_path`, atomically; the format follows
+    """Write the report figure (nine panels) to `out_path`, atomically; the format follows
     the suffix (png by default)."""
     import matplotlib
 
@@ -313,11 +315,11 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
 
     out_path = Path(out_path)
     fmt = out_path.suffix.lstrip(".").lower() or "png"
-    fig, axes = plt.subplots(2, 3, figsize=(18, 9.5))
+    fig, axes = plt.subplots(3, 3, figsize=(18, 14))
     try:
         if fmt not in fig.canvas.get_supported_filetypes():
             raise DcpoError(f"{out_path}: cannot write a '.{fmt}' figure (use .png, .pdf or .svg)")
-        (reward, clip, rur), (length, kl, entropy) = axes
+        (reward, clip, rur), (length, kl, entropy), (kl_ref, mismatch, outside) = axes
         _reward_panel(reward, runs)
         _finish(clip, "Token clipping ratio", "fraction of response tokens clipped",
                 _lines(clip, runs, [("clip_ratio", "total"), ("clip_ratio_low", "low side"),
@@ -329,6 +331,14 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
                 _lines(kl, runs, [("approx_kl", "approx KL")]))
         _finish(entropy, "Entropy", "mean token entropy (nats)",
                 _lines(entropy, runs, [("entropy", "entropy")]))
+        _finish(kl_ref, "KL to the reference policy (start of step)",
+                "mean per-token estimate (--kl-type)",
+                _lines(kl_ref, runs, [("kl_ref", "KL to reference")]))
+        _finish(mismatch, "Sampler-trainer mismatch", "per token",
+                _lines(mismatch, runs, [("mismatch_kl", "KL (k3)"),
+                                        ("mismatch_logprob_diff", "mean |log-prob diff|")]))
+        _finish(outside, "Mismatch: ratio outside [0.5, 2]", "fraction of tokens",
+                _lines(outside, runs, [("mismatch_outside_ratio", "outside [0.5, 2]")]))
         fig.suptitle("dcpo report: " + " vs ".join(run["label"] for run in runs))
         top = 0.97
         if len(runs) > 1:  # colours name the runs, once for the whole figure
@@ -337,7 +347,7 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
             fig.legend(handles=[Line2D([], [], color=f"C{r % 10}", linewidth=3,
                                        label=run["label"]) for r, run in enumerate(runs)],
                        loc="upper center", ncol=min(len(runs), 4), bbox_to_anchor=(0.5, 0.965))
-            top = 0.97 - 0.035 * math.ceil(len(runs) / 4)
+            top = 0.97 - 0.024 * math.ceil(len(runs) / 4)
         fig.tight_layout(rect=(0, 0, 1, top))
         try:
             with atomic_path(out_path) as tmp:

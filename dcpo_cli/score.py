@@ -106,6 +106,30 @@ def max_length_from(metadata: list[dict[str, Any]], options: ScoreOptions) -> in
     return values.pop()
 
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k")
+
+
+def sampling_from(metadata: list[dict[str, Any]], paths: list[Path]) -> dict[str, Any] | None:
+    """The rollouts' sampling options (temperature, top_p, top_k) for the scored metadata:
+    train-step computes its log-probs at the rollouts' temperature. None when a shard does
+    not record them (files from other tools); a key is None where shards differ, except the
+    temperature, which must agree (one step's log-probs are of one distribution)."""
+    records = [m.get("options") if isinstance(m.get("options"), dict) else {} for m in metadata]
+    if not records or any("temperature" not in r for r in records):
+        return None
+    temperatures = {r["temperature"] for r in records}
+    if len(temperatures) > 1:
+        names = ", ".join(f"{Path(p).name}: {r['temperature']}"
+                          for p, r in zip(paths, records, strict=True))
+        raise DcpoError(f"the rollout shards were sampled at different temperatures ({names});"
+                        " shards of one step must match")
+    sampling = {}
+    for key in SAMPLING_KEYS:
+        values = {r.get(key) for r in records}
+        sampling[key] = values.pop() if len(values) == 1 else None
+    return sampling
+
+
 def _user_rewards(table: pa.Table, options: ScoreOptions, on_progress=None
                   ) -> tuple[list[float], list[bool]]:
     """The user's reward of every row, run in the killable pool: a row that overruns
@@ -168,6 +192,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     options.check()
     contracts.check_output_path(out)
     table, metadata = read_inputs(paths)
+    sampling = sampling_from(metadata, paths)
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
     if options.reward:
         from dcpo_cli.rewards import load_reward_function
@@ -196,7 +221,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     extra = {"reward_function": options.reward or "math-verify",
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
-             "verify_errors": errors}
+             "verify_errors": errors, "sampling": sampling}
     meta = contracts.make_metadata(kind, "score", step=steps.pop() if len(steps) == 1 else None,
                                options=asdict(options), inputs=paths, extra=extra)
     contracts.write_table(scored, out, meta)

@@ -31,6 +31,14 @@ class StepData:
     files: list[str]  # the shard each row came from (for error messages)
     checksums: dict[str, str]
     max_new_tokens: int | None = None  # the rollouts' generation limit, from the metadata
+    # The sampler's log-probs of each response token (`response_logprobs`), or None when a
+    # shard lacks them (then `sampler_missing` says which file and why).
+    sampler_logprobs: list[list[float]] | None = None
+    sampler_missing: str | None = None
+    # The rollouts' sampling options (from the scored metadata) and the temperature the
+    # trainer's log-probs are computed at: the rollouts' (greedy, T = 0, counts as 1).
+    sampling: dict | None = None
+    temperature: float = 1.0
 
     @property
     def num_rows(self) -> int:
@@ -47,12 +55,19 @@ def load_scored(paths: list[Path]) -> StepData:
     data = StepData(-1, [], [], [], [], [], [], [], [], {})
     steps: dict[str, int] = {}
     limits: set[int | None] = set()
+    samplings: dict[str, dict | None] = {}
+    sampler: list[list[float]] = []
     for path, name in zip(paths, names, strict=True):
-        table = contracts.read_table(path, "scored")
+        # response_logprobs are optional here: only the mismatch metrics and the rollout
+        # correction read them (files from other tools may lack them).
+        table = contracts.read_table(path, "scored", {
+            k: v for k, v in contracts.SCORED_COLUMNS.items() if k != "response_logprobs"})
         column_steps = set(table.column("step").to_pylist())
         metadata = contracts.read_metadata(path)
         meta_step = metadata.get("step")
         limits.add(metadata.get("max_new_tokens"))
+        samplings[name] = metadata.get("sampling") if isinstance(metadata.get("sampling"),
+                                                                 dict) else None
         if len(column_steps) != 1:
             raise DcpoError(f"{name}: rows from several steps {sorted(column_steps)}")
         step = meta_step if isinstance(meta_step, int) else column_steps.pop()
@@ -78,18 +93,56 @@ def load_scored(paths: list[Path]) -> StepData:
         data.correct += [bool(c) for c in columns["correct"]]
         data.truncated += [reason == "length" for reason in columns["finish_reason"]]
         data.files += [name] * table.num_rows
+        if data.sampler_missing is None:
+            logprobs, data.sampler_missing = _sampler_logprobs(table, name,
+                                                               columns["response_token_ids"])
+            sampler += logprobs
         data.checksums[name] = contracts.file_checksum(path)  # by name: a moved run resumes
     if len(set(steps.values())) != 1:
         listing = ", ".join(f"{n}: {s}" for n, s in steps.items())
         raise DcpoError(f"the scored files come from different steps ({listing})")
     data.step = next(iter(steps.values()))
     data.max_new_tokens = limits.pop() if len(limits) == 1 else None
+    data.sampler_logprobs = sampler if data.sampler_missing is None else None
+    data.sampling, data.temperature = _sampling(samplings)
     keys = list(zip(data.prompt_ids, data.sample_index, strict=True))
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
         raise DcpoError(f"response ({dup[0]!r}, sample {dup[1]}) appears twice in the scored "
                         "files")
     return data
+
+
+def _sampler_logprobs(table, name: str, responses: list[list[int]]
+                      ) -> tuple[list[list[float]], str | None]:
+    """A shard's `response_logprobs`, or ([], why they cannot be used)."""
+    if "response_logprobs" not in table.column_names:
+        return [], f"{name}: no column 'response_logprobs'"
+    values = table.column("response_logprobs").to_pylist()
+    for i, (logprobs, tokens) in enumerate(zip(values, responses, strict=True)):
+        if logprobs is None or len(logprobs) != len(tokens):
+            return [], (f"{name}: row {i}'s 'response_logprobs' do not match its "
+                        "response tokens")
+        if any(v is None or not math.isfinite(v) for v in logprobs):
+            return [], f"{name}: row {i}'s 'response_logprobs' hold missing or non-finite values"
+    return values, None
+
+
+def _sampling(samplings: dict[str, dict | None]) -> tuple[dict | None, float]:
+    """The shards' common sampling options and the trainer's temperature."""
+    temperatures = {name: (s or {}).get("temperature") for name, s in samplings.items()}
+    if len(set(temperatures.values())) > 1:
+        listing = ", ".join(f"{n}: {t}" for n, t in temperatures.items())
+        raise DcpoError(f"the scored files were sampled at different temperatures ({listing})")
+    sampling = next(iter(samplings.values()))
+    temperature = next(iter(temperatures.values()))
+    if temperature is None:  # not recorded (an older dcpo score, another tool): as before
+        return sampling, 1.0
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        name = next(iter(samplings))
+        raise DcpoError(f"{name}: metadata temperature {temperature!r} is not a number >= 0")
+    # Greedy rollouts (T = 0) have no sampling distribution; score them at the model's own.
+    return sampling, float(temperature) if temperature > 0 else 1.0
 
 
 def check_vocab(data: StepData, vocab: int) -> None:

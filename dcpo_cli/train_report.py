@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dcpo_cli import algorithms, contracts
+from dcpo_cli import algorithms, contracts, mismatch
 from dcpo_cli.train_inputs import StepAdvantages, StepData
 from dcpo_cli.train_update import UpdateState
 
@@ -40,10 +40,12 @@ def step_metrics(data: StepData, advantages: StepAdvantages, state: UpdateState,
     }
 
 
-def records_table(data: StepData, advantages: list[float], state: UpdateState):
+def records_table(data: StepData, advantages: list[float], state: UpdateState,
+                  correction: str = "none", cap: float = 2.0):
     """One row per response. Responses of dropped groups were not trained: their clipped
     count is 0 and their log-prob means are NaN. `new_logprob_mean` is the response's mean
-    log-prob as the loss saw it in the last epoch (after the updates before its mini-batch)."""
+    log-prob as the loss saw it in the last epoch (after the updates before its mini-batch).
+    `rollout_weight_mean` is the mean weight --rollout-correction gave its tokens' losses."""
     import pyarrow as pa
 
     old, nan = state.old, float("nan")
@@ -58,9 +60,48 @@ def records_table(data: StepData, advantages: list[float], state: UpdateState):
         "old_logprob_mean": [float(old[r].mean()) if r in old else nan
                              for r in range(data.num_rows)],
         "new_logprob_mean": [state.row_new.get(r, nan) for r in range(data.num_rows)],
+        "rollout_weight_mean": rollout_weight_means(data, state, correction, cap),
     }
     schema = pa.schema([(name, contracts.TRAIN_RECORD_COLUMNS[name]) for name in columns])
     return pa.table(columns, schema=schema)
+
+
+def rollout_weight_means(data: StepData, state: UpdateState, correction: str, cap: float
+                         ) -> list[float]:
+    """Per response: the mean rollout-correction weight of its tokens (weights depend only
+    on pi_old and pi_sampler, so they are the same in every epoch); 1 without a correction,
+    NaN for responses not trained."""
+    import torch
+
+    means = []
+    for row in range(data.num_rows):
+        old = state.old.get(row)
+        if old is None:
+            means.append(float("nan"))
+        elif correction == "none":
+            means.append(1.0)
+        else:
+            mask = torch.ones_like(old, dtype=torch.bool)
+            sampler = torch.tensor(data.sampler_logprobs[row], dtype=torch.float32)
+            weights = mismatch.correction_weights(old, sampler, mask, correction, cap)
+            means.append(float(mismatch.response_mean_weights(weights[None], mask[None])[0]))
+    return means
+
+
+def mismatch_report(data: StepData, state: UpdateState) -> dict[str, float | None]:
+    """mismatch_kl, mismatch_logprob_diff, mismatch_outside_ratio over the step's trained
+    tokens: the trainer's old log-probs (at the rollouts' temperature) against the
+    sampler's `response_logprobs`, once per response; None without sampler log-probs."""
+    import torch
+
+    if data.sampler_logprobs is None:
+        return dict.fromkeys(mismatch.MISMATCH_KEYS)
+    sums: dict[str, float] = {}
+    for row, old in state.old.items():
+        sampler = torch.tensor(data.sampler_logprobs[row], dtype=torch.float32)
+        sums = mismatch.add_sums(sums, mismatch.mismatch_sums(
+            old, sampler, torch.ones_like(old, dtype=torch.bool)))
+    return mismatch.mismatch_metrics(sums)
 
 
 def metrics_table(metrics: dict[str, Any], title: str):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dcpo_cli import algorithms, contracts
+from dcpo_cli import algorithms, contracts, reference
 from dcpo_cli.checkpoint import (
     build_optimizer,
     build_policy,
@@ -50,7 +50,14 @@ from dcpo_cli.train_inputs import (  # noqa: F401  (StepData, load_scored: publi
     compute_advantages,
     load_scored,
 )
-from dcpo_cli.train_report import METRICS, RECORDS, metrics_table, records_table, step_metrics
+from dcpo_cli.train_report import (
+    METRICS,
+    RECORDS,
+    metrics_table,
+    mismatch_report,
+    records_table,
+    step_metrics,
+)
 from dcpo_cli.train_resume import (
     SAS_SNAPSHOT,
     align_state_with_model,
@@ -104,6 +111,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
     data = load_scored(scored)
+    check_rollout_correction(data, options)
     state = SasState.load(state_path)
 
     decision = resume_decision(out, state_path, data, state)
@@ -117,6 +125,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
 
     load_started = time.perf_counter()
     policy = load_policy(source, options, data)
+    ref = choose_reference(source, options, config, policy)
     load_seconds = time.perf_counter() - load_started
 
     advantages = compute_advantages(data, config, state, state_path)
@@ -127,11 +136,17 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     plans = plan_updates(ctx, advantages.groups)
     policy.model.train()  # for gradient checkpointing; build_policy turned dropout off
     with _progress(show_progress) as bar:
+        if ref.source is not None:  # loaded, used and freed before the policy's passes
+            ctx.ref = reference.step_reference_logprobs(ref.source, ctx, plans,
+                                                        vocab_size(policy.model), bar)
         old_logprobs(ctx, plans, update, bar)
         run_updates(ctx, policy.optimizer, plans, update, bar)
     compute_seconds = time.perf_counter() - compute_started
 
     metrics = step_metrics(data, advantages, update, options.algo)
+    metrics.update(mismatch_report(data, update), rollout_temperature=data.temperature,
+                   kl_ref=None if ctx.ref is None else reference.kl_ref(update.old, ctx.ref,
+                                                                        config.kl_type))
     metrics.update(step=data.step, lr=policy.lr, global_step=policy.global_step + 1,
                    optimizer_updates=policy.updates_before + update.updates,
                    checkpoint=str(out.resolve()),
@@ -139,9 +154,13 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
                    compute_seconds=compute_seconds, load_seconds=load_seconds,
                    seconds=time.perf_counter() - started)  # up to here; saving follows
     trainer_state = _trainer_state(policy, data, config, options, update.updates, state_before)
+    if ref.chosen is not None:
+        trainer_state.update(ref.chosen.record())
 
     def write_extra(tmp: Path) -> None:  # inside the checkpoint, before it is committed
-        contracts.write_table(records_table(data, advantages.values, update), tmp / RECORDS,
+        contracts.write_table(records_table(data, advantages.values, update,
+                                            options.rollout_correction,
+                                            options.rollout_correction_cap), tmp / RECORDS,
                               contracts.make_metadata("train_records", "train-step",
                                                       step=data.step, options=options.record(),
                                                       inputs=scored))
@@ -162,6 +181,30 @@ def resolve_algo(options: TrainOptions) -> AlgoConfig:
         return algorithms.resolve_config(options.algo, **options.overrides)
     except (ValueError, KeyError, TypeError) as exc:
         raise DcpoError(str(exc).strip("'\"")) from None
+
+
+def check_rollout_correction(data: StepData, options: TrainOptions) -> None:
+    if options.rollout_correction != "none" and data.sampler_logprobs is None:
+        raise DcpoError(f"{data.sampler_missing}; --rollout-correction "
+                        f"{options.rollout_correction} needs the sampler's log-probs")
+
+
+@dataclass
+class StepReference:
+    chosen: reference.Reference | None  # recorded in the trainer state (None: nothing yet)
+    source: ModelSource | None  # to load this step (None: kl_coef is 0)
+
+
+def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoConfig,
+                     policy: Policy) -> StepReference:
+    """The KL reference: resolved only when kl_coef > 0; otherwise the one a checkpoint
+    recorded (if any) is carried on, so a later step with the KL finds the same one."""
+    if not config.kl_coef:
+        return StepReference(reference.recorded_reference(source.path), None)
+    base = reference.Reference(policy.base_model, policy.base_model_revision)
+    chosen, ref_source = reference.choose_reference(options.ref_model, source.path, base,
+                                                    source)
+    return StepReference(chosen, ref_source)
 
 
 def _finish_resumed(decision: str, out: Path, state_path: Path, metrics_log: Path | None

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dcpo_cli import algorithms
+from dcpo_cli import algorithms, mismatch
 from dcpo_cli.algorithms import AlgoConfig
 from dcpo_cli.batching import (
     MicroBatch,
@@ -43,6 +43,8 @@ class StepContext:
     advantages: list[float]
     device: torch.device
     autocast_dtype: torch.dtype | None
+    # Row -> the reference policy's log-probs (the KL loss; None when kl_coef is 0).
+    ref: dict[int, torch.Tensor] | None = None
     lengths: list[int] = field(init=False)  # prompt + response tokens of each row
     max_length: int | None = field(init=False)  # Dr. GRPO's constant normalizer, if used
 
@@ -128,20 +130,22 @@ def plan_updates(ctx: StepContext, groups: list[list[int]]) -> Plans:
             for epoch in range(options.epochs)] if groups else []
 
 
-def forward_logprobs(model, batch: MicroBatch, chunk_elements: int, with_entropy: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def forward_logprobs(model, batch: MicroBatch, chunk_elements: int, with_entropy: bool = False,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response-token log-probs laid out [B, Lmax] (0 on padding), and optionally the
     policy's entropy at each response token (flat, no grad). The lm-head is applied only at
-    positions that predict response tokens, chunk by chunk (see logprobs.py)."""
+    positions that predict response tokens, chunk by chunk (see logprobs.py); `temperature`
+    is the rollouts' (the distribution they sampled from)."""
     hidden = decoder_of(model)(input_ids=batch.input_ids,
                                attention_mask=batch.attention_mask).last_hidden_state
     picked = hidden[batch.predict_mask]
     weight, bias = lm_head_of(model)
-    flat = token_logprobs(picked, weight, batch.targets, bias, chunk_elements)
+    flat = token_logprobs(picked, weight, batch.targets, bias, chunk_elements, temperature)
     entropy = None
     if with_entropy:
         entropy = token_entropy(picked.detach(), weight.detach(),
-                                None if bias is None else bias.detach(), chunk_elements)
+                                None if bias is None else bias.detach(), chunk_elements,
+                                temperature)
     padded = flat.new_zeros(batch.response_mask.shape).masked_scatter(batch.response_mask, flat)
     return padded, entropy
 
@@ -158,7 +162,8 @@ def old_logprobs(ctx: StepContext, plans: Plans, state: UpdateState, bar=None) -
     ticker = Ticker(bar, "old log-probs", len(batches))
     with torch.no_grad(), ctx.autocast():
         for batch in batches:
-            logp, entropy = forward_logprobs(ctx.model, batch, ctx.options.chunk_elements, True)
+            logp, entropy = forward_logprobs(ctx.model, batch, ctx.options.chunk_elements, True,
+                                             ctx.data.temperature)
             state.keep_old(batch, logp, entropy)
             state.tokens += batch.num_tokens
             ticker.advance()
@@ -180,7 +185,7 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
             for batch in ctx.micro_plan(rows):
                 with ctx.autocast():
                     logp, entropy = forward_logprobs(ctx.model, batch, options.chunk_elements,
-                                                     with_entropy=reuse)
+                                                     reuse, ctx.data.temperature)
                 mask = batch.response_mask
                 if reuse:  # weights untouched so far: these are the old log-probs
                     state.keep_old(batch, logp, entropy)
@@ -188,8 +193,10 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
                 old_pad[mask] = torch.cat([state.old[r] for r in batch.rows]).to(ctx.device)
                 adv = _rows_tensor(ctx.advantages, batch.rows, mask)
                 terms = algorithms.surrogate_loss(config, logp.float(), old_pad, adv, mask)
-                loss = algorithms.aggregate_loss(terms.per_token, mask, config.loss_agg,
+                per_token = rollout_corrected(ctx, batch, terms.per_token, old_pad)
+                loss = algorithms.aggregate_loss(per_token, mask, config.loss_agg,
                                                  num_responses, num_tokens, ctx.max_length)
+                loss = loss + kl_loss(ctx, batch, logp.float(), num_responses, num_tokens)
                 loss.backward()
                 loss_total += float(loss.detach())
                 state.tally(batch, terms, logp.detach(), old_pad, epoch == len(plans) - 1)
@@ -206,6 +213,46 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
             state.updates += 1
             rate = state.tokens / max(time.perf_counter() - tick, 1e-9)
             ticker.advance(f"{rate:,.0f} tok/s")
+
+
+def rows_padded(values: dict[int, torch.Tensor] | list[list[float]], batch: MicroBatch
+                ) -> torch.Tensor:
+    """Per-row response values (a tensor or list per row) laid out [B, Lmax], 0 on padding."""
+    mask = batch.response_mask
+    flat = torch.cat([torch.as_tensor(values[r], dtype=torch.float32) for r in batch.rows])
+    padded = torch.zeros(mask.shape, device=mask.device)
+    padded[mask] = flat.to(mask.device)
+    return padded
+
+
+def rollout_corrected(ctx: StepContext, batch: MicroBatch, per_token: torch.Tensor,
+                      old_pad: torch.Tensor) -> torch.Tensor:
+    """Each token's loss times its rollout-correction weight (--rollout-correction tis:
+    min(pi_old / pi_sampler, C); mask: the ratio, or 0 beyond C), as verl multiplies the
+    policy-gradient loss by its rollout IS weights before aggregating. `none`: unchanged."""
+    mode = ctx.options.rollout_correction
+    if mode == "none":
+        return per_token
+    sampler = rows_padded(ctx.data.sampler_logprobs, batch)
+    weights = mismatch.correction_weights(old_pad, sampler, batch.response_mask, mode,
+                                          ctx.options.rollout_correction_cap)
+    return per_token * weights
+
+
+def kl_loss(ctx: StepContext, batch: MicroBatch, logp: torch.Tensor, num_responses: int,
+            num_tokens: int) -> torch.Tensor | float:
+    """kl_coef times the per-token KL estimate to the reference, aggregated like the policy
+    loss (verl's use_kl_loss); 0 when kl_coef is 0."""
+    config = ctx.config
+    if not config.kl_coef:
+        return 0.0
+    if ctx.ref is None:
+        raise RuntimeError("kl_coef > 0 needs the reference log-probs (StepContext.ref)")
+    mask = batch.response_mask
+    kl = algorithms.kl_penalty(logp, rows_padded(ctx.ref, batch), config.kl_type)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    return config.kl_coef * algorithms.aggregate_loss(kl, mask, config.loss_agg, num_responses,
+                                                      num_tokens, ctx.max_length)
 
 
 def dr_grpo_length(data: StepData) -> int:

@@ -11,9 +11,10 @@ import torch
 from dcpo_cli import contracts
 
 
-def write_rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_tokens=16):
+def write_rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_tokens=16,
+                   options=None):
     """A rollouts file as `dcpo rollout` writes it (token ids are placeholders of the
-    given lengths)."""
+    given lengths; `options`: the rollout options its metadata records)."""
     count = len(responses)
     lengths = lengths or [4] * count
     columns = {
@@ -29,7 +30,7 @@ def write_rollouts(path, responses, answers, lengths=None, step=3, start=0, max_
         "answer": answers,
     }
     schema = pa.schema(list(contracts.ROLLOUT_COLUMNS.items()))
-    meta = contracts.make_metadata("rollouts", "rollout", step=step,
+    meta = contracts.make_metadata("rollouts", "rollout", step=step, options=options,
                                extra={"max_new_tokens": max_new_tokens})
     contracts.write_table(pa.table(columns, schema=schema), path, meta)
     return path

@@ -85,3 +85,30 @@ def test_uniform_logits_give_log_vocab():
                                torch.full((3,), -torch.log(torch.tensor(50.0)).item()))
     torch.testing.assert_close(token_entropy(h, w), torch.full((3,), torch.log(torch.tensor(50.0))
                                                                  .item()))
+
+
+def test_temperature_divides_the_logits_after_the_bias():
+    """log softmax((h W^T + b) / T): the distribution a rollout at temperature T sampled
+    from; with gradients through the chunk checkpoint; T = 1 is the plain path bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 4, generator=gen, requires_grad=True)
+    w = torch.randn(13, 4, generator=gen, requires_grad=True)
+    b = torch.randn(13, generator=gen)
+    y = torch.randint(0, 13, (9,), generator=gen)
+    for t in (0.6, 1.7):
+        logits = (h @ w.T + b) / t
+        want = torch.log_softmax(logits, -1).gather(-1, y[:, None]).squeeze(-1)
+        got = token_logprobs(h, w, y, b, chunk_elements=26, temperature=t)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        g_got = torch.autograd.grad(got.sum(), [h, w])
+        g_want = torch.autograd.grad(want.sum(), [h, w])
+        for g, r in zip(g_got, g_want, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+        p = torch.softmax(logits.detach(), -1)
+        entropy = -(p * torch.log_softmax(logits.detach(), -1)).sum(-1)
+        torch.testing.assert_close(token_entropy(h.detach(), w.detach(), b, 26, t), entropy,
+                                   atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(h, w, y, b, 26, temperature=1.0),
+                           token_logprobs(h, w, y, b, 26))
+        assert torch.equal(token_entropy(h, w, b, 26, 1.0), token_entropy(h, w, b, 26))

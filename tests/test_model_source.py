@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import Result, assert_one_line_error
@@ -250,6 +251,29 @@ def test_train_step_by_id_matches_the_directory_and_records_the_base(rollouts, t
     local = json.loads((tmp_path / "dir" / "trainer_state.json").read_text())
     assert local["base_model"] == str((tiny / "model").resolve())
     assert local["base_model_revision"] is None
+
+
+def test_the_kl_reference_of_a_run_from_an_id_is_that_commit(rollouts, hf_home, tmp_path):
+    """GRPO's KL: the first step's reference is the policy itself (the id, not fetched
+    twice); a later step resolves the recorded id@commit from the cache, offline."""
+    args = ("--scored", rollouts / "scored.parquet", "--state", tmp_path / "s.json",
+            "--algo", "grpo", "--lr", "1e-3", "--warmup-steps", "0", "--mini-batch-size", "2")
+    ok(run_offline(hf_home, "train-step", "--model", REPO_ID, "--out", tmp_path / "c1", *args))
+    state = json.loads((tmp_path / "c1" / "trainer_state.json").read_text())
+    assert (state["ref_model"], state["ref_model_revision"]) == (REPO_ID, COMMIT)
+    rollouts_1 = tmp_path / "scored-1.parquet"  # the same responses as step 1
+    table = pq.read_table(rollouts / "scored.parquet")
+    table = table.set_column(table.schema.get_field_index("step"), "step",
+                             pa.array([1] * table.num_rows, pa.int64()))
+    meta = {**contracts.read_metadata(rollouts / "scored.parquet"), "step": 1}
+    contracts.write_table(table, rollouts_1, meta)
+    ok(run_offline(hf_home, "train-step", "--model", tmp_path / "c1", "--out", tmp_path / "c2",
+                   "--scored", rollouts_1, "--state", tmp_path / "s.json", "--algo", "grpo",
+                   "--lr", "1e-3", "--warmup-steps", "0", "--mini-batch-size", "2",
+                   "--metrics-log", tmp_path / "m.jsonl"))
+    state = json.loads((tmp_path / "c2" / "trainer_state.json").read_text())
+    assert (state["ref_model"], state["ref_model_revision"]) == (REPO_ID, COMMIT)
+    assert json.loads((tmp_path / "m.jsonl").read_text())["kl_ref"] > 0
 
 
 def test_eval_by_id_matches_the_directory_and_names_the_commit(tiny, hf_home, tmp_path):

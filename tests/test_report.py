@@ -36,7 +36,8 @@ def metrics_record(step: int, algo: str = "dcpo", skew: float = 0.0) -> dict:
         "nonzero_advantage_ratio": 0.72 - skew, "response_length_mean": 40 + step,
         "truncated_ratio": max(0.0, 0.3 - step / 50), "approx_kl": 1e-4 * (1 + step % 3),
         "entropy": 1.5 - step / 40, "grad_norm": 0.5, "lr": 1e-6, "tokens_per_second": 900.0,
-        "seconds": 12.5,
+        "seconds": 12.5, "kl_ref": 1e-3 * step, "mismatch_kl": 2e-3 + skew / 100,
+        "mismatch_logprob_diff": 0.02, "mismatch_outside_ratio": 1e-3 * (step % 2),
     }
 
 
@@ -102,9 +103,10 @@ def test_missing_keys_and_bad_values_are_skipped(tmp_path):
     assert [r["step"] for r in data["metrics"]] == [3, 5, 7, 8]
     assert series(data, "reward_mean") == ([5], [0.5])
     assert series(data, "approx_kl") == ([], []) and data["algo"] is None
+    assert series(data, "kl_ref") == ([], [])
     # panels without data say so instead of failing
     figure = plot_runs(gather([run, write_run(tmp_path, "full", range(3))]), tmp_path / "s.png")
-    assert png_size(figure) == (1800, 950)
+    assert png_size(figure) == (1800, 1400)
 
 
 def test_eval_summaries(tmp_path):
@@ -168,6 +170,7 @@ def test_report_writes_png_and_tables(dcpo, tmp_path):
     assert width >= 1200 and height >= 700 and (run / "report.png").stat().st_size > 30_000
     stdout = result.stdout
     assert "dcpo-run (dcpo): 12 steps" in stdout and "TCR" in stdout and "RUR" in stdout
+    assert "KL ref" in stdout and "mismatch KL" in stdout
     rows = [line for line in stdout.splitlines() if line.startswith("│")]
     for step in range(12):  # every step has a row, with its global step beside it
         assert any(line.split("│")[1].strip() == str(step)

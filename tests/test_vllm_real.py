@@ -157,8 +157,9 @@ def test_sampler_logprobs_are_the_trainers_at_the_rollout_temperature(engine, ti
             with torch.no_grad():
                 ids = torch.tensor([prompt + c.token_ids])
                 hidden = decoder_of(hf_model)(input_ids=ids).last_hidden_state[0]
-                picked = hidden[len(prompt) - 1:-1] / temperature  # logits / T
-                trainer = token_logprobs(picked, weight, torch.tensor(c.token_ids), bias)
+                picked = hidden[len(prompt) - 1:-1]
+                trainer = token_logprobs(picked, weight, torch.tensor(c.token_ids), bias,
+                                         temperature=temperature)  # logits / T
             gaps += (torch.tensor(c.logprobs) - trainer).abs().tolist()
     _report(f"T={temperature}", gaps)
     assert len(gaps) > 300

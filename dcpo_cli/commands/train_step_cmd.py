@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
-from dcpo_cli.options import TrainOptions, choices
-from dcpo_cli.presets import ADVANTAGES, CLIP_MODES, LOSS_AGGS, PRESETS
+from dcpo_cli.options import ROLLOUT_CORRECTIONS, TrainOptions, choices
+from dcpo_cli.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
 
 D = TrainOptions()  # the defaults
 
@@ -37,6 +37,21 @@ def train_step(
     drop_uniform_groups: bool | None = typer.Option(
         None, "--drop-uniform-groups/--keep-uniform-groups",
         help="Drop groups whose rewards are all equal (DAPO's filter); default per preset."),
+    kl_coef: float | None = typer.Option(None, help="Override the coefficient of the KL "
+                                         "loss to the reference policy (grpo, gspo: 0.001; "
+                                         "dcpo, dapo: 0 = off)."),
+    kl_type: str | None = typer.Option(None, help="Override the KL estimator: "
+                                       f"{choices(KL_TYPES)} (k3 = low_var_kl)."),
+    ref_model: str | None = typer.Option(D.ref_model, help="KL reference policy: a directory "
+                                         "or Hub id[@revision] (default: the run's first "
+                                         "model, as recorded in the checkpoint)."),
+    rollout_correction: str = typer.Option(D.rollout_correction, help="Correct for the "
+                                           "sampler-trainer mismatch with per-token loss "
+                                           f"weights: {choices(ROLLOUT_CORRECTIONS)} (tis: "
+                                           "min(pi_old/pi_sampler, cap); mask: drop tokens "
+                                           "beyond the cap). Needs response_logprobs."),
+    rollout_correction_cap: float = typer.Option(D.rollout_correction_cap, help="The cap C "
+                                                 "of --rollout-correction."),
     lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
     warmup_steps: int = typer.Option(D.warmup_steps, help="Linear lr warm-up, counted in "
@@ -66,7 +81,8 @@ def train_step(
     overrides = {key: value for key, value in (
         ("clip", clip), ("advantage", advantage), ("loss_agg", loss_agg), ("eps_low", eps_low),
         ("eps_high", eps_high), ("ratio_max", ratio_max), ("dual_clip", dual_clip),
-        ("drop_uniform_groups", drop_uniform_groups)) if value is not None}
+        ("drop_uniform_groups", drop_uniform_groups), ("kl_coef", kl_coef),
+        ("kl_type", kl_type)) if value is not None}
     options = from_values(TrainOptions, locals(), overrides=overrides)
     options.check()
     outcome = run_train_step(model, scored, state, out, options)
