@@ -23,15 +23,15 @@ VERBOSE = typer.Option(False, "--verbose", help="Show the engine's own INFO logs
                        "progress bars (by default only its warnings and errors).")
 
 
-def engine_settings(*, tensor_parallel_size: int, gpu_memory_utilization: float | None,
-                    max_model_len: int | None, dtype: str, enforce_eager: bool,
-                    engine_arg: list[str], verbose: bool):
+def engine_settings(values: dict):
+    """The engine settings from a command's keyword values (its `locals()`), checked."""
     from dcpo_cli.engine_settings import EngineSettings, parse_engine_args
 
     settings = EngineSettings(
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        dtype=dtype, enforce_eager=enforce_eager, engine_args=parse_engine_args(engine_arg),
-        verbose=verbose)
+        tensor_parallel_size=values["tensor_parallel_size"],
+        gpu_memory_utilization=values["gpu_memory_utilization"],
+        max_model_len=values["max_model_len"], dtype=values["dtype"],
+        enforce_eager=values["enforce_eager"],
+        engine_args=parse_engine_args(values["engine_arg"]), verbose=values["verbose"])
     settings.check()
     return settings

@@ -54,10 +54,7 @@ def evaluate(
     from dcpo_cli.options import from_values
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
-    settings = engine_flags.engine_settings(
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        dtype=dtype, enforce_eager=enforce_eager, engine_arg=engine_arg, verbose=verbose)
+    settings = engine_flags.engine_settings(locals())
     results = run_eval(model, benchmark, out, options, data_dir=data_dir,
                        engine_settings=settings)
     console.print(summary_table(results, out / "summary.json"))

@@ -48,10 +48,7 @@ def rollout(
     from dcpo_cli.rollout import parse_shard, run_rollout
 
     options = from_values(RolloutOptions, locals(), shard=parse_shard(shard))
-    settings = engine_flags.engine_settings(
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-        dtype=dtype, enforce_eager=enforce_eager, engine_arg=engine_arg, verbose=verbose)
+    settings = engine_flags.engine_settings(locals())
     s = run_rollout(model, prompts, step, out, options, engine_settings=settings)
     skipped = f", {s.skipped} skipped as too long" if s.skipped else ""
     start = f"engine start {s.load_seconds:.1f} s, " if s.load_seconds is not None else ""
