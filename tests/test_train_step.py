@@ -197,7 +197,9 @@ def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step
         shutil.copy(state, state_copy)
         out = root / f"ckpt-2-{algo}"
         outcome = run_train_step(ckpt, [scored], state_copy, out,
-                                 TrainOptions(algo=algo, lr=1e-3, micro_batch_tokens=256),
+                                 # two branches from ckpt-1 beside it: keep its state
+                                 TrainOptions(algo=algo, lr=1e-3, micro_batch_tokens=256,
+                                              keep_training_state=3),
                                  show_progress=False)
         trainer = json.loads((out / "trainer_state.json").read_text())
         assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 8
