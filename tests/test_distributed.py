@@ -206,7 +206,7 @@ def test_keep_training_state_keeps_the_newest(scored_files, random_model_dir, tm
     out = in_process(runs / "ckpt-1", scored[1], other, tmp_path / "branch" / "ckpt-2",
                      reset_optimizer=True)
     trainer = json.loads((out / "trainer_state.json").read_text())
-    assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 4
+    assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 8
 
 
 def test_bad_inputs(scored_files, random_model_dir, tmp_path):
