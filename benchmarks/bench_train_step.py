@@ -223,7 +223,11 @@ def processes(size: TinySize, counts: list[int], prompts: int, n: int, min_len: 
                    "--out", str(out), "--micro-batch-tokens", str(micro_tokens)]
         if count > 1:
             command += ["--nproc-per-node", str(count)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // count))}
+        # the node's cores shared out (torchrun's own default is 1 thread per process);
+        # BENCH_THREADS_PER_PROCESS fixes it instead
+        threads = os.environ.get("BENCH_THREADS_PER_PROCESS") or \
+            str(max(1, (os.cpu_count() or 1) // count))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
         subprocess.run(command, check=True, capture_output=True, text=True, env=env)
         metrics = json.loads((out / "metrics.json").read_text())
         results[f"tokens_per_second_{count}p"] = metrics["tokens_per_second"]
