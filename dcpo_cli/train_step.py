@@ -226,6 +226,9 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
         raise DcpoError(f"{model_dir}: holds no training state (deleted by "
                         "--keep-training-state); continue from a newer checkpoint, or pass "
                         "--reset-optimizer to start fresh optimizer moments from its weights")
+    if options.cpu_offload and not torch.cuda.is_available():
+        raise DcpoError("--cpu-offload moves FSDP2's shards from the GPU to host memory; "
+                        "without a GPU everything is in host memory already: drop it")
     if options.cpu_offload and not world.sharded:
         raise DcpoError("--cpu-offload needs FSDP2: run under torchrun or with "
                         "--nproc-per-node N")

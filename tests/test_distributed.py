@@ -224,6 +224,13 @@ def test_bad_inputs(scored_files, random_model_dir, tmp_path):
     assert_one_line_error(result, "scored-0.parquet", "mini-batch of 4 responses",
                           "5 processes")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    from dcpo_cli.errors import DcpoError
+
+    with pytest.raises(DcpoError, match="--cpu-offload" if torch.cuda.is_available()
+                       else "without a GPU"):
+        in_process(random_model_dir, scored[0], tmp_path / "s.json", tmp_path / "c",
+                   cpu_offload=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
     # A training state written for another model (another shape) beside these weights.
     wider = dataclasses.replace(TEST_SIZE, hidden_size=TEST_SIZE.hidden_size * 2)
