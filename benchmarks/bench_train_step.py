@@ -8,6 +8,10 @@ Prints:
 3. peak memory of the chunked log-prob computation (forward + backward) against a naive
    full log-softmax, on a Qwen2 model with a 151,936-token vocabulary, target <= 0.5x.
    On CPU: peak RSS growth of a fresh subprocess per method; on GPU: max_memory_allocated.
+4. `dcpo train-step` in 1 process vs `--nproc-per-node 2` (FSDP2; gloo on CPU, nccl on GPU)
+   on the same step: tokens/s of each (old log-probs + updates, summed over ranks), their
+   ratio, and the peak memory per rank the step reports (`--processes 1,2`; `--processes ""`
+   skips it).
 
     python benchmarks/bench_train_step.py [--size default|test] [--prompts 16] [--n 8]
 """
@@ -199,6 +203,46 @@ def memory(tokens: int, hidden: int, layers: int) -> dict:
             "naive_seconds": naive["seconds"], "chunked_seconds": chunked["seconds"]}
 
 
+def processes(size: TinySize, counts: list[int], prompts: int, n: int, min_len: int,
+              max_len: int, micro_tokens: int) -> dict:
+    """The same scored step through the CLI on each process count (a fresh output each)."""
+    import os
+
+    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
+
+    root = Path(tempfile.mkdtemp(prefix="bench-train-step-procs-"))
+    tokenizer = build_tokenizer()
+    model_dir = save_model_dir(build_model(tokenizer, size), tokenizer, root / "model")
+    scored = make_scored(root / "scored.parquet", len(tokenizer), tokenizer.eos_token_id,
+                         prompts, n, min_len, max_len)
+    results: dict = {}
+    for count in counts:
+        out = root / f"ckpt-{count}"
+        command = [sys.executable, "-m", "dcpo_cli", "train-step", "--model", str(model_dir),
+                   "--scored", str(scored), "--state", str(root / f"state-{count}.json"),
+                   "--out", str(out), "--micro-batch-tokens", str(micro_tokens)]
+        if count > 1:
+            command += ["--nproc-per-node", str(count)]
+        # the node's cores shared out (torchrun's own default is 1 thread per process);
+        # BENCH_THREADS_PER_PROCESS fixes it instead
+        threads = os.environ.get("BENCH_THREADS_PER_PROCESS") or \
+            str(max(1, (os.cpu_count() or 1) // count))
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+        metrics = json.loads((out / "metrics.json").read_text())
+        results[f"tokens_per_second_{count}p"] = metrics["tokens_per_second"]
+        for key in ("peak_gpu_memory_gib", "peak_cpu_rss_gib"):
+            if key in metrics:
+                results[f"{key}_{count}p"] = metrics[key]
+    if len(counts) > 1:
+        first, last = counts[0], counts[-1]
+        results[f"ratio_{last}p_to_{first}p"] = (results[f"tokens_per_second_{last}p"]
+                                                  / results[f"tokens_per_second_{first}p"])
+    results["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() \
+        else f"cpu ({os.cpu_count()} cores)"
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["default", "test"], default="default")
@@ -212,6 +256,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--memory-worker")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--processes", default="1,2",
+                        help="process counts to compare (comma-separated; empty: skip)")
     args = parser.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.memory_worker, args.tokens, args.hidden,
@@ -222,7 +269,13 @@ def main() -> None:
         size = DEFAULT_SIZE if args.size == "default" else TEST_SIZE
         report["speed"] = speed(size, args.prompts, args.n, args.min_len, args.max_len,
                                 args.micro_batch_tokens)
-    report["memory"] = memory(args.tokens, args.hidden, args.layers)
+    if not args.skip_memory:
+        report["memory"] = memory(args.tokens, args.hidden, args.layers)
+    counts = [int(c) for c in args.processes.split(",") if c.strip()]
+    if counts:
+        size = DEFAULT_SIZE if args.size == "default" else TEST_SIZE
+        report["processes"] = processes(size, counts, args.prompts, args.n, args.min_len,
+                                        args.max_len, args.micro_batch_tokens)
     from rich.console import Console
     from rich.table import Table
 

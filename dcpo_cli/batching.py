@@ -72,10 +72,25 @@ def shard(items: list, rank: int = 0, world_size: int = 1) -> list:
     """This rank's share of a list of micro-batches: the one place data is split across
     processes (every rank gets every `world_size`-th item; a single process gets all).
 
-    Today train-step runs one process. Under torchrun the loss normalizers stay global (the
-    whole mini-batch's responses and tokens), so gradients must be summed across ranks, not
-    averaged, and every rank needs the old log-probs of its own rows."""
+    Under torchrun the loss normalizers stay global (the whole mini-batch's responses and
+    tokens), so gradients are summed across ranks, not averaged (fsdp.py), and every rank
+    computes the old log-probs of its own rows."""
     return items[rank::world_size]
+
+
+def spread(parts: list[list[int]], count: int) -> list[list[int]]:
+    """At least `count` micro-batches where the rows allow it: halve the micro-batch with
+    the most rows until there are enough, so that every process gets rows to train on. The
+    order of rows is kept; one process (`count` 1) gets `parts` unchanged."""
+    parts = [list(p) for p in parts]
+    while len(parts) < count:
+        index = max(range(len(parts)), key=lambda i: len(parts[i]))
+        part = parts[index]
+        if len(part) < 2:
+            break
+        half = len(part) // 2
+        parts[index:index + 1] = [part[:half], part[half:]]
+    return parts
 
 
 @dataclass
@@ -94,6 +109,7 @@ class MicroBatch:
     predict_mask: torch.Tensor
     targets: torch.Tensor
     response_mask: torch.Tensor
+    dummy: bool = False  # a zero-weighted pass of a process with no rows left (torchrun)
 
     @property
     def num_tokens(self) -> int:
@@ -102,7 +118,7 @@ class MicroBatch:
     def to(self, device) -> MicroBatch:
         return MicroBatch(self.rows, *(t.to(device) for t in (
             self.input_ids, self.attention_mask, self.predict_mask, self.targets,
-            self.response_mask)))
+            self.response_mask)), dummy=self.dummy)
 
 
 def collate(rows: list[int], prompt_tokens: list[list[int]], response_tokens: list[list[int]],

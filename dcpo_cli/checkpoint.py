@@ -1,10 +1,15 @@
 """Policy building, loading and saving: the one place that knows what a checkpoint holds.
 
 A train-step checkpoint is a Hugging Face model directory (safetensors, config, generation
-config, tokenizer; `from_pretrained` and vLLM load it as is) plus, beside the weights:
+config, tokenizer; `from_pretrained` and vLLM load it as is), its weights in the model's own
+dtype (`config.json`'s dtype: bf16 for Qwen, fp32 for the tiny model), plus, beside them:
 
-- `optimizer.pt`      AdamW state (moments, per-parameter step counts)
-- `rng_state.pt`      torch CPU (and CUDA) generator states and Python's `random` state
+- `training_state/`   what continuing needs and evaluating does not, written with
+                      torch.distributed.checkpoint (each rank its own shard; it loads onto
+                      any number of ranks): the fp32 master weights and the AdamW state under
+                      the model's parameter names, and `rng_state.pt` (rank 0's torch CPU and
+                      CUDA generators, Python's `random`). `--keep-training-state K` deletes
+                      it from older checkpoints of the run (`prune_training_states`).
 - `trainer_state.json` global step, optimizer updates, rollout step absorbed, lr schedule,
                       algorithm config, the scored inputs' checksums (for idempotent re-runs)
 - `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train_step)
@@ -15,18 +20,21 @@ state file of its own: `trainer_state.json` holds everything it depends on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dcpo_cli import distributed
 from dcpo_cli.errors import DcpoError, first_line
 
 TRAINER_STATE = "trainer_state.json"
-OPTIMIZER = "optimizer.pt"
-RNG_STATE = "rng_state.pt"
+TRAINING_STATE = "training_state"
+RNG_STATE = "rng_state.pt"  # inside training_state/
 TRAINER_FORMAT = "dcpo-trainer-state"
 
 
@@ -58,17 +66,22 @@ def check_model_dir(directory: Path) -> None:
 
 
 def device_and_dtype() -> tuple[torch.device, torch.dtype | None]:
-    """fp32 on CPU; on GPU fp32 master weights with bf16 autocast (the returned dtype)."""
+    """fp32 on CPU; on GPU fp32 master weights with bf16 autocast (the returned dtype).
+    Under torchrun each process uses its LOCAL_RANK's GPU, and FSDP2's mixed precision
+    casts to bf16 instead of autocast (fsdp.py)."""
+    world = distributed.world()
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        device = torch.device("cuda", torch.cuda.current_device())
+        return device, None if world.sharded else torch.bfloat16
     return torch.device("cpu"), None
 
 
 def build_policy(directory: Path, device: torch.device, gradient_checkpointing: bool = False):
     """Load model and tokenizer from a model directory (a base model or a checkpoint).
 
-    The one place a policy is built: wrapping it for FSDP2 (`fully_shard` per decoder layer)
-    would happen here.
+    The weights are upcast to fp32 (master weights); the dtype they were stored in is kept
+    as `model.dcpo_save_dtype`, the dtype `save_checkpoint` writes them back in. Under
+    torchrun, `fsdp.shard_policy` then shards the model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -81,12 +94,25 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
     except (OSError, ValueError, KeyError) as exc:
         reason = first_line(exc)
         raise DcpoError(f"{directory}: cannot load the model ({reason})") from None
+    model.dcpo_save_dtype = stored_dtype(directory)
     model.to(device)
     model.config.use_cache = False
     disable_dropout(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """The dtype a model directory's config names for its weights (fp32 if none)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name).replace("torch.", ""), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point \
+        else torch.float32
 
 
 def disable_dropout(model) -> None:
@@ -130,25 +156,50 @@ def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_deca
         group["weight_decay"] = weight_decay
 
 
-def load_training_state(directory: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore optimizer moments and RNG states from a train-step checkpoint."""
-    directory = Path(directory)
+def has_training_state(directory: Path) -> bool:
+    return (Path(directory) / TRAINING_STATE / ".metadata").is_file()
+
+
+def load_training_state(directory: Path, model, optimizer: torch.optim.Optimizer,
+                        with_optimizer: bool = True) -> None:
+    """Restore the fp32 master weights (over the weights loaded from the model directory,
+    which may be bf16-rounded), the AdamW state unless `with_optimizer` is false
+    (--reset-optimizer), and the RNG states, from a checkpoint's training_state/. Works on
+    any number of ranks, whatever number wrote it (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(directory) / TRAINING_STATE
     try:
-        optimizer.load_state_dict(torch.load(directory / OPTIMIZER, map_location="cpu",
-                                             weights_only=True))
-        rng = torch.load(directory / RNG_STATE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        reason = first_line(exc)
-        raise DcpoError(f"{directory}: broken checkpoint training state ({reason})") from None
+        if with_optimizer:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=path)
+        if with_optimizer:
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        else:
+            set_model_state_dict(model, state["model"])
+        rng = torch.load(path / RNG_STATE, map_location="cpu", weights_only=False)
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 (DCP raises many)
+        reason = first_line(exc).strip() or type(exc).__name__
+        if "size" in reason or "Missing key" in reason or "shape" in reason \
+                or "CheckpointException" in type(exc).__name__:
+            raise DcpoError(f"{path}: a training state written for another model, or broken "
+                            f"({reason[:200]})") from None
+        raise DcpoError(f"{path}: broken checkpoint training state ({reason[:200]})") from None
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     random.setstate(rng["python"])
-    # Moments were loaded to CPU; move them beside their parameters.
-    for state in optimizer.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                state[key] = value.to(next(iter(optimizer.param_groups[0]["params"])).device)
 
 
 def rng_snapshot() -> dict[str, Any]:
@@ -164,19 +215,138 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
     """Write the whole checkpoint directory atomically: it appears complete or not at all.
 
     `write_extra(tmp_dir)` adds the step's own files (records, metrics, SAS snapshot) inside
-    the same atomic directory. The one place a checkpoint is saved (under FSDP2, rank 0
-    would gather a full state dict here).
+    the same atomic directory. Under torchrun every rank calls this: all write into one
+    temporary directory (its name chosen on rank 0), rank 0 alone writes the model directory
+    (from a full state dict) and the small files, every rank its shard of training_state/;
+    rank 0 renames the directory into place once every rank is done.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    main = distributed.world().is_main
+    with shared_atomic_dir(out) as tmp:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        if main:
+            save_weights(tmp, model, full)
+            tokenizer.save_pretrained(tmp)
+        del full
+        save_training_state(tmp / TRAINING_STATE, model, optimizer)
+        if main:
+            torch.save(rng_snapshot(), tmp / TRAINING_STATE / RNG_STATE)
+            if write_extra is not None:
+                write_extra(tmp)
+            # Last, so a directory with trainer_state.json is one this function finished.
+            state = {"format": TRAINER_FORMAT, "version": 2, **trainer_state}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def save_weights(directory: Path, model, full: dict[str, torch.Tensor]) -> None:
+    """The model directory rollout and eval load: weights in the model's own dtype."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = getattr(model, "dcpo_save_dtype", torch.float32)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()
+               if k not in tied_copies(model)}
+    saved_dtype = model.config.dtype
+    model.config.dtype = dtype
+    try:
+        model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+    finally:
+        model.config.dtype = saved_dtype
+
+
+def tied_copies(model) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied lm-head):
+    a full state dict gathered from FSDP2 holds them as separate copies, which
+    `save_pretrained` would then write twice."""
+    seen: set[int] = set()
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            copies.add(name)
+        seen.add(id(param))
+    return copies
+
+
+def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer) -> None:
+    """fp32 master weights and optimizer state, each rank its own shard (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with single_process_quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory)
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns that it 'assumes the intent is to save in a single process' when there is
+    no process group; that is exactly the intent of a train-step without torchrun."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(out: Path):
+    """`contracts.atomic_path` for a directory that several ranks write: rank 0 makes the
+    temporary directory and tells the others its name; after a barrier (everyone's files
+    written) rank 0 renames it into place; a second barrier holds the others until then."""
     from dcpo_cli.contracts import atomic_path
 
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
-        torch.save(rng_snapshot(), tmp / RNG_STATE)
-        if write_extra is not None:
-            write_extra(tmp)
-        # Last, so a directory with trainer_state.json is one this function finished.
-        state = {"format": TRAINER_FORMAT, "version": 1, **trainer_state}
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    world = distributed.world()
+    if not world.sharded:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            yield tmp
+        return
+    if world.is_main:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            distributed.broadcast_object(str(tmp))
+            yield tmp
+            distributed.barrier()
+        distributed.barrier()
+    else:
+        tmp = Path(distributed.broadcast_object(None))
+        yield tmp
+        distributed.barrier()
+        distributed.barrier()
+
+
+def prune_training_states(out: Path, keep: int) -> list[Path]:
+    """Delete training_state/ from this run's older checkpoints beyond the newest `keep`.
+
+    The run's checkpoints are the siblings of `out` (the loop's --out folder) that are
+    train-step checkpoints from the same base model, at most `out`'s global step. Called
+    after a step has committed (checkpoint renamed into place and STATE written), and again
+    by every later step, so a kill in between loses nothing and repeats the work. Weights,
+    records and metrics stay. Each state is renamed away before it is removed, so a
+    half-deleted state is never taken for a whole one."""
+    mine = read_trainer_state(out)
+    if mine is None:
+        return []
+    run = (mine.get("base_model"), mine.get("base_model_revision"))
+    found = []
+    for sibling in Path(out).parent.iterdir():
+        if not sibling.is_dir() or sibling.name.startswith("."):
+            continue
+        with contextlib.suppress(DcpoError):
+            trainer = read_trainer_state(sibling)
+            if trainer and (trainer.get("base_model"), trainer.get("base_model_revision")) \
+                    == run and trainer.get("global_step", 0) <= mine["global_step"]:
+                found.append((trainer["global_step"], sibling))
+    here = Path(out).resolve()
+    found.sort(key=lambda item: (-item[0], item[1].resolve() != here, item[1].name))
+    removed = []
+    for _, sibling in found[keep:]:
+        state = sibling / TRAINING_STATE
+        if state.exists():
+            doomed = sibling / f".{TRAINING_STATE}.deleting"
+            state.rename(doomed)
+            removed.append(sibling)
+        shutil.rmtree(sibling / f".{TRAINING_STATE}.deleting", ignore_errors=True)
+    return removed

@@ -72,11 +72,12 @@ def run(argv: list[str] | None = None) -> int:
     any other failure one line and 1."""
     from dcpo_cli.console import err
 
+    global _argv
+    _argv = list(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="dcpo", standalone_mode=False)
     except DcpoError as exc:
-        _print_error(str(exc))
-        return exc.exit_code
+        return _report_error(exc)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
@@ -94,7 +95,37 @@ def run(argv: list[str] | None = None) -> int:
             _print_error(f"unexpected {type(exc).__name__}: {exc} (set DCPO_DEBUG=1 to see "
                          "the traceback)")
         return 1
+    finally:
+        _end_process_group()
     return 0
+
+
+_argv: list[str] = []
+
+
+def current_argv() -> list[str]:
+    """The arguments of the command being run (for `train-step --nproc-per-node`)."""
+    return list(_argv)
+
+
+def _report_error(exc: DcpoError) -> int:
+    """One line from rank 0 (every rank of a torchrun job finds the same bad input). Under
+    `--nproc-per-node` the line goes to the launcher, which prints it and exits 2."""
+    rank = os.environ.get("RANK", "0")
+    error_file = os.environ.get("DCPO_ERROR_FILE")
+    if error_file:
+        if rank == "0":
+            with open(error_file, "w") as handle:
+                handle.write(str(exc) + "\n")
+        return 0
+    if rank == "0":
+        _print_error(str(exc))
+    return exc.exit_code
+
+
+def _end_process_group() -> None:
+    if "dcpo_cli.distributed" in sys.modules:  # torch is loaded only if it was used
+        sys.modules["dcpo_cli.distributed"].shutdown()
 
 
 def _print_error(message: str) -> None:

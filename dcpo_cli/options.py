@@ -153,10 +153,16 @@ class TrainOptions:
     ref_model: str | None = None
     rollout_correction: str = "none"  # per-token loss weights from pi_old / pi_sampler
     rollout_correction_cap: float = 2.0
+    cpu_offload: bool = False  # FSDP2 offload of parameters, gradients, optimizer state
+    keep_training_state: int = 1  # newest checkpoints of the run that keep training_state/
+    reset_optimizer: bool = False  # continue a checkpoint with fresh optimizer moments
+
+    # How the step runs and what is kept, not what it computes: not in the record.
+    UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state")
 
     def record(self) -> dict[str, Any]:
         """The options that determine the result (recorded in the checkpoint)."""
-        return {k: v for k, v in self.__dict__.items() if k != "metrics_log"}
+        return {k: v for k, v in self.__dict__.items() if k not in self.UNRECORDED}
 
     def check(self) -> None:
         for name, value in (("--micro-batch-tokens", self.micro_batch_tokens),
@@ -165,6 +171,9 @@ class TrainOptions:
                              1 if self.mini_batch_size is None else self.mini_batch_size)):
             if value < 1:
                 raise DcpoError(f"{name} must be at least 1")
+        if self.keep_training_state < 1:
+            raise DcpoError("--keep-training-state must be at least 1 (the newest checkpoint "
+                            "is the one a run continues from)")
         if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm <= 0:
             raise DcpoError("--lr and --warmup-steps must be >= 0 and --max-grad-norm > 0")
         if self.rollout_correction not in ROLLOUT_CORRECTIONS:

@@ -91,6 +91,8 @@ def reference_logprobs(model, ctx, rows_per_batch: list[list[int]], bar=None
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad(), ctx.autocast():
         for batch in batches:
+            if batch.dummy:  # under torchrun: a rank's filler pass, no rows of its own
+                continue
             logp, _ = forward_logprobs(model, batch, ctx.options.chunk_elements,
                                        temperature=ctx.data.temperature)
             for i, row in enumerate(batch.rows):

@@ -24,13 +24,15 @@ from typing import Any
 
 import torch
 
-from dcpo_cli import algorithms, contracts, reference
+from dcpo_cli import algorithms, contracts, distributed, reference
 from dcpo_cli.checkpoint import (
     build_optimizer,
     build_policy,
     device_and_dtype,
+    has_training_state,
     is_checkpoint,
     load_training_state,
+    prune_training_states,
     read_trainer_state,
     save_checkpoint,
     scheduled_lr,
@@ -72,6 +74,7 @@ from dcpo_cli.train_update import (  # noqa: F401  (forward_logprobs: public her
     forward_logprobs,
     old_logprobs,
     plan_updates,
+    reduce_across_ranks,
     run_updates,
 )
 
@@ -99,12 +102,21 @@ class Policy:
     lr: float  # this step's learning rate
     base_model: str  # the weights the run started from: a Hub id, or a directory
     base_model_revision: str | None  # the Hub commit (None for a directory)
+    runner: Any = None  # under torchrun: the FSDP2 root to call (fsdp.Scorer); else None
+
+    @property
+    def forward_model(self) -> Any:
+        return self.model if self.runner is None else self.runner
 
 
 def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
                    out: Path, options: TrainOptions, show_progress: bool = True) -> Outcome:
-    """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once)."""
+    """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once).
+
+    Under torchrun every rank runs this; rank 0 alone decides whether the step is new (and
+    tells the others) and alone writes files, apart from each rank's training-state shard."""
     started = time.perf_counter()
+    world = distributed.init()
     state_path, out = Path(state_path), Path(out)
     given = model.path if isinstance(model, ModelSource) else Path(model)
     if out.resolve() == given.resolve():
@@ -114,14 +126,18 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     check_rollout_correction(data, options)
     state = SasState.load(state_path)
 
-    decision = resume_decision(out, state_path, data, state)
+    decision = distributed.on_main(lambda: resume_decision(out, state_path, data, state))
     if decision != "fresh":  # a finished step needs no model (a loop re-run may have pruned it)
-        return _finish_resumed(decision, out, state_path, options.metrics_log)
+        return _finish_resumed(decision, out, state_path, options)
     source = resolve_model(model)  # before anything is written: a bad id leaves no trace
     model_dir = source.path
-    if is_checkpoint(model_dir):
-        state = align_state_with_model(model_dir, state_path, state)
-    state_before = state_checksum(state_path)
+
+    def aligned() -> tuple[SasState, str | None]:
+        aligned_state = align_state_with_model(model_dir, state_path, state) \
+            if is_checkpoint(model_dir) else state
+        return aligned_state, state_checksum(state_path)
+
+    state, state_before = distributed.on_main(aligned)
 
     load_started = time.perf_counter()
     policy = load_policy(source, options, data)
@@ -129,8 +145,8 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     load_seconds = time.perf_counter() - load_started
 
     advantages = compute_advantages(data, config, state, state_path)
-    ctx = StepContext(policy.model, data, config, options, advantages.values, policy.device,
-                      policy.autocast_dtype)
+    ctx = StepContext(policy.forward_model, data, config, options, advantages.values,
+                      policy.device, policy.autocast_dtype)
     update = UpdateState()
     compute_started = time.perf_counter()
     plans = plan_updates(ctx, advantages.groups)
@@ -141,7 +157,10 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
                                                         vocab_size(policy.model), bar)
         old_logprobs(ctx, plans, update, bar)
         run_updates(ctx, policy.optimizer, plans, update, bar)
-    compute_seconds = time.perf_counter() - compute_started
+    reduce_across_ranks(update)
+    if ctx.ref is not None:  # each rank computed its own rows'; the metric reads them all
+        ctx.ref = _merged_on_main(ctx.ref)
+    compute_seconds = distributed.all_reduce_max(time.perf_counter() - compute_started)
 
     metrics = step_metrics(data, advantages, update, options.algo)
     metrics.update(mismatch_report(data, update), rollout_temperature=data.temperature,
@@ -152,7 +171,8 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
                    checkpoint=str(out.resolve()),
                    tokens_per_second=update.tokens / max(compute_seconds, 1e-9),
                    compute_seconds=compute_seconds, load_seconds=load_seconds,
-                   seconds=time.perf_counter() - started)  # up to here; saving follows
+                   seconds=time.perf_counter() - started,  # up to here; saving follows
+                   world_size=world.world_size, **_peak_memory())
     trainer_state = _trainer_state(policy, data, config, options, update.updates, state_before)
     if ref.chosen is not None:
         trainer_state.update(ref.chosen.record())
@@ -170,10 +190,36 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
 
     save_checkpoint(out, policy.model, policy.tokenizer, policy.optimizer, trainer_state,
                     write_extra)
-    copy_atomic(out / SAS_SNAPSHOT, state_path)  # the snapshot is the state, byte for byte
-    if options.metrics_log:
-        append_metrics_once(options.metrics_log, metrics)
+    if world.is_main:
+        copy_atomic(out / SAS_SNAPSHOT, state_path)  # the snapshot is the state, byte for byte
+        if options.metrics_log:
+            append_metrics_once(options.metrics_log, metrics)
+        prune_training_states(out, options.keep_training_state)  # after the commit
+    distributed.barrier()
     return Outcome("trained", metrics, out)
+
+
+def _merged_on_main(rows: dict) -> dict:
+    """Every rank's per-row values on rank 0 (this rank's own elsewhere)."""
+    parts = distributed.gather_object(rows)
+    if parts is None:
+        return rows
+    merged: dict = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _peak_memory() -> dict[str, Any]:
+    """Each rank's peak memory (a list, in rank order) and the largest, for the metrics."""
+    mine = distributed.peak_memory()
+    ranks = distributed.gather_object(mine) or [mine]
+    result: dict[str, Any] = {}
+    for key in mine:
+        values = [r[key] for r in ranks]
+        result[key] = max(values)
+        result[f"{key}_per_rank"] = values
+    return result
 
 
 def resolve_algo(options: TrainOptions) -> AlgoConfig:
@@ -207,29 +253,56 @@ def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoCon
     return StepReference(chosen, ref_source)
 
 
-def _finish_resumed(decision: str, out: Path, state_path: Path, metrics_log: Path | None
+def _finish_resumed(decision: str, out: Path, state_path: Path, options: TrainOptions
                     ) -> Outcome:
-    """CKPT is already written: finish the state update ("sync") and the metrics log."""
+    """CKPT is already written: finish the state update ("sync"), the metrics log and the
+    pruning of older training states (rank 0 alone)."""
     metrics = json.loads((out / METRICS).read_text())
-    if decision == "sync":
-        copy_atomic(out / SAS_SNAPSHOT, state_path)
-    if metrics_log:
-        append_metrics_once(metrics_log, metrics)
+    if distributed.world().is_main:
+        if decision == "sync":
+            copy_atomic(out / SAS_SNAPSHOT, state_path)
+        if options.metrics_log:
+            append_metrics_once(options.metrics_log, metrics)
+        prune_training_states(out, options.keep_training_state)
+    distributed.barrier()
     return Outcome("synced" if decision == "sync" else "done", metrics, out)
 
 
 def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> Policy:
     """The model (checked against the step's tokens), and an optimizer that continues a
-    train-step checkpoint's state or starts fresh from --seed."""
+    train-step checkpoint's state or starts fresh from --seed. Under torchrun the model is
+    sharded with FSDP2 before the optimizer is built over its (sharded) parameters; a
+    checkpoint's fp32 master weights and moments then load onto this world, whatever world
+    wrote them."""
     model_dir = source.path
+    world = distributed.world()
+    trainer = read_trainer_state(model_dir) if is_checkpoint(model_dir) else None
+    if trainer is not None and not has_training_state(model_dir) \
+            and not options.reset_optimizer:
+        raise DcpoError(f"{model_dir}: holds no training state (deleted by "
+                        "--keep-training-state); continue from a newer checkpoint, or pass "
+                        "--reset-optimizer to start fresh optimizer moments from its weights")
+    if options.cpu_offload and not torch.cuda.is_available():
+        raise DcpoError("--cpu-offload moves FSDP2's shards from the GPU to host memory; "
+                        "without a GPU everything is in host memory already: drop it")
+    if options.cpu_offload and not world.sharded:
+        raise DcpoError("--cpu-offload needs FSDP2: run under torchrun or with "
+                        "--nproc-per-node N")
     device, autocast_dtype = device_and_dtype()
-    model, tokenizer = build_policy(model_dir, device, options.gradient_checkpointing)
+    model, tokenizer = build_policy(model_dir, torch.device("cpu") if options.cpu_offload
+                                    else device, options.gradient_checkpointing)
     check_plain_lm_head(model)
     check_vocab(data, vocab_size(model))
-    trainer = read_trainer_state(model_dir) if is_checkpoint(model_dir) else None
+    runner = None
+    if world.sharded:
+        from dcpo_cli.fsdp import shard_policy
+
+        runner = shard_policy(model, options.cpu_offload)
     optimizer = build_optimizer(model, options.lr, options.weight_decay)
     if trainer is not None:
-        load_training_state(model_dir, optimizer)
+        if has_training_state(model_dir):
+            load_training_state(model_dir, model, optimizer,
+                                with_optimizer=not options.reset_optimizer)
         global_step, updates_before = trainer["global_step"], trainer["optimizer_updates"]
     else:
         torch.manual_seed(options.seed)
@@ -239,7 +312,7 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
     base_model = trainer["base_model"] if trainer else source.name
     revision = trainer.get("base_model_revision") if trainer else source.commit
     return Policy(model, tokenizer, optimizer, device, autocast_dtype, global_step,
-                  updates_before, lr, base_model, revision)
+                  updates_before, lr, base_model, revision, runner)
 
 
 def _trainer_state(policy: Policy, data: StepData, config: AlgoConfig, options: TrainOptions,

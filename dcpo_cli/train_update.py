@@ -8,13 +8,14 @@ metrics and records. The math itself is `dcpo_cli.algorithms`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from dcpo_cli import algorithms, mismatch
+from dcpo_cli import algorithms, distributed, mismatch
 from dcpo_cli.algorithms import AlgoConfig
 from dcpo_cli.batching import (
     MicroBatch,
@@ -23,6 +24,7 @@ from dcpo_cli.batching import (
     micro_batches,
     mini_batches,
     shard,
+    spread,
 )
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.logprobs import decoder_of, lm_head_of, token_entropy, token_logprobs
@@ -55,9 +57,22 @@ class StepContext:
                                                         self.data.response_tokens, strict=True)]
 
     def micro_plan(self, rows: list[int]) -> list[MicroBatch]:
-        parts = shard(micro_batches(rows, self.lengths, self.options.micro_batch_tokens))
-        return [collate(part, self.data.prompt_tokens, self.data.response_tokens,
-                        pad_id(self.model)).to(self.device) for part in parts]
+        """This rank's micro-batches of a mini-batch (all of them in one process). Under
+        torchrun every rank runs the same number of forward/backward passes (FSDP2 gathers
+        parameters in each): a rank with one micro-batch fewer adds a `dummy` one."""
+        world = distributed.world()
+        parts = spread(micro_batches(rows, self.lengths, self.options.micro_batch_tokens),
+                       world.world_size)
+        mine = shard(parts, world.rank, world.world_size)
+        batches = [self._collate(part) for part in mine]
+        turns = -(-len(parts) // world.world_size)
+        batches += [dataclasses.replace(self._collate(parts[0]), dummy=True)
+                    for _ in range(turns - len(batches))]
+        return batches
+
+    def _collate(self, rows: list[int]) -> MicroBatch:
+        return collate(rows, self.data.prompt_tokens, self.data.response_tokens,
+                       pad_id(self.model)).to(self.device)
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -126,12 +141,35 @@ def plan_updates(ctx: StepContext, groups: list[list[int]]) -> Plans:
     """Each epoch's mini-batches of groups, shuffled by (seed, step, epoch)."""
     options = ctx.options
     size = options.mini_batch_size or default_mini_batch_size(len(groups))
-    return [mini_batches(groups, size, options.seed, ctx.data.step, epoch)
-            for epoch in range(options.epochs)] if groups else []
+    plans = [mini_batches(groups, size, options.seed, ctx.data.step, epoch)
+             for epoch in range(options.epochs)] if groups else []
+    check_world_size(ctx.data, plans, distributed.world().world_size)
+    return plans
+
+
+def check_world_size(data: StepData, plans: Plans, world_size: int) -> None:
+    """Every process needs at least one response of every mini-batch (a process with none
+    would only run zero-weighted passes to keep FSDP2's collectives in step): refuse a world
+    larger than the smallest mini-batch, before anything is loaded or written."""
+    smallest = min((len(rows) for plan in plans for rows in plan), default=world_size)
+    if smallest < world_size:
+        raise DcpoError(f"{', '.join(sorted(set(data.files)))}: a mini-batch of {smallest} "
+                        f"responses cannot be split across {world_size} processes (each needs "
+                        "at least one response per update); use fewer processes or a larger "
+                        "--mini-batch-size")
 
 
 def forward_logprobs(model, batch: MicroBatch, chunk_elements: int, with_entropy: bool = False,
                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`logprobs_of` the policy; under torchrun `model` is the FSDP2 root (`fsdp.Scorer`),
+    whose forward runs the same function with its parameters gathered."""
+    if not hasattr(model, "base_model_prefix"):  # the Scorer wrapping the policy
+        return model(batch, chunk_elements, with_entropy, temperature)
+    return logprobs_of(model, batch, chunk_elements, with_entropy, temperature)
+
+
+def logprobs_of(model, batch: MicroBatch, chunk_elements: int, with_entropy: bool = False,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Response-token log-probs laid out [B, Lmax] (0 on padding), and optionally the
     policy's entropy at each response token (flat, no grad). The lm-head is applied only at
     positions that predict response tokens, chunk by chunk (see logprobs.py); `temperature`
@@ -164,6 +202,8 @@ def old_logprobs(ctx: StepContext, plans: Plans, state: UpdateState, bar=None) -
         for batch in batches:
             logp, entropy = forward_logprobs(ctx.model, batch, ctx.options.chunk_elements, True,
                                              ctx.data.temperature)
+            if batch.dummy:
+                continue
             state.keep_old(batch, logp, entropy)
             state.tokens += batch.num_tokens
             ticker.advance()
@@ -173,7 +213,9 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
                 ) -> None:
     """`epochs` passes of mini-batch updates: one optimizer step per mini-batch."""
     data, options, config = ctx.data, ctx.options, ctx.config
-    params = [p for p in ctx.model.parameters() if p.requires_grad]
+    # The optimizer's: under FSDP2 the root's parameters stay gathered after a no-grad
+    # forward, so the module may list its unsharded tensors here instead of the shards.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
     ticker = Ticker(bar, "updates", sum(len(p) for p in plans))
     tick = time.perf_counter()
     for epoch, plan in enumerate(plans):
@@ -183,6 +225,9 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
             num_tokens = sum(len(data.response_tokens[r]) for r in rows)
             loss_total = 0.0
             for batch in ctx.micro_plan(rows):
+                if batch.dummy:  # no rows left on this rank: keep FSDP2's passes in step
+                    _zero_weighted_pass(ctx, batch)
+                    continue
                 with ctx.autocast():
                     logp, entropy = forward_logprobs(ctx.model, batch, options.chunk_elements,
                                                      reuse, ctx.data.temperature)
@@ -201,7 +246,8 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
                 loss_total += float(loss.detach())
                 state.tally(batch, terms, logp.detach(), old_pad, epoch == len(plans) - 1)
                 state.tokens += batch.num_tokens
-            norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            distributed.die_here_for_tests(state.updates + 1)
+            norm = clip_grad_norm(params, options.max_grad_norm)
             if not torch.isfinite(norm):  # stop before NaN weights could be saved
                 raise DcpoError(f"step {data.step}: the gradient of update "
                                 f"{state.updates + 1} is not finite; nothing was "
@@ -253,6 +299,52 @@ def kl_loss(ctx: StepContext, batch: MicroBatch, logp: torch.Tensor, num_respons
     kl = torch.where(mask, kl, torch.zeros_like(kl))
     return config.kl_coef * algorithms.aggregate_loss(kl, mask, config.loss_agg, num_responses,
                                                       num_tokens, ctx.max_length)
+
+
+def clip_grad_norm(params: list, max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` on the global gradient norm. One process: torch's own. Under FSDP2
+    each rank holds a shard of every gradient (DTensor): the squares of the local shards
+    are summed over ranks here (in float64), which counts every element once."""
+    if not distributed.world().sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    shards = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+              for p in params if p.grad is not None]
+    local = sum(float(g.detach().double().pow(2).sum()) for g in shards)
+    norm = torch.tensor(distributed.all_reduce_sum([local])[0] ** 0.5)
+    scale = min(1.0, max_norm / (float(norm) + 1e-6))  # as torch's clip_grad_norm_
+    if scale < 1.0 and torch.isfinite(norm):
+        for g in shards:
+            g.mul_(scale)
+    return norm
+
+
+def _zero_weighted_pass(ctx: StepContext, batch: MicroBatch) -> None:
+    with ctx.autocast():
+        logp, _ = forward_logprobs(ctx.model, batch, ctx.options.chunk_elements)
+    (logp.float().sum() * 0.0).backward()
+
+
+def reduce_across_ranks(state: UpdateState) -> None:
+    """Under torchrun: sum every rank's statistics (the same on every rank afterwards) and
+    gather the per-row ones (old log-probs, clipped counts, new means) on rank 0, which
+    writes the records. Gradient norms are already global (clip_grad_norm_ on DTensors)."""
+    world = distributed.world()
+    if not world.sharded:
+        return
+    keys = list(state.clip_counts)
+    sums = distributed.all_reduce_sum([state.entropy_sum, state.entropy_count, state.tokens,
+                                       state.kl_sum, *(state.clip_counts[k] for k in keys),
+                                       *state.losses])
+    state.entropy_sum, state.kl_sum = sums[0], sums[3]
+    state.entropy_count, state.tokens = int(sums[1]), int(sums[2])
+    state.clip_counts = {k: int(v) for k, v in zip(keys, sums[4:4 + len(keys)], strict=True)}
+    state.losses = sums[4 + len(keys):]
+    parts = distributed.gather_object((state.old, state.row_clipped, state.row_new))
+    if parts is not None:
+        for old, clipped, new in parts:
+            state.old.update(old)
+            state.row_clipped.update(clipped)
+            state.row_new.update(new)
 
 
 def dr_grpo_length(data: StepData) -> int:

@@ -43,6 +43,11 @@ DCPO=${DCPO:-dcpo}
 # DP engines run side by side, one process per group of TP GPUs, each generating its
 # --shard i/DP of the step's prompts. DP x TP GPUs in all; e.g. TP=4 DP=2 on 8 GPUs.
 TP=${TP:-1}
+# train-step on TRAIN_PROCS GPUs of this node (FSDP2; see README "Several GPUs and nodes"):
+# 7B in fp32 with AdamW needs about 122 GB, so 2 or more on 80 GB GPUs. Only the newest
+# checkpoint keeps its training state (fp32 master weights, moments: ~91 GB at 7B).
+TRAIN_PROCS=${TRAIN_PROCS:-1}
+KEEP_TRAINING_STATE=${KEEP_TRAINING_STATE:-1}
 DP=${DP:-1}
 ENGINE_FLAGS=(--engine "$ENGINE")
 [ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
@@ -99,7 +104,9 @@ for ((step = start; step < STEPS; step++)); do
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps "$WARMUP_STEPS" --weight-decay 0.1 \
     --max-grad-norm 1.0 --mini-batch-size "$MINI_BATCH" \
     --micro-batch-tokens "$MICRO_BATCH_TOKENS" \
-    --gradient-checkpointing --seed "$SEED" --metrics-log "$RUN/metrics.jsonl"
+    --gradient-checkpointing --seed "$SEED" --metrics-log "$RUN/metrics.jsonl" \
+    --keep-training-state "$KEEP_TRAINING_STATE" \
+    $( ((TRAIN_PROCS > 1)) && echo --nproc-per-node "$TRAIN_PROCS")
   model=$next
   if (((step + 1) % EVAL_EVERY == 0)); then
     evaluate "$model" "step-$(printf '%06d' $((step + 1)))"

@@ -91,3 +91,17 @@ def test_collate_aligns_predictions_with_response_tokens():
     padded = torch.zeros(batch.response_mask.shape, dtype=torch.long)
     padded[batch.response_mask] = batch.targets
     assert padded.tolist() == [[1, 2, 0], [3, 4, 9]]
+
+
+@given(st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=6), min_size=1, max_size=5),
+       st.integers(1, 8))
+def test_spread_keeps_rows_and_order_and_gives_each_process_rows(parts, count):
+    from dcpo_cli.batching import spread
+
+    out = spread(parts, count)
+    assert [r for p in out for r in p] == [r for p in parts for r in p]
+    assert all(out)
+    rows = sum(len(p) for p in parts)
+    assert len(out) >= min(count, rows)
+    if count == 1:
+        assert out == parts

@@ -116,8 +116,8 @@ def test_one_dcpo_step_trains_and_records_sas(first_step, random_model_dir):
     trainer = json.loads((ckpt / "trainer_state.json").read_text())
     assert trainer["global_step"] == 1 and trainer["optimizer_updates"] == 4
     assert trainer["rollout_step"] == 0
-    for name in ("optimizer.pt", "rng_state.pt", "config.json", "generation_config.json",
-                 "tokenizer.json"):
+    for name in ("training_state/.metadata", "training_state/rng_state.pt", "config.json",
+                 "generation_config.json", "tokenizer.json"):
         assert (ckpt / name).is_file(), name
     assert "clip_ratio" in result.stdout  # the metrics table
 
@@ -199,7 +199,9 @@ def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step
         shutil.copy(state, state_copy)
         out = root / f"ckpt-2-{algo}"
         outcome = run_train_step(ckpt, [scored], state_copy, out,
-                                 TrainOptions(algo=algo, lr=1e-3, micro_batch_tokens=256),
+                                 # two branches from ckpt-1 beside it: keep its state
+                                 TrainOptions(algo=algo, lr=1e-3, micro_batch_tokens=256,
+                                              keep_training_state=3),
                                  show_progress=False)
         trainer = json.loads((out / "trainer_state.json").read_text())
         assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 8
@@ -279,10 +281,24 @@ def test_resumed_optimizer_takes_the_new_weight_decay(first_step, tokenizer, tmp
     scored_1 = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS_1)
     run_train_step(ckpt, [scored_1], tmp_path / "state.json", tmp_path / "ckpt-2",
                    TrainOptions(lr=1e-3, weight_decay=0.0), show_progress=False)
-    saved = torch.load(tmp_path / "ckpt-2" / "optimizer.pt", weights_only=True)
-    assert [g["weight_decay"] for g in saved["param_groups"]] == [0.0]
-    assert torch.load(ckpt / "optimizer.pt", weights_only=True)["param_groups"][0][
-        "weight_decay"] == 0.1
+    assert saved_weight_decays(tmp_path / "ckpt-2") == {0.0}
+    assert saved_weight_decays(ckpt) == {0.1}
+
+
+def saved_weight_decays(ckpt: Path) -> set[float]:
+    """The optimizer's param-group weight decays as stored in the DCP training state."""
+    import warnings
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    metadata = FileSystemReader(str(ckpt / "training_state")).read_metadata()
+    keys = {k for k in metadata.state_dict_metadata if k.endswith(".weight_decay")}
+    assert keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = _load_state_dict_from_keys(keys=keys, checkpoint_id=ckpt / "training_state")
+    return {group["weight_decay"] for group in loaded["optimizer"]["param_groups"]}
 
 
 def test_a_non_finite_gradient_writes_nothing(first_step, random_model_dir, tmp_path,

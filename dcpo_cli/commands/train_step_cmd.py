@@ -71,6 +71,21 @@ def train_step(
                                                 help="Recompute activations in backward."),
     metrics_log: Path | None = typer.Option(None, help="Append the step's metrics to this "
                                             "JSONL file."),
+    nproc_per_node: int | None = typer.Option(None, help="Run on N processes of this node "
+                                              "(FSDP2; re-launches itself through "
+                                              "torch.distributed.run). Several nodes: run "
+                                              "torchrun yourself (see README)."),
+    cpu_offload: bool = typer.Option(D.cpu_offload, "--cpu-offload/--no-cpu-offload",
+                                     help="FSDP2: keep parameters, gradients and optimizer "
+                                     "state in CPU memory (under torchrun)."),
+    keep_training_state: int = typer.Option(D.keep_training_state, help="Keep the training "
+                                            "state (fp32 master weights, optimizer) of the "
+                                            "newest K checkpoints of the run; older ones keep "
+                                            "their weights, records and metrics."),
+    reset_optimizer: bool = typer.Option(D.reset_optimizer, "--reset-optimizer",
+                                         help="Continue a checkpoint with fresh optimizer "
+                                         "moments (needed when its training state was "
+                                         "deleted)."),
 ) -> None:
     """Apply one DCPO (or GRPO/DAPO/GSPO) update and write a checkpoint."""
     from dcpo_cli.console import err
@@ -85,7 +100,17 @@ def train_step(
         ("kl_type", kl_type)) if value is not None}
     options = from_values(TrainOptions, locals(), overrides=overrides)
     options.check()
+    if nproc_per_node is not None:
+        from dcpo_cli import cli
+        from dcpo_cli.launch import relaunch, strip_option
+
+        code = relaunch(strip_option(cli.current_argv(), "--nproc-per-node"), nproc_per_node)
+        raise typer.Exit(code)
     outcome = run_train_step(model, scored, state, out, options)
+    from dcpo_cli.distributed import world
+
+    if not world().is_main:  # rank 0 prints the table
+        return
     if outcome.status == "synced":
         err.print(f"{out}: already trained; state synced")
     elif outcome.status == "done":
