@@ -318,35 +318,33 @@ def shared_atomic_dir(out: Path):
 
 
 def prune_training_states(out: Path, keep: int) -> list[Path]:
-    """Delete training_state/ from this run's older checkpoints beyond the newest `keep`.
+    """Delete training_state/ from the older checkpoints of `out`'s own line beyond the
+    newest `keep` (`out` counts as the first).
 
-    The run's checkpoints are the siblings of `out` (the loop's --out folder) that are
-    train-step checkpoints from the same base model, at most `out`'s global step. Called
+    The line is `out`, the checkpoint it continued from (`parent_checkpoint` in its trainer
+    state), that one's parent, and so on, as long as they sit in `out`'s folder (the loop's
+    --out folder): other runs and branches in the same folder are never touched. Called
     after a step has committed (checkpoint renamed into place and STATE written), and again
     by every later step, so a kill in between loses nothing and repeats the work. Weights,
     records and metrics stay. Each state is renamed away before it is removed, so a
     half-deleted state is never taken for a whole one."""
-    mine = read_trainer_state(out)
-    if mine is None:
-        return []
-    run = (mine.get("base_model"), mine.get("base_model_revision"))
-    found = []
-    for sibling in Path(out).parent.iterdir():
-        if not sibling.is_dir() or sibling.name.startswith("."):
-            continue
+    line, current = [], Path(out)
+    while current.is_dir() and len(line) < 1_000_000:
+        trainer = None
         with contextlib.suppress(DcpoError):
-            trainer = read_trainer_state(sibling)
-            if trainer and (trainer.get("base_model"), trainer.get("base_model_revision")) \
-                    == run and trainer.get("global_step", 0) <= mine["global_step"]:
-                found.append((trainer["global_step"], sibling))
-    here = Path(out).resolve()
-    found.sort(key=lambda item: (-item[0], item[1].resolve() != here, item[1].name))
+            trainer = read_trainer_state(current)
+        if trainer is None or current in line:
+            break
+        line.append(current)
+        parent = trainer.get("parent_checkpoint")
+        if not parent:
+            break
+        current = Path(out).parent / parent
     removed = []
-    for _, sibling in found[keep:]:
-        state = sibling / TRAINING_STATE
+    for ancestor in line[keep:]:
+        state = ancestor / TRAINING_STATE
         if state.exists():
-            doomed = sibling / f".{TRAINING_STATE}.deleting"
-            state.rename(doomed)
-            removed.append(sibling)
-        shutil.rmtree(sibling / f".{TRAINING_STATE}.deleting", ignore_errors=True)
+            state.rename(ancestor / f".{TRAINING_STATE}.deleting")
+            removed.append(ancestor)
+        shutil.rmtree(ancestor / f".{TRAINING_STATE}.deleting", ignore_errors=True)
     return removed

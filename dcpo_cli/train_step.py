@@ -176,6 +176,8 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     trainer_state = _trainer_state(policy, data, config, options, update.updates, state_before)
     if ref.chosen is not None:
         trainer_state.update(ref.chosen.record())
+    # The line of checkpoints --keep-training-state prunes (checkpoint.prune_training_states)
+    trainer_state["parent_checkpoint"] = model_dir.name if is_checkpoint(model_dir) else None
 
     def write_extra(tmp: Path) -> None:  # inside the checkpoint, before it is committed
         contracts.write_table(records_table(data, advantages.values, update,

@@ -247,3 +247,41 @@ def test_bad_inputs(scored_files, random_model_dir, tmp_path):
                       "--out", tmp_path / "after-mixed", *OPTIONS)
     assert_one_line_error(result, "mixed/training_state", "another model")
     assert not (tmp_path / "after-mixed").exists() and state.read_bytes() == before
+
+
+@pytest.mark.slow  # two more train-steps (one a torchrun job)
+def test_two_processes_train_as_one_with_the_kl_to_the_reference(run, random_model_dir,
+                                                                  tmp_path):
+    """GRPO's KL term reads reference log-probs that each rank computes for its own rows;
+    kl_ref (a metric over all rows) is gathered on rank 0."""
+    _, scored = run
+    kl = ["--algo", "grpo", "--kl-coef", "0.5"]
+    one = step(random_model_dir, scored[0], tmp_path / "s1.json", tmp_path / "one", *kl)
+    two = step(random_model_dir, scored[0], tmp_path / "s2.json", tmp_path / "two", *kl,
+               nproc=2)
+    assert_same_weights(one, two)
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m1["kl_ref"] == m2["kl_ref"] == pytest.approx(0.0, abs=1e-12)  # policy = reference
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-6)
+    # From the step-1 checkpoint the reference is still the base model: kl_ref > 0, the same.
+    again = [step(ckpt, scored[1], state, tmp_path / f"{ckpt.name}-2", *kl, nproc=nproc)
+             for ckpt, state, nproc in ((one, tmp_path / "s1.json", 1),
+                                        (two, tmp_path / "s2.json", 2))]
+    k1, k2 = (json.loads((c / "metrics.json").read_text())["kl_ref"] for c in again)
+    assert k1 > 0 and k2 == pytest.approx(k1, rel=1e-4)
+    assert_same_weights(*again)
+
+
+def test_keep_training_state_prunes_only_the_line_of_the_new_checkpoint(scored_files,
+                                                                         random_model_dir,
+                                                                         tmp_path):
+    """Two runs from the same base model in one folder: each prunes its own ancestors."""
+    scored, runs = scored_files, tmp_path / "ckpts"
+    a1 = in_process(random_model_dir, scored[0], tmp_path / "a.json", runs / "a-1")
+    b1 = in_process(random_model_dir, scored[0], tmp_path / "b.json", runs / "b-1")
+    a2 = in_process(a1, scored[1], tmp_path / "a.json", runs / "a-2")
+    assert json.loads((a2 / "trainer_state.json").read_text())["parent_checkpoint"] == "a-1"
+    assert sorted(p.parent.name for p in runs.glob("*/training_state")) == ["a-2", "b-1"]
+    in_process(b1, scored[1], tmp_path / "b.json", runs / "b-2")
+    assert sorted(p.parent.name for p in runs.glob("*/training_state")) == ["a-2", "b-2"]

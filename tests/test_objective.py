@@ -182,11 +182,11 @@ def test_kl_ref_is_zero_at_the_first_step_and_positive_later(grpo_run, random_mo
 def test_another_reference_than_the_recorded_one_is_refused(grpo_run, tokenizer, tmp_path):
     root, _ = grpo_run
     other = tmp_path / "other"
-    shutil.copytree(root / "ckpt-1", other)
-    scored = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS)
-    shutil.copy(root / "ckpt-1" / "sas_state.json", tmp_path / "state.json")
+    shutil.copytree(root / "ckpt-2", other)  # the newest: it keeps its training state
+    scored = write_scored(tmp_path / "scored-2.parquet", tokenizer, 2, REWARDS)
+    shutil.copy(root / "ckpt-2" / "sas_state.json", tmp_path / "state.json")
     with pytest.raises(DcpoError, match="every step must use the same one"):
-        run_train_step(root / "ckpt-1", [scored], tmp_path / "state.json", tmp_path / "c",
+        run_train_step(root / "ckpt-2", [scored], tmp_path / "state.json", tmp_path / "c",
                        TrainOptions(algo="grpo", ref_model=str(other), **FAST),
                        show_progress=False)
     assert not (tmp_path / "c").exists()
