@@ -79,8 +79,11 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except CLICK_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on screen
+            return exc.exit_code
+        # a bad option value or usage: one line, exit 2, before any work was done
+        _print_error(exc.format_message().strip().splitlines()[0])
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -95,6 +98,19 @@ def run(argv: list[str] | None = None) -> int:
                          "the traceback)")
         return 1
     return 0
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's error class, and the copy of it that typer >= 0.2x vendors (typer._click),
+    which is what typer raises there for a bad option value or a missing option."""
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:
+        return (click.ClickException,)
+    return (click.ClickException, TyperClickException)
+
+
+CLICK_ERRORS = _click_errors()
 
 
 def _print_error(message: str) -> None:

@@ -9,6 +9,7 @@ stays instant. A new option is one field here, one typer parameter in its comman
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,11 +85,19 @@ class ScoreOptions:
     workers: int | None = None
     timeout: float = 5.0
     wrong_reward: float = 0.0
+    no_answer_reward: float | None = None  # no parseable \boxed{} answer; None: wrong_reward
     overlong_buffer: int = 0
     max_length: int | None = None
     reward: str | None = None  # package.module:function; None: math-verify
 
     def check(self) -> None:
+        if self.reward and self.no_answer_reward is not None:
+            raise DcpoError("--no-answer-reward sets a level of the built-in math-verify "
+                            "reward; with --reward your function gives every reward")
+        for name, value in (("--wrong-reward", self.wrong_reward),
+                            ("--no-answer-reward", self.no_answer_reward)):
+            if value is not None and not math.isfinite(value):
+                raise DcpoError(f"{name} must be a finite number (got {value})")
         if self.workers is not None and self.workers < 1:
             raise DcpoError("--workers must be at least 1")
         if self.timeout <= 0:
