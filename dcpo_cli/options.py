@@ -69,8 +69,11 @@ class RolloutOptions:
     shard: tuple[int, int] = (0, 1)
     engine: str = "auto"
     chat_template: bool = True
+    round: int = 0  # DAPO refill: round k of the step takes further, unused prompts
 
     def check(self) -> None:
+        if self.round < 0:
+            raise DcpoError("--round must be >= 0")
         if self.batch_size < 1:
             raise DcpoError("--batch-size must be at least 1")
         if self.n < 1:
@@ -150,6 +153,7 @@ class TrainOptions:
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     mini_batch_size: int | None = None  # prompts per update; None: a quarter of the step's
+    target_prompts: int | None = None  # DAPO refill: train on the first T kept groups
     micro_batch_tokens: int = 8192
     epochs: int = 1
     seed: int = 0
@@ -165,7 +169,9 @@ class TrainOptions:
         for name, value in (("--micro-batch-tokens", self.micro_batch_tokens),
                             ("--epochs", self.epochs),
                             ("--mini-batch-size",
-                             1 if self.mini_batch_size is None else self.mini_batch_size)):
+                             1 if self.mini_batch_size is None else self.mini_batch_size),
+                            ("--target-prompts",
+                             1 if self.target_prompts is None else self.target_prompts)):
             if value < 1:
                 raise DcpoError(f"{name} must be at least 1")
         if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm <= 0:

@@ -32,7 +32,9 @@ class AlgoConfig:
     dual_clip: float | None  # c of dual clipping for A < 0; None turns it off
     advantage: str  # "sas" or "grpo"
     loss_agg: str
-    drop_uniform_groups: bool  # DAPO's dynamic sampling, applied as a filter
+    # DAPO's dynamic sampling, applied as a filter: drop groups whose responses are all
+    # correct or all wrong (the scored file's `correct` column, not reward equality)
+    drop_uniform_groups: bool
 
 
 PRESETS: dict[str, AlgoConfig] = {
@@ -42,8 +44,9 @@ PRESETS: dict[str, AlgoConfig] = {
     "grpo": AlgoConfig(name="grpo", clip="fixed", eps_low=0.2, eps_high=0.2, ratio_max=10.0,
                        dual_clip=None, advantage="grpo", loss_agg="seq-mean-token-mean",
                        drop_uniform_groups=False),
+    # The official DAPO baseline runs used dual clipping (c = 10) too.
     "dapo": AlgoConfig(name="dapo", clip="fixed", eps_low=0.2, eps_high=0.28, ratio_max=10.0,
-                       dual_clip=None, advantage="grpo", loss_agg="token-mean",
+                       dual_clip=10.0, advantage="grpo", loss_agg="token-mean",
                        drop_uniform_groups=True),
     # GSPO's sequence-level objective: one ratio per response, responses averaged.
     "gspo": AlgoConfig(name="gspo", clip="sequence", eps_low=3e-4, eps_high=4e-4,

@@ -196,12 +196,26 @@ def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None =
     return table
 
 
+def group_outcomes(scored: pa.Table) -> dict[str, set[bool]]:
+    """The set of `correct` values of each prompt's responses: a group with both is mixed
+    (the groups DAPO's filter keeps)."""
+    outcomes: dict[str, set[bool]] = {}
+    for prompt_id, ok in zip(scored.column("prompt_id").to_pylist(),
+                             scored.column("correct").to_pylist(), strict=True):
+        outcomes.setdefault(prompt_id, set()).add(bool(ok))
+    return outcomes
+
+
 def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSummary:
     from dcpo_cli.console import progress
 
     options.check()
     contracts.check_output_path(out)
     table, metadata = read_inputs(paths)
+    rounds = {m.get("round", 0) for m in metadata}
+    if len(rounds) > 1:  # train-step orders the rounds by the scored files' metadata
+        raise DcpoError(f"the rollouts come from different refill rounds {sorted(rounds)}; "
+                        "score each round into its own file")
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
     if options.reward:
         from dcpo_cli.rewards import load_reward_function
@@ -227,7 +241,10 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     errors = sum(scored.column("verify_error").to_pylist())
     mean_reward = pc.mean(scored.column("reward")).as_py()
     lengths = {m.get("max_new_tokens") for m in metadata}
-    extra = {"reward_function": options.reward or "math-verify",
+    groups = group_outcomes(scored)
+    extra = {"round": rounds.pop(),
+             "groups": len(groups), "mixed_groups": sum(len(g) == 2 for g in groups.values()),
+             "reward_function": options.reward or "math-verify",
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
              "verify_errors": errors}

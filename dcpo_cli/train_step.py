@@ -49,6 +49,7 @@ from dcpo_cli.train_inputs import (  # noqa: F401  (StepData, load_scored: publi
     check_vocab,
     compute_advantages,
     load_scored,
+    select_groups,
 )
 from dcpo_cli.train_report import METRICS, RECORDS, metrics_table, records_table, step_metrics
 from dcpo_cli.train_resume import (
@@ -103,7 +104,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     if out.resolve() == given.resolve():
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
-    data = load_scored(scored)
+    data = select_groups(load_scored(scored), config, options.target_prompts)
     state = SasState.load(state_path)
 
     decision = resume_decision(out, state_path, data, state)
