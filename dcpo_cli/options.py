@@ -16,8 +16,11 @@ from typing import Any, TypeVar
 
 from dcpo_cli.errors import DcpoError
 
-# The paper's instruction, appended to every training and evaluation problem.
+# The paper's instruction. The official layout (its verl evaluation files) puts it in the
+# system message and the bare problem in the user message; `--instruction-in user` appends
+# it to the problem instead.
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTION_PLACES = ("system", "user")
 # Logits computed at once in the chunked log-prob (elements of [positions, vocab]).
 CHUNK_ELEMENTS = 1 << 24
 
@@ -39,6 +42,11 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
     for failed, message in problems:
         if failed:
             raise DcpoError(message)
+
+
+def check_instruction_in(place: str) -> None:
+    if place not in INSTRUCTION_PLACES:
+        raise DcpoError(f"--instruction-in {place!r}: expected {choices(INSTRUCTION_PLACES)}")
 
 
 T = TypeVar("T")
@@ -123,6 +131,7 @@ class EvalOptions:
     seed: int = 0
     engine: str = "auto"
     instruction: str = PAPER_INSTRUCTION
+    instruction_in: str = "system"  # the official layout; "user": appended to the problem
     chat_template: bool = True
     limit: int | None = None
 
@@ -131,6 +140,7 @@ class EvalOptions:
 
         if self.engine not in ENGINES:
             raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        check_instruction_in(self.instruction_in)
         if self.avg_at < 0:
             raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")
         if self.avg_at == 0 and not self.greedy:
