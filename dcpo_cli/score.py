@@ -242,8 +242,10 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     mean_reward = pc.mean(scored.column("reward")).as_py()
     lengths = {m.get("max_new_tokens") for m in metadata}
     groups = group_outcomes(scored)
+    levels = scored.column(contracts.REWARD_LEVEL_COLUMN).to_pylist()
     extra = {"round": rounds.pop(),
              "groups": len(groups), "mixed_groups": sum(len(g) == 2 for g in groups.values()),
+             "reward_levels": {level: levels.count(level) for level in contracts.REWARD_LEVELS},
              "reward_function": options.reward or "math-verify",
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,

@@ -183,7 +183,10 @@ def test_no_answer_reward_gives_the_official_three_levels(tmp_path):
     assert scored.column("reward_level").to_pylist() == ["correct", "wrong", "no_answer",
                                                          "no_answer"]
     assert scored.column("correct").to_pylist() == [True, False, False, False]
-    assert contracts.read_metadata(tmp_path / "s.parquet")["options"]["no_answer_reward"] == -1
+    meta = contracts.read_metadata(tmp_path / "s.parquet")
+    assert meta["options"]["no_answer_reward"] == -1
+    assert meta["reward_levels"] == {"correct": 1, "wrong": 1, "no_answer": 2}
+    assert (meta["groups"], meta["mixed_groups"], meta["round"]) == (2, 1, 0)  # p0 mixed
 
 
 def test_without_the_flag_no_answer_gets_the_wrong_reward_and_a_cut_box_still_counts(tmp_path):
