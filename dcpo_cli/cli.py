@@ -80,8 +80,11 @@ def run(argv: list[str] | None = None) -> int:
         return _report_error(exc)
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except CLICK_ERRORS as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on screen
+            return exc.exit_code
+        # a bad option value or usage: one line, exit 2, before any work was done
+        _print_error(exc.format_message().strip().splitlines()[0])
         return exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("aborted")
@@ -126,6 +129,19 @@ def _report_error(exc: DcpoError) -> int:
 def _end_process_group() -> None:
     if "dcpo_cli.distributed" in sys.modules:  # torch is loaded only if it was used
         sys.modules["dcpo_cli.distributed"].shutdown()
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's error class, and the copy of it that typer >= 0.2x vendors (typer._click),
+    which is what typer raises there for a bad option value or a missing option."""
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:
+        return (click.ClickException,)
+    return (click.ClickException, TyperClickException)
+
+
+CLICK_ERRORS = _click_errors()
 
 
 def _print_error(message: str) -> None:

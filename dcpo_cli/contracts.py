@@ -52,6 +52,10 @@ SCORED_COLUMNS: dict[str, pa.DataType | None] = {
     "correct": pa.bool_(),
     "extracted_answer": pa.string(),
 }
+# Written by `dcpo score` beside the required columns, but not required by train-step (scored
+# files from other tools, or older ones, lack it): which reward level each response got.
+REWARD_LEVEL_COLUMN = "reward_level"
+REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \boxed{} answer
 TRAIN_RECORD_COLUMNS: dict[str, pa.DataType | None] = {
     "step": pa.int64(),
     "prompt_id": pa.string(),

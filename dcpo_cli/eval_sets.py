@@ -8,9 +8,11 @@ offline; a local data directory (`--data-dir` or `DCPO_DATA_DIR`, holding files 
 aime24.jsonl ... or verl/aime_2024.parquet ...) overrides them. Hub names load through
 `datasets`, imported only then.
 
-Records become prompt rows through `dcpo_cli.prepare` (the same code as `dcpo prepare`): the
-problem plus the instruction as one user message. verl-layout files keep their own chat
-messages (system instruction + problem), as the official DCPO evaluation uses them.
+Records become prompt rows through `dcpo_cli.prepare` (the same code as `dcpo prepare`): by
+default the official layout, the instruction as the system message and the bare problem as
+the user message (`instruction_in="user"`: both in one user message). verl-layout files keep
+their own chat messages, which are that same official layout, so a problem read from the
+bundled JSONL or from the verl Parquet gives the same prompt tokens.
 """
 
 from __future__ import annotations
@@ -95,18 +97,19 @@ def benchmark_name(spec: str) -> str:
 
 
 def load_benchmark(spec: str, data_dir: Path | None = None, *,
-                   instruction: str = PAPER_INSTRUCTION, limit: int | None = None
-                   ) -> BenchmarkData:
+                   instruction: str = PAPER_INSTRUCTION, limit: int | None = None,
+                   instruction_in: str = "system") -> BenchmarkData:
     """Prompt rows of a registry benchmark or a benchmark file (first `limit` problems)."""
+    layout = (instruction, instruction_in)
     if spec in REGISTRY:
-        data = _load_registered(REGISTRY[spec], data_dir, instruction)
+        data = _load_registered(REGISTRY[spec], data_dir, layout)
     elif is_file_benchmark(spec):
         path = Path(spec)
         if not path.is_file():
             raise DcpoError(f"{spec}: no such benchmark file")
-        data = _from_file(benchmark_name(spec), path, instruction, None, None)
+        data = _from_file(benchmark_name(spec), path, layout, None, None)
     elif is_hub_name(spec):
-        data = _from_hub_name(spec, instruction)
+        data = _from_hub_name(spec, layout)
     else:
         raise DcpoError(f"{spec}: unknown benchmark (choose from {', '.join(REGISTRY)}, "
                         "give a path to a JSONL or Parquet file, or a Hub dataset owner/name)")
@@ -117,7 +120,7 @@ def load_benchmark(spec: str, data_dir: Path | None = None, *,
     return data
 
 
-def _load_registered(bench: Benchmark, data_dir: Path | None, instruction: str
+def _load_registered(bench: Benchmark, data_dir: Path | None, layout: tuple[str, str]
                      ) -> BenchmarkData:
     if data_dir is not None:
         if not data_dir.is_dir():
@@ -126,7 +129,7 @@ def _load_registered(bench: Benchmark, data_dir: Path | None, instruction: str
         for relative in bench.local_files:
             path = data_dir / relative
             if path.is_file():
-                return _from_file(bench.name, path, instruction, bench.problem_field,
+                return _from_file(bench.name, path, layout, bench.problem_field,
                                   bench.answer_field)
         raise DcpoError(f"{bench.name}: none of {', '.join(bench.local_files)} found in "
                         f"{data_dir}")
@@ -135,12 +138,13 @@ def _load_registered(bench: Benchmark, data_dir: Path | None, instruction: str
         if not path.is_file():  # only a broken install gets here
             raise DcpoError(f"{bench.name}: the packaged copy {path} is missing; reinstall "
                             f"dcpo-cli or pass --data-dir")
-        return _from_file(bench.name, path, instruction, bench.problem_field,
+        return _from_file(bench.name, path, layout, bench.problem_field,
                           bench.answer_field)
 
 
-def _from_file(name: str, path: Path, instruction: str, problem_field: str | None,
+def _from_file(name: str, path: Path, layout: tuple[str, str], problem_field: str | None,
                answer_field: str | None) -> BenchmarkData:
+    """`layout`: (instruction, where it goes: "system" or "user")."""
     records = load_records(str(path))
     if path.suffix.lower() == ".parquet" and records and "prompt_id" in records[0]:
         # already a prompts file (from `dcpo prepare`): use it as it is
@@ -148,13 +152,14 @@ def _from_file(name: str, path: Path, instruction: str, problem_field: str | Non
         rows = [{"problem": None, "source": name, **row} for row in table.to_pylist()]
     else:
         verl = path.suffix.lower() == ".parquet"  # the field names apply to JSONL/Hub only
-        rows = prepare_records(records, path.name, instruction=instruction, source=name,
+        rows = prepare_records(records, path.name, instruction=layout[0], source=name,
+                               instruction_in=layout[1],
                                problem_field=None if verl else problem_field,
                                answer_field=None if verl else answer_field).rows
     return BenchmarkData(name, rows, str(path), contracts.file_checksum(path))
 
 
-def _from_hub_name(name: str, instruction: str) -> BenchmarkData:
+def _from_hub_name(name: str, layout: tuple[str, str]) -> BenchmarkData:
     """A Hub dataset outside the registry: its test split (else train, else its only one),
     with the problem and answer fields found as `dcpo prepare` finds them."""
     try:
@@ -174,6 +179,6 @@ def _from_hub_name(name: str, instruction: str) -> BenchmarkData:
         reason = first_line(exc)
         raise DcpoError(f"{name}: could not load the Hub dataset ({reason}); give a local "
                         "JSONL or Parquet file instead") from None
-    rows = prepare_records(records, name, instruction=instruction,
+    rows = prepare_records(records, name, instruction=layout[0], instruction_in=layout[1],
                            source=benchmark_name(name)).rows
     return BenchmarkData(benchmark_name(name), rows, name, f"hub:{name}:{split}")

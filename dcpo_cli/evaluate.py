@@ -76,6 +76,7 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
     data_dir = eval_sets.data_dir_from(data_dir)
     # load every benchmark first, so a data problem stops the run before the model loads
     datasets = [eval_sets.load_benchmark(spec, data_dir, instruction=options.instruction,
+                                          instruction_in=options.instruction_in,
                                           limit=options.limit) for spec in specs]
     names = [data.name for data in datasets]
     duplicates = sorted({n for n in names if names.count(n) > 1} | {"average"} & set(names))

@@ -9,14 +9,18 @@ stays instant. A new option is one field here, one typer parameter in its comman
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dcpo_cli.errors import DcpoError
 
-# The paper's instruction, appended to every training and evaluation problem.
+# The paper's instruction. The official layout (its verl evaluation files) puts it in the
+# system message and the bare problem in the user message; `--instruction-in user` appends
+# it to the problem instead.
 PAPER_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+INSTRUCTION_PLACES = ("system", "user")
 # Logits computed at once in the chunked log-prob (elements of [positions, vocab]).
 CHUNK_ELEMENTS = 1 << 24
 # Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.mismatch).
@@ -40,6 +44,11 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
     for failed, message in problems:
         if failed:
             raise DcpoError(message)
+
+
+def check_instruction_in(place: str) -> None:
+    if place not in INSTRUCTION_PLACES:
+        raise DcpoError(f"--instruction-in {place!r}: expected {choices(INSTRUCTION_PLACES)}")
 
 
 T = TypeVar("T")
@@ -70,8 +79,11 @@ class RolloutOptions:
     shard: tuple[int, int] = (0, 1)
     engine: str = "auto"
     chat_template: bool = True
+    round: int = 0  # DAPO refill: round k of the step takes further, unused prompts
 
     def check(self) -> None:
+        if self.round < 0:
+            raise DcpoError("--round must be >= 0")
         if self.batch_size < 1:
             raise DcpoError("--batch-size must be at least 1")
         if self.n < 1:
@@ -86,11 +98,19 @@ class ScoreOptions:
     workers: int | None = None
     timeout: float = 5.0
     wrong_reward: float = 0.0
+    no_answer_reward: float | None = None  # no parseable \boxed{} answer; None: wrong_reward
     overlong_buffer: int = 0
     max_length: int | None = None
     reward: str | None = None  # package.module:function; None: math-verify
 
     def check(self) -> None:
+        if self.reward and self.no_answer_reward is not None:
+            raise DcpoError("--no-answer-reward sets a level of the built-in math-verify "
+                            "reward; with --reward your function gives every reward")
+        for name, value in (("--wrong-reward", self.wrong_reward),
+                            ("--no-answer-reward", self.no_answer_reward)):
+            if value is not None and not math.isfinite(value):
+                raise DcpoError(f"{name} must be a finite number (got {value})")
         if self.workers is not None and self.workers < 1:
             raise DcpoError("--workers must be at least 1")
         if self.timeout <= 0:
@@ -113,6 +133,7 @@ class EvalOptions:
     seed: int = 0
     engine: str = "auto"
     instruction: str = PAPER_INSTRUCTION
+    instruction_in: str = "system"  # the official layout; "user": appended to the problem
     chat_template: bool = True
     limit: int | None = None
 
@@ -121,6 +142,7 @@ class EvalOptions:
 
         if self.engine not in ENGINES:
             raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+        check_instruction_in(self.instruction_in)
         if self.avg_at < 0:
             raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")
         if self.avg_at == 0 and not self.greedy:
@@ -143,6 +165,7 @@ class TrainOptions:
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     mini_batch_size: int | None = None  # prompts per update; None: a quarter of the step's
+    target_prompts: int | None = None  # DAPO refill: train on the first T kept groups
     micro_batch_tokens: int = 8192
     epochs: int = 1
     seed: int = 0
@@ -168,7 +191,9 @@ class TrainOptions:
         for name, value in (("--micro-batch-tokens", self.micro_batch_tokens),
                             ("--epochs", self.epochs),
                             ("--mini-batch-size",
-                             1 if self.mini_batch_size is None else self.mini_batch_size)):
+                             1 if self.mini_batch_size is None else self.mini_batch_size),
+                            ("--target-prompts",
+                             1 if self.target_prompts is None else self.target_prompts)):
             if value < 1:
                 raise DcpoError(f"{name} must be at least 1")
         if self.keep_training_state < 1:

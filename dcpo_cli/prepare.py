@@ -15,7 +15,7 @@ import pyarrow as pa
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError, first_line
 from dcpo_cli.jsonl import parse_jsonl
-from dcpo_cli.options import PAPER_INSTRUCTION  # noqa: F401  (re-exported)
+from dcpo_cli.options import PAPER_INSTRUCTION, check_instruction_in
 
 PROBLEM_FIELDS = ("problem", "question", "prompt", "input", "query")
 ANSWER_FIELDS = ("answer", "final_answer", "ground_truth", "target", "solution_answer")
@@ -123,7 +123,13 @@ def clean_answer(value: Any) -> str:
     return text
 
 
-def build_messages(problem: str, instruction: str, system: str | None) -> list[dict[str, str]]:
+def build_messages(problem: str, instruction: str, system: str | None,
+                   instruction_in: str = "system") -> list[dict[str, str]]:
+    """The chat messages of one problem. The official layout (`instruction_in` "system", as
+    the verl evaluation files): the instruction as the system message, the bare problem as
+    the user message. "user": the instruction appended to the problem, after any `system`."""
+    if instruction and instruction_in == "system":
+        return [{"role": "system", "content": instruction}, {"role": "user", "content": problem}]
     content = f"{problem}\n{instruction}" if instruction else problem
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": content})
@@ -133,8 +139,14 @@ def build_messages(problem: str, instruction: str, system: str | None) -> list[d
 def prepare_records(records: list[dict], name: str, *, problem_field: str | None = None,
                     answer_field: str | None = None, id_field: str | None = None,
                     instruction: str = PAPER_INSTRUCTION, system: str | None = None,
-                    source: str | None = None) -> PreparedSet:
-    """Map records to prompt rows, merging rows that repeat the same problem."""
+                    source: str | None = None, instruction_in: str = "system") -> PreparedSet:
+    """Map records to prompt rows, merging rows that repeat the same problem. verl-layout
+    records keep their own messages."""
+    check_instruction_in(instruction_in)
+    if system and instruction and instruction_in == "system":
+        raise DcpoError("--system and the instruction would both be the system message; add "
+                        "--instruction-in user (instruction after the problem) or "
+                        "--instruction ''")
     if not records:
         raise DcpoError(f"{name}: no records")
     rows: list[dict[str, Any]] = []
@@ -165,7 +177,7 @@ def prepare_records(records: list[dict], name: str, *, problem_field: str | None
                                 f"(tried {', '.join(ANSWER_FIELDS)}; use --answer-field)")
             problem = str(record[pf])
             answer = clean_answer(record[af])
-            messages = build_messages(problem, instruction, system)
+            messages = build_messages(problem, instruction, system, instruction_in)
             idf = _pick_field(record, id_field, ID_FIELDS, "id", name)
             raw_id = record[idf] if idf else None
         key = json.dumps([messages, answer])

@@ -32,7 +32,9 @@ class AlgoConfig:
     dual_clip: float | None  # c of dual clipping for A < 0; None turns it off
     advantage: str  # "sas" or "grpo"
     loss_agg: str
-    drop_uniform_groups: bool  # DAPO's dynamic sampling, applied as a filter
+    # DAPO's dynamic sampling, applied as a filter: drop groups whose responses are all
+    # correct or all wrong (the scored file's `correct` column, not reward equality)
+    drop_uniform_groups: bool
     # KL loss to the reference policy (verl's use_kl_loss): kl_coef * agg(kl_penalty(...)).
     kl_coef: float = 0.0  # 0 turns it off (and the reference model is never loaded)
     kl_type: str = "low_var_kl"  # one of KL_TYPES
@@ -45,8 +47,9 @@ PRESETS: dict[str, AlgoConfig] = {
     "grpo": AlgoConfig(name="grpo", clip="fixed", eps_low=0.2, eps_high=0.2, ratio_max=10.0,
                        dual_clip=None, advantage="grpo", loss_agg="seq-mean-token-mean",
                        drop_uniform_groups=False, kl_coef=0.001, kl_type="low_var_kl"),
+    # The official DAPO baseline runs used dual clipping (c = 10) too.
     "dapo": AlgoConfig(name="dapo", clip="fixed", eps_low=0.2, eps_high=0.28, ratio_max=10.0,
-                       dual_clip=None, advantage="grpo", loss_agg="token-mean",
+                       dual_clip=10.0, advantage="grpo", loss_agg="token-mean",
                        drop_uniform_groups=True),
     # GSPO's sequence-level objective: one ratio per response, responses averaged.
     # GRPO and GSPO: the official scripts' KL loss, 0.001 low_var_kl (docs/design.md 1.4).

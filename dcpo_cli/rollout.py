@@ -4,6 +4,15 @@ Prompt selection depends on the step number alone: the prompt set is shuffled on
 (seeded by --seed and the epoch), and step N takes the N-th slice of --batch-size prompts
 of that endless sequence of epochs (step 0 is the first slice). A shell loop therefore only
 passes the step, and a re-run of a step selects, and on CPU samples, exactly the same thing.
+
+DAPO's refill adds rounds to a step (`--round k`, default 0): round k takes the next
+--batch-size prompts of the sequence after the step's slice and its earlier rounds, skipping
+any prompt this step already used, so the rounds of one step never share a prompt. They may
+meet the prompts of later steps: step N+1's slice is fixed by its number (the permutation
+advances by --batch-size per step whatever the rounds), which is what keeps every step a
+pure function of its number and resumable; round k's prompts are the ones the next steps of
+the epoch would draw, so a refilled run sees some prompts earlier than, and again at, their
+own step.
 """
 
 from __future__ import annotations
@@ -62,6 +71,35 @@ def select_prompts(num_prompts: int, batch_size: int, step: int, seed: int) -> l
     return indices
 
 
+def select_round(num_prompts: int, batch_size: int, step: int, seed: int,
+                 round_index: int) -> list[int]:
+    """Indices of round `round_index` of step `step` (round 0 is `select_prompts`); see the
+    module docstring."""
+    first = select_prompts(num_prompts, batch_size, step, seed)
+    if round_index == 0:
+        return first
+    if (round_index + 1) * batch_size > num_prompts:
+        raise DcpoError(f"--round {round_index}: {round_index + 1} rounds of --batch-size "
+                        f"{batch_size} need {(round_index + 1) * batch_size} distinct prompts; "
+                        f"the prompts file has {num_prompts}")
+    used = set(first)
+    position = (step + 1) * batch_size  # the sequence position after the step's slice
+    orders: dict[int, list[int]] = {}
+    chosen: list[int] = []
+    for _ in range(round_index):
+        chosen = []
+        while len(chosen) < batch_size:
+            epoch = position // num_prompts
+            if epoch not in orders:
+                orders[epoch] = epoch_order(num_prompts, epoch, seed)
+            index = orders[epoch][position % num_prompts]
+            position += 1
+            if index not in used:
+                used.add(index)
+                chosen.append(index)
+    return chosen
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n), 0 <= i < n."""
     index, sep, count = text.partition("/")
@@ -112,8 +150,8 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
         engine = load_engine(kind, source.path, **engine_options)
         load_seconds = time.perf_counter() - started
 
-    chosen = shard_part(select_prompts(table.num_rows, options.batch_size, step, options.seed),
-                        options.shard)
+    chosen = shard_part(select_round(table.num_rows, options.batch_size, step, options.seed,
+                                     options.round), options.shard)
     records = table.select(["prompt_id", "prompt", "answer"]).take(chosen).to_pylist()
     encoded = encode_prompts(engine.tokenizer, [_prompt_value(r["prompt"]) for r in records],
                              options.chat_template)
@@ -126,7 +164,9 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
     settings = SamplingSettings(
         n=options.n, temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
         max_new_tokens=options.max_new_tokens,
-        seed=derive_seed("rollout", options.seed, step, options.shard),
+        # round 0 keeps the seed it had before rounds existed
+        seed=derive_seed("rollout", options.seed, step, options.shard,
+                         *((options.round,) if options.round else ())),
     )
 
     started = time.perf_counter()
@@ -159,7 +199,8 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
     option_record = {**asdict(options), "shard": f"{options.shard[0]}/{options.shard[1]}"}
     metadata = contracts.make_metadata(
         "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
-        extra={**source.record(), "model_fingerprint": fingerprint, "engine": engine.name,
+        extra={"round": options.round, **source.record(), "model_fingerprint": fingerprint,
+               "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
                "skipped_prompts": skipped, "engine_settings": engine_settings.record(),

@@ -3,7 +3,17 @@
 Inputs need only `prompt_id`, `response_text` and `answer` (contracts.SCOREABLE_COLUMNS), so
 generations made by other tools can be scored too. The output keeps every input column and
 adds `reward`, `correct`, `extracted_answer` ("" when the response has no box),
-`verify_timeout`, `verify_error`, and `overlong_penalty` when shaping is on. It is marked
+`reward_level`, `verify_timeout`, `verify_error`, and `overlong_penalty` when shaping is on.
+
+Reward levels (docs/design.md 1.4): "correct" (1.0), "wrong" (a boxed answer that does not
+verify: --wrong-reward) and "no_answer" (no parseable `\boxed{}` answer: --no-answer-reward,
+default --wrong-reward). `--no-answer-reward R` turns on the official DCPO recipe's third
+level, 1 / 0 / -1 with R = -1: there a response cut off at the length limit (finish_reason
+"length") counts as no answer whatever its text holds, and is not `correct`. Without the
+flag a cut-off response is judged by its box as before (DAPO's overlong shaping relies on
+that: a right but overlong answer gets 1 + penalty). With --reward the user's function gives
+every reward; the level is still recorded (correct when its reward is > 0, else no_answer
+without a box, else wrong), and --no-answer-reward is refused. It is marked
 kind "scored" when the inputs were rollouts (the scored contract train-step reads), else
 kind "scored-responses" (scored, but not trainable: token ids or log-probs are missing).
 """
@@ -22,8 +32,8 @@ from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.options import ScoreOptions
 
-ADDED_COLUMNS = ("reward", "correct", "extracted_answer", "verify_timeout", "verify_error",
-                 "overlong_penalty")
+ADDED_COLUMNS = ("reward", "correct", "extracted_answer", contracts.REWARD_LEVEL_COLUMN,
+                 "verify_timeout", "verify_error", "overlong_penalty")
 PARTIAL_KIND = "scored-responses"
 
 
@@ -149,6 +159,22 @@ def _user_rewards(table: pa.Table, options: ScoreOptions, on_progress=None
     return rewards, [outcomes[i].timed_out for i in range(len(rows))]
 
 
+def reward_levels(correct: list[bool], boxed: list[bool], cut: list[bool]) -> list[str]:
+    """Each response's level: "no_answer" when `cut` (cut off at the length limit, under the
+    three-level reward), else "correct", else "wrong" with a parseable box, else "no_answer"."""
+    return ["no_answer" if cut_off else "correct" if ok else "wrong" if has_box else "no_answer"
+            for ok, has_box, cut_off in zip(correct, boxed, cut, strict=True)]
+
+
+def level_reward(level: str, options: ScoreOptions) -> float:
+    """The built-in reward of a level: 1, --wrong-reward, --no-answer-reward."""
+    if level == "correct":
+        return 1.0
+    if level == "no_answer" and options.no_answer_reward is not None:
+        return options.no_answer_reward
+    return options.wrong_reward
+
+
 def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None = None,
                 on_progress=None) -> pa.Table:
     """The input table plus the reward columns (pure apart from running the verifier)."""
@@ -165,12 +191,20 @@ def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None =
         verdicts = verify_batch(responses, answers, workers=options.workers,
                                 timeout=options.timeout, on_progress=on_progress)
         correct = [v.correct for v in verdicts]
-        rewards = [1.0 if ok else options.wrong_reward for ok in correct]
         extracted = [v.extracted or "" for v in verdicts]
         timeouts = [v.timed_out for v in verdicts]
         errors = [v.error for v in verdicts]
+    boxed = [bool((extract_boxed(text) or "").strip()) for text in responses]
+    cut = [False] * len(responses)
+    if options.no_answer_reward is not None and "finish_reason" in table.column_names:
+        cut = [reason == "length" for reason in table.column("finish_reason").to_pylist()]
+    levels = reward_levels(correct, boxed, cut)
+    if not options.reward:
+        correct = [level == "correct" for level in levels]
+        rewards = [level_reward(level, options) for level in levels]
     columns = {"reward": pa.array(rewards, pa.float64()), "correct": pa.array(correct),
                "extracted_answer": pa.array(extracted, pa.string()),
+               contracts.REWARD_LEVEL_COLUMN: pa.array(levels, pa.string()),
                "verify_timeout": pa.array(timeouts), "verify_error": pa.array(errors)}
     if options.overlong_buffer:
         if "response_token_ids" not in table.column_names:
@@ -186,6 +220,16 @@ def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None =
     return table
 
 
+def group_outcomes(scored: pa.Table) -> dict[str, set[bool]]:
+    """The set of `correct` values of each prompt's responses: a group with both is mixed
+    (the groups DAPO's filter keeps)."""
+    outcomes: dict[str, set[bool]] = {}
+    for prompt_id, ok in zip(scored.column("prompt_id").to_pylist(),
+                             scored.column("correct").to_pylist(), strict=True):
+        outcomes.setdefault(prompt_id, set()).add(bool(ok))
+    return outcomes
+
+
 def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSummary:
     from dcpo_cli.console import progress
 
@@ -193,6 +237,10 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     contracts.check_output_path(out)
     table, metadata = read_inputs(paths)
     sampling = sampling_from(metadata, paths)
+    rounds = {m.get("round", 0) for m in metadata}
+    if len(rounds) > 1:  # train-step orders the rounds by the scored files' metadata
+        raise DcpoError(f"the rollouts come from different refill rounds {sorted(rounds)}; "
+                        "score each round into its own file")
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
     if options.reward:
         from dcpo_cli.rewards import load_reward_function
@@ -218,7 +266,12 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     errors = sum(scored.column("verify_error").to_pylist())
     mean_reward = pc.mean(scored.column("reward")).as_py()
     lengths = {m.get("max_new_tokens") for m in metadata}
-    extra = {"reward_function": options.reward or "math-verify",
+    groups = group_outcomes(scored)
+    levels = scored.column(contracts.REWARD_LEVEL_COLUMN).to_pylist()
+    extra = {"round": rounds.pop(),
+             "groups": len(groups), "mixed_groups": sum(len(g) == 2 for g in groups.values()),
+             "reward_levels": {level: levels.count(level) for level in contracts.REWARD_LEVELS},
+             "reward_function": options.reward or "math-verify",
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
              "verify_errors": errors, "sampling": sampling}

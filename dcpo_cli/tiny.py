@@ -157,7 +157,9 @@ def sample_solution(problem: Problem, rng: random.Random) -> tuple[str, bool]:
 
 
 def prompt_rows(problems: list[Problem]) -> list[dict[str, Any]]:
-    """Rows of the prompts contract (`dcpo_cli.prepare.prompts_table`)."""
+    """Rows of the prompts contract (`dcpo_cli.prepare.prompts_table`). The tiny task keeps
+    its own layout (one user message), not `dcpo prepare`'s official default: the prebuilt
+    model was trained on it."""
     return [{"prompt_id": f"tiny/{p.expression}",
              "prompt": [{"role": "user", "content": prompt_content(p)}],
              "answer": str(p.answer), "problem": p.expression, "source": f"tiny-{p.family}"}

@@ -3,8 +3,9 @@ and the advantages of its rows."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ class StepData:
     # trainer's log-probs are computed at: the rollouts' (greedy, T = 0, counts as 1).
     sampling: dict | None = None
     temperature: float = 1.0
+    rounds: list[int] = field(default_factory=list)  # the rollout round of each row (refill)
+    groups_generated: int | None = None  # groups in the shards, before any selection
+    groups_kept: int | None = None  # of those, groups the filter keeps
 
     @property
     def num_rows(self) -> int:
@@ -74,6 +78,8 @@ def load_scored(paths: list[Path]) -> StepData:
         if meta_step is not None and {meta_step} != set(table.column("step").to_pylist()):
             raise DcpoError(f"{name}: metadata step {meta_step} differs from the 'step' column")
         steps[name] = step
+        round_index = metadata.get("round", 0)
+        data.rounds += [round_index if isinstance(round_index, int) else 0] * table.num_rows
         columns = table.select(["prompt_id", "sample_index", "prompt_token_ids",
                                 "response_token_ids", "reward", "correct",
                                 "finish_reason"]).to_pydict()
@@ -158,6 +164,45 @@ def check_vocab(data: StepData, vocab: int) -> None:
 
 
 
+def is_uniform(data: StepData, rows: list[int]) -> bool:
+    """All responses correct or all wrong: DAPO's filter (on accuracy, as the official runs;
+    not on reward equality, which shaped rewards would rarely meet)."""
+    return len({data.correct[r] for r in rows}) == 1
+
+
+def select_groups(data: StepData, config: AlgoConfig, target: int | None) -> StepData:
+    """The step's groups in training order (rollout round, then prompt order) and, with a
+    `target`, only those up to the `target`-th kept group: DAPO's refill, in which extra
+    rounds of rollouts top the step up to `target` kept prompts. Later groups are left out
+    entirely: not trained, not absorbed into the SAS state, not in the train records (they
+    count in `groups_generated`). Fewer kept groups than `target` trains on all of them."""
+    groups = sorted(group_rows(data.prompt_ids), key=lambda rows: (data.rounds[rows[0]], rows[0]))
+    kept = [not (config.drop_uniform_groups and is_uniform(data, rows)) for rows in groups]
+    used = groups
+    if target is not None:
+        count = 0
+        for position, keep in enumerate(kept):
+            count += keep
+            if count == target:
+                used = groups[:position + 1]
+                break
+    if target is None and len(set(data.rounds)) <= 1:
+        subset = dataclasses.replace(data)  # one round, no target: every row, as read
+    else:
+        subset = _take_rows(data, [row for group in used for row in group])
+    subset.groups_generated, subset.groups_kept = len(groups), sum(kept)
+    return subset
+
+
+def _take_rows(data: StepData, rows: list[int]) -> StepData:
+    """`data` with only `rows`, in that order (every per-row list field follows)."""
+    count = data.num_rows
+    changes = {f.name: [getattr(data, f.name)[r] for r in rows]
+               for f in dataclasses.fields(data)
+               if isinstance(getattr(data, f.name), list) and len(getattr(data, f.name)) == count}
+    return dataclasses.replace(data, **changes)
+
+
 @dataclass
 class StepAdvantages:
     values: list[float]  # one per row
@@ -182,7 +227,7 @@ def compute_advantages(data: StepData, config: AlgoConfig, state: SasState, stat
                                                               state.get(prompt_id))
         for row, value in zip(rows, adv.tolist(), strict=True):
             advantages[row] = float(value)
-        if config.drop_uniform_groups and bool((rewards == rewards[0]).all()):
+        if config.drop_uniform_groups and is_uniform(data, rows):
             dropped += 1
         else:
             keep.append(rows)

@@ -37,15 +37,22 @@ def step_metrics(data: StepData, advantages: StepAdvantages, state: UpdateState,
         "responses": data.num_rows,
         "prompts": len(advantages.groups) + advantages.dropped,
         "dropped_groups": advantages.dropped,
+        # DAPO's cost: groups sampled, of which the filter kept, of which the step trained
+        "groups_generated": data.groups_generated or len(advantages.groups) + advantages.dropped,
+        "groups_kept": (data.groups_kept if data.groups_kept is not None
+                        else len(advantages.groups)),
+        "groups_trained": len(advantages.groups),
     }
 
 
 def records_table(data: StepData, advantages: list[float], state: UpdateState,
                   correction: str = "none", cap: float = 2.0):
-    """One row per response. Responses of dropped groups were not trained: their clipped
-    count is 0 and their log-prob means are NaN. `new_logprob_mean` is the response's mean
-    log-prob as the loss saw it in the last epoch (after the updates before its mini-batch).
-    `rollout_weight_mean` is the mean weight --rollout-correction gave its tokens' losses."""
+    """One row per response the step considered. Responses of dropped groups were not
+    trained: their clipped count is 0 and their log-prob means are NaN. Groups sampled after
+    --target-prompts was reached are not here at all (see train_inputs.select_groups).
+    `new_logprob_mean` is the response's mean log-prob as the loss saw it in the last epoch
+    (after the updates before its mini-batch). `rollout_weight_mean` is the mean weight
+    --rollout-correction gave its tokens' losses."""
     import pyarrow as pa
 
     old, nan = state.old, float("nan")

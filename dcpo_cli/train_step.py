@@ -51,6 +51,7 @@ from dcpo_cli.train_inputs import (  # noqa: F401  (StepData, load_scored: publi
     check_vocab,
     compute_advantages,
     load_scored,
+    select_groups,
 )
 from dcpo_cli.train_report import (
     METRICS,
@@ -122,7 +123,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     if out.resolve() == given.resolve():
         raise DcpoError("--out must differ from --model (checkpoints are never overwritten)")
     config = resolve_algo(options)
-    data = load_scored(scored)
+    data = select_groups(load_scored(scored), config, options.target_prompts)
     check_rollout_correction(data, options)
     state = SasState.load(state_path)
 

@@ -2,8 +2,11 @@
 # DCPO on Qwen2.5-Math-7B with the paper's settings (docs/design.md 1.6), for one GPU node.
 # The same loop as examples/tiny_loop.sh, with the vLLM engine and Hub model and data:
 # 512 prompts x 16 responses per step, temperature 1.0, top-p 1.0, ~3k-token responses,
-# AdamW lr 1e-6 with 10 warm-up steps, weight decay 0.1, grad norm 1.0, no KL, several
-# mini-batch updates per step; AIME24/25, AMC23 and MATH-500 evaluated every EVAL_EVERY steps.
+# AdamW lr 1e-6 with 10 warm-up steps, weight decay 0.1, grad norm 1.0, no KL, 8 prompts
+# (x 16 responses) per optimizer update as the official recipe on one node (64 updates per
+# 512-prompt step); ALGO=dcpo scores 1 / 0 / -1 (right / boxed but wrong / no boxed answer,
+# cut-off responses included), the official DCPO reward; AIME24/25, AMC23 and MATH-500
+# evaluated every EVAL_EVERY steps (instruction as the system message, the official layout).
 #
 #   examples/qwen2.5-math-7b.sh RUN_DIR [STEPS]
 #
@@ -30,7 +33,8 @@ SEED=${SEED:-0}
 BATCH=${BATCH:-512}
 N=${N:-16}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-3072}
-MINI_BATCH=${MINI_BATCH:-128}                  # prompts per optimizer update: 4 per step
+MINI_BATCH=${MINI_BATCH:-8}                    # prompts per optimizer update (per node, as
+                                               # the official recipe): 64 updates per step
 MICRO_BATCH_TOKENS=${MICRO_BATCH_TOKENS:-32768}
 LR=${LR:-1e-6}
 WARMUP_STEPS=${WARMUP_STEPS:-10}
@@ -50,6 +54,8 @@ TRAIN_PROCS=${TRAIN_PROCS:-1}
 KEEP_TRAINING_STATE=${KEEP_TRAINING_STATE:-1}
 DP=${DP:-1}
 ENGINE_FLAGS=(--engine "$ENGINE")
+SCORE_FLAGS=()
+[ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
 [ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
 
 mkdir -p "$RUN"
@@ -98,7 +104,7 @@ for ((step = start; step < STEPS; step++)); do
 
   if [ ! -f "$scored" ]; then
     rollout "$model" "$step" "$RUN/steps/$name"
-    $DCPO score "${ROLLOUTS[@]}" --out "$scored"
+    $DCPO score "${ROLLOUTS[@]}" --out "$scored" "${SCORE_FLAGS[@]}"
   fi
   $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps "$WARMUP_STEPS" --weight-decay 0.1 \

@@ -7,7 +7,13 @@
 #
 # Environment knobs (defaults in brackets): ALGO [dcpo], SEED [0], TINY_SIZE [default],
 # BATCH [32] prompts per step, N [8] responses per prompt, LR [2e-4], EVAL_AT [8] samples per
-# test problem, REWARD [math-verify] your own reward as package.module:function. Copy this file as the starting point of your own runs.
+# test problem, REWARD [math-verify] your own reward as package.module:function.
+# ALGO=dcpo scores 1 / 0 / -1 (right / boxed but wrong / no boxed answer), as the official
+# DCPO recipe; the baselines score 1 / 0. ALGO=dapo refills each step as DAPO does: rollout
+# rounds (`dcpo rollout --round k`) sample further prompts until TARGET [BATCH] groups have
+# mixed outcomes, or MAX_ROUNDS [4] rounds are done (then it trains on what it has, with a
+# warning), and train-step trains on the first TARGET of them.
+# Copy this file as the starting point of your own runs.
 set -euo pipefail
 
 RUN=${1:?usage: examples/tiny_loop.sh RUN_DIR [STEPS]}
@@ -21,7 +27,16 @@ LR=${LR:-2e-4}
 EVAL_AT=${EVAL_AT:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
 REWARD=${REWARD:-}
+TARGET=${TARGET:-$BATCH}
+MAX_ROUNDS=${MAX_ROUNDS:-4}
 DCPO=${DCPO:-dcpo}
+
+score_flags=()
+if [ -n "$REWARD" ]; then
+  score_flags=(--reward "$REWARD")
+elif [ "$ALGO" = dcpo ]; then
+  score_flags=(--no-answer-reward -1)  # the official DCPO reward: 1 / 0 / -1
+fi
 
 tiny=$RUN/tiny
 if [ ! -d "$tiny/model" ]; then
@@ -33,25 +48,46 @@ evaluate() {  # evaluate MODEL LABEL
     --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$RUN/eval/$2"
 }
 
+sample() {  # sample MODEL STEP ROUND ROLLOUTS SCORED: one rollout round, scored
+  [ -f "$4" ] || $DCPO rollout --model "$1" --prompts "$tiny/train.parquet" \
+    --step "$2" --round "$3" --batch-size "$BATCH" --n "$N" --temperature 1.0 \
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$4"
+  [ -f "$5" ] || $DCPO score "$4" --out "$5" "${score_flags[@]}"
+}
+
 evaluate "$tiny/model" step-000000
 
 model=$tiny/model
 for ((step = 0; step < STEPS; step++)); do
   name=$(printf '%06d' "$step")
+  dir=$RUN/steps/$name
   next=$RUN/ckpt/step-$(printf '%06d' $((step + 1)))
-  mkdir -p "$RUN/steps/$name"
-  rollouts=$RUN/steps/$name/rollouts.parquet
-  scored=$RUN/steps/$name/scored.parquet
-
-  [ -f "$rollouts" ] || $DCPO rollout --model "$model" --prompts "$tiny/train.parquet" \
-    --step "$step" --batch-size "$BATCH" --n "$N" --temperature 1.0 \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$rollouts"
-  [ -f "$scored" ] || $DCPO score "$rollouts" --out "$scored" ${REWARD:+--reward "$REWARD"}
+  mkdir -p "$dir"
+  train_flags=()
+  if [ "$ALGO" = dapo ]; then
+    # DAPO's dynamic sampling: more rounds until TARGET groups are kept (mixed outcomes)
+    scored=() kept=0
+    for ((round = 0; round < MAX_ROUNDS && kept < TARGET; round++)); do
+      sample "$model" "$step" "$round" "$dir/rollouts-r$round.parquet" "$dir/scored-r$round.parquet"
+      scored+=("$dir/scored-r$round.parquet")
+      kept=$((kept + $($DCPO inspect "$dir/scored-r$round.parquet" --metadata mixed_groups)))
+    done
+    if [ "$kept" -lt "$TARGET" ]; then
+      echo "warning: step $step kept $kept of $TARGET groups after $MAX_ROUNDS rounds;" \
+        "training on those" >&2
+    fi
+    train_flags=(--target-prompts "$TARGET")
+  else
+    sample "$model" "$step" 0 "$dir/rollouts.parquet" "$dir/scored.parquet"
+    scored=("$dir/scored.parquet")
+  fi
   # train-step is idempotent: with its checkpoint already written it only finishes the
   # state update (if a kill interrupted it) and returns.
-  $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \
+  scored_flags=()
+  for file in "${scored[@]}"; do scored_flags+=(--scored "$file"); done
+  $DCPO train-step --model "$model" "${scored_flags[@]}" --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps 0 --seed "$SEED" \
-    --metrics-log "$RUN/metrics.jsonl"
+    --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}"
   model=$next
 done
 

@@ -38,7 +38,7 @@ def write_rollouts(path, responses, answers, lengths=None, step=3, start=0, max_
 
 def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float]],
                  seed: int = 0, max_len: int = 12, vocab: int | None = None,
-                 max_new_tokens: int | None = None) -> Path:
+                 max_new_tokens: int | None = None, round_index: int = 0) -> Path:
     """A scored file made by hand: random responses ending in eos, rewards as given."""
     gen = torch.Generator().manual_seed(seed + 1000 * step)
     vocab = vocab or len(tokenizer)
@@ -63,5 +63,6 @@ def write_scored(path: Path, tokenizer, step: int, rewards: dict[str, list[float
     schema = pa.schema([(n, t) for n, t in contracts.SCORED_COLUMNS.items()])
     contracts.write_table(pa.table(rows, schema=schema), path,
                       contracts.make_metadata("scored", "score", step=step,
-                                          extra={"max_new_tokens": max_new_tokens}))
+                                          extra={"max_new_tokens": max_new_tokens,
+                                                 "round": round_index}))
     return path

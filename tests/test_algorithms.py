@@ -396,8 +396,8 @@ def test_presets_are_the_design_table():
         ("dac", 0.16, 0.2, 10.0, 10.0, "sas", "otm", False)
     assert (grpo.clip, grpo.eps_low, grpo.eps_high, grpo.advantage, grpo.loss_agg) == \
         ("fixed", 0.2, 0.2, "grpo", "seq-mean-token-mean")
-    assert (dapo.eps_low, dapo.eps_high, dapo.loss_agg, dapo.drop_uniform_groups) == \
-        (0.2, 0.28, "token-mean", True)
+    assert (dapo.eps_low, dapo.eps_high, dapo.dual_clip, dapo.loss_agg,
+            dapo.drop_uniform_groups) == (0.2, 0.28, 10.0, "token-mean", True)
     assert (gspo.clip, gspo.eps_low, gspo.eps_high) == ("sequence", 3e-4, 4e-4)
 
 

@@ -45,6 +45,19 @@ def test_inspect_prompts_json_and_table(dcpo, benchmarks, tmp_path):
     assert table.code == 0 and "first 5 rows" in table.stdout
     assert_one_line_error(dcpo("inspect", out, "--columns", "nope"), "column 'nope' is missing")
     assert_one_line_error(dcpo("inspect", tmp_path / "missing.parquet"), "no such file")
+    # one metadata value, as JSON, for scripts (examples/tiny_loop.sh counts kept groups so)
+    assert dcpo("inspect", out, "--metadata", "stage").stdout.strip() == '"prepare"'
+    assert_one_line_error(dcpo("inspect", out, "--metadata", "nope"), "no metadata key 'nope'")
+
+
+def test_a_bad_option_value_or_a_missing_option_is_one_line_exit_2(dcpo, tmp_path):
+    """typer parses the values (it vendors its own click): still one line and exit 2."""
+    out = tmp_path / "s.parquet"
+    assert_one_line_error(dcpo("score", "r.parquet", "--out", out, "--wrong-reward", "x"),
+                          "--wrong-reward")
+    assert_one_line_error(dcpo("score", "r.parquet"), "--out")
+    assert_one_line_error(dcpo("rollout", "--nope"), "--nope")
+    assert not out.exists()
 
 
 def _crashing_inspect(env_extra: dict[str, str]) -> subprocess.CompletedProcess:

@@ -56,6 +56,10 @@ def test_flagship_example_runs_two_tiny_steps_and_resumes(tmp_path):
     assert [shard.num_rows for shard in shards] == [2 * 2, 2 * 2]  # 4 prompts x 2, halved
     scored = contracts.read_table(run / "steps" / "000000" / "scored.parquet", "scored")
     assert scored.num_rows == 4 * 2
+    # ALGO=dcpo scores with the official three levels (1 / 0 / -1)
+    meta = contracts.read_metadata(run / "steps" / "000000" / "scored.parquet")
+    assert meta["options"]["no_answer_reward"] == -1
+    assert set(scored.column("reward_level").to_pylist()) <= {"correct", "wrong", "no_answer"}
     rollouts = shards[0]
     assert max(len(ids) for ids in rollouts.column("response_token_ids").to_pylist()) <= 16
     ckpts = sorted(p.name for p in (run / "ckpt").iterdir())

@@ -140,3 +140,38 @@ def test_example_scripts_use_only_existing_options(script):
         known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
         unknown = sorted(set(options) - known)
         assert not unknown, f"{script}: dcpo {name} has no option(s) {unknown}"
+
+
+# ---------------------------------------------------------------- DAPO refill in the loop
+
+# Only about a third of the prompts can get mixed outcomes (the rest are all wrong), so a
+# 4-prompt round rarely keeps the 2-group target by itself.
+SPARSE_REWARD = ("def sparse(response_text, answer, row):\n"
+                 "    if sum(map(ord, row['prompt_id'])) % 3:\n"
+                 "        return 0.0\n"
+                 "    return float(len(response_text) % 2)\n")
+
+
+@pytest.mark.slow
+def test_dapo_loop_refills_a_step_to_exactly_the_target(tmp_path):
+    from dcpo_cli import contracts
+
+    (tmp_path / "sparse_reward.py").write_text(SPARSE_REWARD)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, **LOOP_ENV, "ALGO": "dapo", "TARGET": "2", "MAX_ROUNDS": "8",
+           "REWARD": "sparse_reward:sparse", "PYTHONPATH": path}
+    run_dir = tmp_path / "run"
+    result = subprocess.run(["bash", str(REPO / "examples" / "tiny_loop.sh"), str(run_dir), "1"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = run_dir / "steps" / "000000"
+    rounds = sorted(step.glob("scored-r*.parquet"))
+    kept = [contracts.read_metadata(p)["mixed_groups"] for p in rounds]
+    assert len(rounds) >= 2 and kept[0] < 2  # the first round fell short: more rounds ran
+    assert sum(kept[:-1]) < 2 <= sum(kept)  # and they stopped once the target was met
+    assert [contracts.read_metadata(p)["round"] for p in rounds] == list(range(len(rounds)))
+    metrics = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["groups_trained"] == 2  # exactly the target
+    assert metrics["groups_generated"] == 4 * len(rounds)
+    assert metrics["groups_kept"] == sum(kept)
+    assert "warning" not in result.stderr

@@ -37,8 +37,16 @@ def test_math500_jsonl(dcpo, benchmarks, tmp_path):
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 500
     assert rows[0]["prompt_id"] == "test/precalculus/807.json"
-    assert rows[0]["prompt"][-1]["content"].endswith(PAPER_INSTRUCTION)
+    source = read_jsonl(benchmarks / "math500.jsonl")
+    # the official layout: the instruction as the system message, the bare problem as user's
+    assert rows[0]["prompt"] == [{"role": "system", "content": PAPER_INSTRUCTION},
+                                 {"role": "user", "content": source[0]["problem"]}]
     assert contracts.read_metadata(out)["stage"] == "prepare"
+    assert dcpo("prepare", benchmarks / "math500.jsonl", "--out", tmp_path / "u.parquet",
+                "--instruction-in", "user").code == 0
+    rows = pq.read_table(tmp_path / "u.parquet").to_pylist()
+    assert rows[0]["prompt"] == [{"role": "user",
+                                  "content": f"{source[0]['problem']}\n{PAPER_INSTRUCTION}"}]
 
 
 def test_gsm8k_answer_after_hashes(dcpo, benchmarks, tmp_path):
@@ -149,3 +157,54 @@ def test_bad_inputs_give_one_line_and_no_output(case, tmp_path, dcpo, benchmarks
     assert_one_line_error(result, *fragments)
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def prompt_tokens(rows) -> dict[str, list[int]]:
+    """Each problem's prompt tokens under the tiny tokenizer's chat template."""
+    from dcpo_cli.prompting import encode_prompts
+    from dcpo_cli.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert tokenizer.chat_template  # a real template: the roles reach the tokens
+    encoded = encode_prompts(tokenizer, [r["prompt"] for r in rows])
+    return {r["problem"]: ids for r, (_, ids) in zip(rows, encoded, strict=True)}
+
+
+def test_jsonl_and_verl_parquet_give_identical_prompt_tokens(benchmarks, tmp_path):
+    """The official evaluation file (verl layout) and a JSONL of the same problems become the
+    same prompt tokens under the default layout; the bundled AIME24 JSONL agrees on every
+    problem whose statement is worded as in the verl file (29 of 30)."""
+    from dcpo_cli.eval_sets import load_benchmark
+
+    verl_records = pq.read_table(benchmarks / "verl" / "aime_2024.parquet").to_pylist()
+    verl = prepare_records(verl_records, "aime_2024.parquet").rows
+    jsonl = tmp_path / "same.jsonl"
+    jsonl.write_text("".join(json.dumps({"problem": r["extra_info"]["raw_problem"],
+                                         "answer": r["reward_model"]["ground_truth"]}) + "\n"
+                             for r in verl_records))
+    from_jsonl = prepare_records(read_jsonl(jsonl), "same.jsonl").rows
+    verl_tokens, jsonl_tokens = prompt_tokens(verl), prompt_tokens(from_jsonl)
+    assert len(verl_tokens) == 30 and verl_tokens == jsonl_tokens
+
+    bundled = prompt_tokens(load_benchmark("aime24").rows)
+    shared = bundled.keys() & verl_tokens.keys()
+    assert len(shared) == 29
+    assert all(bundled[p] == verl_tokens[p] for p in shared)
+    # the other layout differs: the instruction moves into the user message
+    user = prompt_tokens(load_benchmark("aime24", instruction_in="user").rows)
+    assert all(user[p] != bundled[p] for p in shared)
+
+
+def test_system_prompt_and_system_instruction_conflict(tmp_path, dcpo, benchmarks):
+    out = tmp_path / "p.parquet"
+    result = dcpo("prepare", benchmarks / "amc23.jsonl", "--out", out, "--system", "Be brief.")
+    assert_one_line_error(result, "--instruction-in user")
+    result = dcpo("prepare", benchmarks / "amc23.jsonl", "--out", out, "--instruction-in",
+                  "assistant")
+    assert_one_line_error(result, "--instruction-in")
+    assert not out.exists()
+    assert dcpo("prepare", benchmarks / "amc23.jsonl", "--out", out, "--system", "Be brief.",
+                "--instruction-in", "user").code == 0
+    first = pq.read_table(out).to_pylist()[0]["prompt"]
+    assert [m["role"] for m in first] == ["system", "user"]
+    assert first[0]["content"] == "Be brief." and first[1]["content"].endswith(PAPER_INSTRUCTION)

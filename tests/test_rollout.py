@@ -18,7 +18,7 @@ from dcpo_cli.engines.hf import token_budget_batches
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.prepare import prompts_table
 from dcpo_cli.prompting import encode_prompts
-from dcpo_cli.rollout import parse_shard, select_prompts, shard_part
+from dcpo_cli.rollout import parse_shard, select_prompts, select_round, shard_part
 
 MAX_NEW = 48
 
@@ -42,6 +42,33 @@ def test_every_epoch_covers_every_prompt_exactly_once(num_prompts, batch_size, s
              for i in select_prompts(num_prompts, batch_size, step, seed)]
     assert sorted(order[:num_prompts]) == list(range(num_prompts))
     assert sorted(order[num_prompts:2 * num_prompts]) == list(range(num_prompts))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 60), st.integers(1, 12), st.integers(0, 30), st.integers(0, 2**31),
+       st.integers(1, 4))
+def test_refill_rounds_of_a_step_never_share_a_prompt(num_prompts, batch_size, step, seed,
+                                                      rounds):
+    """DAPO refill (`--round k`): each round takes --batch-size further prompts, none used by
+    the step's other rounds; round 0 is the step's own slice."""
+    assert select_round(num_prompts, batch_size, step, seed, 0) == \
+        select_prompts(num_prompts, batch_size, step, seed)
+    if rounds * batch_size > num_prompts:
+        with pytest.raises(DcpoError, match="--round"):
+            select_round(num_prompts, batch_size, step, seed, rounds)
+        return
+    extra = [select_round(num_prompts, batch_size, step, seed, k) for k in range(1, rounds)]
+    used = set(select_prompts(num_prompts, batch_size, step, seed))
+    for chosen in extra:
+        assert len(chosen) == batch_size and not used & set(chosen)
+        used |= set(chosen)
+        assert len(set(chosen)) == batch_size
+
+
+def test_round_one_takes_the_prompts_after_the_step_slice():
+    # within one epoch, round 1 of step 2 is step 3's slice (the sequence goes on)
+    assert select_round(100, 8, 2, 1, 1) == select_prompts(100, 8, 3, seed=1)
+    assert select_round(100, 8, 2, 1, 2) == select_prompts(100, 8, 4, seed=1)
 
 
 def test_selection_depends_on_step_and_seed_only():

@@ -161,3 +161,71 @@ def test_user_reward_that_raises_names_the_row(tmp_path, dcpo):
     result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward", "bad_reward:f",
                   cwd=tmp_path)
     assert_one_line_error(result, "row 1", "ZeroDivisionError")
+
+
+# ---------------------------------------------------------------- reward levels
+
+LEVEL_RESPONSES = ["so \\boxed{7}", "\\boxed{8}", "no box at all", "\\boxed{7} but cut"]
+
+
+def level_rollouts(tmp_path):
+    """Right, boxed but wrong, no box, cut off at the length limit (with a right box)."""
+    return write_rollouts(tmp_path / "r.parquet", LEVEL_RESPONSES, ["7"] * 4,
+                          lengths=[4, 4, 4, 16], max_new_tokens=16)
+
+
+def test_no_answer_reward_gives_the_official_three_levels(tmp_path):
+    path = level_rollouts(tmp_path)
+    assert run(["score", str(path), "--out", str(tmp_path / "s.parquet"),
+                "--no-answer-reward", "-1", "--workers", "1"]) == 0
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")
+    assert scored.column("reward").to_pylist() == [1.0, 0.0, -1.0, -1.0]
+    assert scored.column("reward_level").to_pylist() == ["correct", "wrong", "no_answer",
+                                                         "no_answer"]
+    assert scored.column("correct").to_pylist() == [True, False, False, False]
+    meta = contracts.read_metadata(tmp_path / "s.parquet")
+    assert meta["options"]["no_answer_reward"] == -1
+    assert meta["reward_levels"] == {"correct": 1, "wrong": 1, "no_answer": 2}
+    assert (meta["groups"], meta["mixed_groups"], meta["round"]) == (2, 1, 0)  # p0 mixed
+
+
+def test_without_the_flag_no_answer_gets_the_wrong_reward_and_a_cut_box_still_counts(tmp_path):
+    path = level_rollouts(tmp_path)
+    assert run(["score", str(path), "--out", str(tmp_path / "s.parquet"), "--wrong-reward",
+                "-0.5", "--workers", "1"]) == 0
+    scored = contracts.read_table(tmp_path / "s.parquet", "scored")
+    assert scored.column("reward").to_pylist() == [1.0, -0.5, -0.5, 1.0]
+    assert scored.column("reward_level").to_pylist() == ["correct", "wrong", "no_answer",
+                                                         "correct"]
+
+
+def test_the_three_level_example_reward_equals_the_built_in_flag(tmp_path):
+    from pathlib import Path
+
+    from dcpo_cli.options import ScoreOptions
+    from dcpo_cli.score import read_inputs, score_table
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "rewards"
+    table, _ = read_inputs([level_rollouts(tmp_path)])
+    import sys
+
+    sys.path.insert(0, str(examples))
+    try:
+        user = score_table(table, ScoreOptions(workers=1, reward="three_level:reward"))
+    finally:
+        sys.path.remove(str(examples))
+    built_in = score_table(table, ScoreOptions(workers=1, no_answer_reward=-1.0))
+    for column in ("reward", "correct"):  # (its levels go by the box alone)
+        assert user.column(column).to_pylist() == built_in.column(column).to_pylist(), column
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--no-answer-reward", "minus-one"], "--no-answer-reward"),
+    (["--no-answer-reward", "nan"], "--no-answer-reward must be a finite number"),
+    (["--no-answer-reward", "-1", "--reward", "m:f"], "--no-answer-reward"),
+])
+def test_a_bad_no_answer_reward_is_one_line_and_writes_nothing(tmp_path, dcpo, args, fragment):
+    path = level_rollouts(tmp_path)
+    result = dcpo("score", path, "--out", tmp_path / "s.parquet", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "s.parquet").exists()

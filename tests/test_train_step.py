@@ -407,3 +407,42 @@ def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
     with pytest.raises(DcpoError, match="corrupt.json: not a readable SAS state"):
         run_train_step(random_model_dir, [good], corrupt, tmp_path / "c", options)
     assert not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- DAPO refill (rounds, target)
+
+
+def test_dapo_target_trains_the_first_kept_groups_in_round_order(random_model_dir, tokenizer,
+                                                                  tmp_path):
+    """Two rollout rounds of one step; --target-prompts 3 trains the first three groups with
+    mixed outcomes (round 0 first, then round 1, each in prompt order). The filter reads the
+    `correct` column: r0b's rewards differ (0.5 vs 0.9, shaped) but all are correct."""
+    round0 = write_scored(tmp_path / "r0.parquet", tokenizer, 0,
+                          {"r0a": [1, 0, 1, 0], "r0b": [0.5, 0.9, 0.5, 0.5],
+                           "r0c": [0, 0, 1, 0]})
+    round1 = write_scored(tmp_path / "r1.parquet", tokenizer, 0,
+                          {"r1a": [0, 0, 0, 0], "r1b": [1, 0, 0, 0], "r1c": [0, 1, 1, 1]},
+                          seed=5, round_index=1)
+    state, ckpt = tmp_path / "state.json", tmp_path / "ckpt"
+    # shards given in any order: the rounds come from the metadata
+    outcome = run_train_step(random_model_dir, [round1, round0], state, ckpt,
+                             TrainOptions(algo="dapo", lr=1e-3, target_prompts=3),
+                             show_progress=False)
+    metrics = outcome.metrics
+    assert (metrics["groups_generated"], metrics["groups_kept"], metrics["groups_trained"]) \
+        == (6, 4, 3)
+    assert metrics["dropped_groups"] == 2  # r0b (all correct), r1a (all wrong)
+    trained = {pid for pid, _ in records(ckpt)}
+    assert trained == {"r0a", "r0b", "r0c", "r1a", "r1b"}  # r1c: after the target, left out
+    assert set(json.loads(state.read_text())["prompts"]) == trained  # r1c is not absorbed
+    # no target: every kept group of every round is trained
+    outcome = run_train_step(random_model_dir, [round0, round1], tmp_path / "s2.json",
+                             tmp_path / "ckpt-2", TrainOptions(algo="dapo", lr=1e-3),
+                             show_progress=False)
+    assert (outcome.metrics["groups_kept"], outcome.metrics["groups_trained"]) == (4, 4)
+    # a target beyond the kept groups trains on all of them
+    outcome = run_train_step(random_model_dir, [round0, round1], tmp_path / "s3.json",
+                             tmp_path / "ckpt-3",
+                             TrainOptions(algo="dapo", lr=1e-3, target_prompts=9),
+                             show_progress=False)
+    assert outcome.metrics["groups_trained"] == 4

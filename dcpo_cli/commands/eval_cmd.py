@@ -34,8 +34,13 @@ def evaluate(
     top_k: int = typer.Option(D.top_k, help="Top-k sampling for avg@K (0 = off)."),
     max_new_tokens: int = typer.Option(D.max_new_tokens, help="Longest response, in tokens."),
     seed: int = typer.Option(D.seed, help="Sampling seed."),
-    instruction: str = typer.Option(D.instruction, help="Appended to each problem ('' for "
-                                    "none). verl-layout files keep their own messages."),
+    instruction: str = typer.Option(D.instruction, help="The instruction given with each "
+                                    "problem ('' for none). verl-layout files keep their own "
+                                    "messages."),
+    instruction_in: str = typer.Option(D.instruction_in, help="Where the instruction goes: "
+                                       "system (the official layout: instruction as the system "
+                                       "message, bare problem as the user message) or user "
+                                       "(appended to the problem)."),
     limit: int | None = typer.Option(None, help="Only the first N problems of each benchmark."),
     chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Render prompts with the model's chat template."),

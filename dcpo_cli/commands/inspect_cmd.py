@@ -10,9 +10,23 @@ def inspect(
     rows: int = typer.Option(5, "--rows", "-n", help="How many rows to show."),
     columns: str | None = typer.Option(None, help="Comma-separated columns to show."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document instead."),
+    metadata: str | None = typer.Option(None, "--metadata", help="Print only this key of the "
+                                        "file's dcpo metadata (e.g. mixed_groups of a scored "
+                                        "file), as JSON, for scripts."),
 ) -> None:
     """Show a file's kind, rows, schema, metadata, column statistics and first rows."""
     import json
+
+    if metadata is not None:
+        from dcpo_cli import contracts
+        from dcpo_cli.errors import DcpoError
+
+        values = contracts.read_metadata(file)
+        if metadata not in values:
+            raise DcpoError(f"{file}: no metadata key {metadata!r} (it has "
+                            f"{', '.join(sorted(values)) or 'none'})")
+        print(json.dumps(values[metadata], default=str))
+        return
 
     from dcpo_cli.console import out
     from dcpo_cli.inspect import describe, render

@@ -16,9 +16,15 @@ def prepare(
     problem_field: str | None = typer.Option(None, help="Field holding the problem text."),
     answer_field: str | None = typer.Option(None, help="Field holding the gold answer."),
     id_field: str | None = typer.Option(None, help="Field holding a unique id."),
-    instruction: str = typer.Option(PAPER_INSTRUCTION, help="Appended to each problem "
-                                    "('' for none). Not applied to verl-layout chat prompts."),
-    system: str | None = typer.Option(None, help="System prompt to put before each problem."),
+    instruction: str = typer.Option(PAPER_INSTRUCTION, help="The instruction given with each "
+                                    "problem ('' for none). Not applied to verl-layout chat "
+                                    "prompts, which keep their own messages."),
+    instruction_in: str = typer.Option("system", help="Where the instruction goes: system (the "
+                                       "official layout: instruction as the system message, "
+                                       "bare problem as the user message) or user (appended "
+                                       "to the problem)."),
+    system: str | None = typer.Option(None, help="System prompt to put before each problem "
+                                      "(with --instruction-in user, or --instruction '')."),
     split: str | None = typer.Option(None, help="Hub datasets: split to load (default train)."),
     config: str | None = typer.Option(None, help="Hub datasets: configuration name."),
 ) -> None:
@@ -31,9 +37,11 @@ def prepare(
     name = Path(src).name
     prepared = prepare_records(records, name, problem_field=problem_field,
                                answer_field=answer_field, id_field=id_field,
-                               instruction=instruction, system=system, source=name)
+                               instruction=instruction, system=system, source=name,
+                               instruction_in=instruction_in)
     options = {"problem_field": problem_field, "answer_field": answer_field,
-               "id_field": id_field, "instruction": instruction, "system": system,
+               "id_field": id_field, "instruction": instruction,
+               "instruction_in": instruction_in, "system": system,
                "split": split, "config": config, "src": src}
     inputs = [src] if Path(src).is_file() else []
     metadata = contracts.make_metadata("prompts", "prepare", options=options, inputs=inputs)

@@ -19,6 +19,10 @@ def rollout(
     step: int = typer.Option(..., help="Training step; step N takes the N-th slice of "
                              "--batch-size prompts of the per-epoch shuffles (0 is the first)."),
     out: Path = typer.Option(..., help="Rollouts Parquet file to write."),
+    round: int = typer.Option(D.round, "--round", help="Refill round of the step (DAPO's "
+                              "dynamic sampling): round k takes the next --batch-size prompts "
+                              "after the step's slice and its earlier rounds, never one the "
+                              "step already used. 0 is the step's own slice."),
     batch_size: int = typer.Option(D.batch_size, help="Prompts per step (before sharding)."),
     n: int = typer.Option(D.n, "--n", help="Responses per prompt (the group size G)."),
     temperature: float = typer.Option(D.temperature, help="Sampling temperature; 0 is greedy."),

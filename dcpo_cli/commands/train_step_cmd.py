@@ -15,8 +15,9 @@ def train_step(
     model: str = typer.Option(..., help="Policy: a model directory, a Hugging Face Hub id "
                               "(org/name[@revision]) or a train-step checkpoint (then optimizer, "
                               "lr schedule, RNG and global step continue)."),
-    scored: list[Path] = typer.Option(..., help="Scored Parquet shard(s) of one rollout step. "
-                                      "Repeatable."),
+    scored: list[Path] = typer.Option(..., help="Scored Parquet shard(s) of one rollout step, "
+                                      "of one or several rollout rounds (`dcpo rollout "
+                                      "--round`). Repeatable."),
     state: Path = typer.Option(..., help="SAS state file (created if absent; updated after the "
                                "checkpoint is written)."),
     out: Path = typer.Option(..., help="Checkpoint directory to write (atomically)."),
@@ -36,7 +37,8 @@ def train_step(
                                            "for negative advantages (0 turns it off)."),
     drop_uniform_groups: bool | None = typer.Option(
         None, "--drop-uniform-groups/--keep-uniform-groups",
-        help="Drop groups whose rewards are all equal (DAPO's filter); default per preset."),
+        help="Drop groups whose responses are all correct or all wrong (DAPO's filter, on the "
+        "scored `correct` column); default per preset."),
     kl_coef: float | None = typer.Option(None, help="Override the coefficient of the KL "
                                          "loss to the reference policy (grpo, gspo: 0.001; "
                                          "dcpo, dapo: 0 = off)."),
@@ -52,6 +54,10 @@ def train_step(
                                            "beyond the cap). Needs response_logprobs."),
     rollout_correction_cap: float = typer.Option(D.rollout_correction_cap, help="The cap C "
                                                  "of --rollout-correction."),
+    target_prompts: int | None = typer.Option(
+        None, help="DAPO's refill: train on the first T kept groups, in rollout-round order "
+        "then prompt order; later groups are neither trained nor absorbed into the state. "
+        "Fewer kept groups: train on those."),
     lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW)."),
     weight_decay: float = typer.Option(D.weight_decay, help="AdamW weight decay."),
     warmup_steps: int = typer.Option(D.warmup_steps, help="Linear lr warm-up, counted in "

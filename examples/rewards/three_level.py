@@ -4,7 +4,10 @@ response with no boxed answer or one cut off at --max-new-tokens.
 
     cd examples/rewards && dcpo score ROLLOUTS --out SCORED --reward three_level:reward
 
-(or put this folder on PYTHONPATH). `dcpo score` calls it once per response, in its worker
+(or put this folder on PYTHONPATH). The same reward is built in: `dcpo score ROLLOUTS --out
+SCORED --no-answer-reward -1` gives identical rewards (tests/test_score.py checks it) and
+records each response's level in the `reward_level` column; this file shows how such a
+reward is written as your own function. `dcpo score` calls it once per response, in its worker
 pool, with the response's text, the gold answer and the whole rollouts row as a dict.
 """
 
