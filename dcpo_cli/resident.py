@@ -66,7 +66,3 @@ class ResidentPolicy:
         set_rng_state(self.rng)
         return continue_schedule(self.policy, self.trainer_state, options)
 
-
-def engine_holds(engine: Any) -> bool:
-    """Whether this engine can take new weights in memory (`load_weights`)."""
-    return callable(getattr(engine, "load_weights", None))

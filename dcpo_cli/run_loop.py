@@ -79,20 +79,15 @@ class ResidentEngine:
             self.pushes += 1
             return self.engine
         if self.engine is not None:
+            # vLLM: no in-memory update yet (see the README), so a new engine loads the
+            # checkpoint, as `dcpo rollout` would; likewise after a resume
             self.close()
-            out.print(f"[dim]loading the {self.kind} engine from {model_dir}[/]",
+            out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
                       highlight=False)
         self.engine = load_engine(self.kind, model_dir, **self.settings.options_for(self.kind))
         self.model_dir = model_dir
         self.loads += 1
         return self.engine
-
-    def before_training(self) -> None:
-        """Free the engine's cache while the trainer runs (vLLM sleep mode, where the
-        platform has it)."""
-        sleep = getattr(self.engine, "sleep", None)
-        if callable(sleep):
-            sleep()
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -177,7 +172,6 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
                 timing.generate = summary.seconds
             if not scored.is_file():
                 timing.score = run_score([rollouts], scored, score_options).seconds
-            engines.before_training()
             outcome = run_train_step(model, [scored], run_dir / "state.json", following,
                                      train_options, show_progress=show_progress,
                                      resident=resident)
