@@ -256,3 +256,32 @@ def test_steps_may_change_and_unset_flags_come_from_the_file(tmp_path):
     assert again == config and not write
     more, write = resolve(tmp_path, {"steps": 5, "lr": 0.001}, {})
     assert write and more["loop"]["steps"] == 5
+
+
+# ---------------------------------------------------------------- the vLLM engine
+
+
+@pytest.mark.vllm
+def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
+    """`dcpo run --engine vllm`: step 1's rollouts come from the weights train-step 0 wrote
+    (their sampler log-probs equal the checkpoint's teacher-forced ones), as in the shell
+    loop. (The engine is started again from each checkpoint for now; see the README.)"""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    flags = [*RUN_FLAGS, "--engine", "vllm", "--set", "engine.dtype=float32",
+             "--set", "engine.enforce_eager=true",
+             "--set", 'engine.engine_args={"kv_cache_memory_bytes": 67108864}']
+    finish(dcpo_run(run_dir, 2, flags=flags), env)
+    table = pq.read_table(run_dir / "steps" / "000001" / "rollouts.parquet").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "ckpt" / "step-000001",
+                                                 dtype=torch.float32).eval()
+    worst = 0.0
+    for row in table[:8]:
+        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+        teacher = logp.gather(1, torch.tensor(response)[:, None])[:, 0]
+        worst = max(worst, float((teacher - torch.tensor(row["response_logprobs"])).abs().max()))
+    assert worst < 1e-4  # tests/test_vllm_real.py's LOGPROB_TOLERANCE
