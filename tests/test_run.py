@@ -175,19 +175,23 @@ def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, e
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
-    reference_dir, seconds = run_reference
+    """Killed at random points of its progress (after a random number of the run's files
+    have appeared, plus a random fraction of a second), then resumed without flags."""
+    reference_dir, _ = run_reference
     run_dir = tmp_path / "run"
     rng = random.Random(1234)
+    total = sum(1 for _ in reference_dir.rglob("*"))
     kills = 0
-    for _ in range(5):
+    for threshold in sorted(rng.sample(range(1, total), 4)):
         process = subprocess.Popen(dcpo_run(run_dir, STEPS), env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            process.wait(timeout=rng.uniform(0.1, 0.5) * seconds)
-        except subprocess.TimeoutExpired:
+        while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
+        if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the run and its verifier processes
-            process.wait()
             kills += 1
+        process.wait()
     assert kills >= 2  # really interrupted, more than once
     finish(dcpo_run(run_dir, None, flags=[]), env)  # run.toml holds the settings
     assert_same_run(run_dir, reference_dir)
