@@ -20,6 +20,7 @@ from dcpo_cli.commands import (
     prepare_cmd,
     report_cmd,
     rollout_cmd,
+    run_cmd,
     score_cmd,
     tiny_cmd,
     train_step_cmd,
@@ -65,6 +66,7 @@ app.command("score")(score_cmd.score)
 app.command("train-step")(train_step_cmd.train_step)
 app.command("eval")(eval_cmd.evaluate)
 app.command("report")(report_cmd.report)
+app.command("run")(run_cmd.run)
 
 
 def run(argv: list[str] | None = None) -> int:

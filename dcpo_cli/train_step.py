@@ -87,6 +87,7 @@ class Outcome:
     status: str  # "trained", "synced" (already trained; state synced) or "done"
     metrics: dict[str, Any]
     out: Path
+    policy: Policy | None = None  # the updated policy when "trained" (`dcpo run` keeps it)
 
 
 @dataclass
@@ -111,11 +112,15 @@ class Policy:
 
 
 def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
-                   out: Path, options: TrainOptions, show_progress: bool = True) -> Outcome:
+                   out: Path, options: TrainOptions, show_progress: bool = True,
+                   resident: Any = None) -> Outcome:
     """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once).
 
     Under torchrun every rank runs this; rank 0 alone decides whether the step is new (and
-    tells the others) and alone writes files, apart from each rank's training-state shard."""
+    tells the others) and alone writes files, apart from each rank's training-state shard.
+    `resident` (`dcpo run`): a `resident.ResidentPolicy` whose in-memory policy replaces
+    loading `model` when it is exactly what the `model` checkpoint holds; the updated policy
+    comes back in `Outcome.policy`."""
     started = time.perf_counter()
     world = distributed.init()
     state_path, out = Path(state_path), Path(out)
@@ -141,7 +146,8 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     state, state_before = distributed.on_main(aligned)
 
     load_started = time.perf_counter()
-    policy = load_policy(source, options, data)
+    policy = resident.policy_for(model_dir, options, data) if resident is not None else None
+    policy = policy or load_policy(source, options, data)
     ref = choose_reference(source, options, config, policy)
     load_seconds = time.perf_counter() - load_started
 
@@ -199,7 +205,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
             append_metrics_once(options.metrics_log, metrics)
         prune_training_states(out, options.keep_training_state)  # after the commit
     distributed.barrier()
-    return Outcome("trained", metrics, out)
+    return Outcome("trained", metrics, out, policy)
 
 
 def _merged_on_main(rows: dict) -> dict:
@@ -306,16 +312,26 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
         if has_training_state(model_dir):
             load_training_state(model_dir, model, optimizer,
                                 with_optimizer=not options.reset_optimizer)
-        global_step, updates_before = trainer["global_step"], trainer["optimizer_updates"]
     else:
         torch.manual_seed(options.seed)
-        global_step, updates_before = 0, 0
+    policy = Policy(model, tokenizer, optimizer, device, autocast_dtype, 0, 0, options.lr,
+                    source.name, source.commit, runner)
+    return continue_schedule(policy, trainer, options)
+
+
+def continue_schedule(policy: Policy, trainer: dict[str, Any] | None, options: TrainOptions
+                      ) -> Policy:
+    """Where the schedule stands after the checkpoint `trainer` (None: a fresh start): global
+    step, updates, this step's lr and weight decay set on the optimizer, the base model."""
+    global_step, updates_before = ((trainer["global_step"], trainer["optimizer_updates"])
+                                   if trainer else (0, 0))
     lr = scheduled_lr(options.lr, global_step, options.warmup_steps)
-    set_hyperparameters(optimizer, lr, options.weight_decay)
-    base_model = trainer["base_model"] if trainer else source.name
-    revision = trainer.get("base_model_revision") if trainer else source.commit
-    return Policy(model, tokenizer, optimizer, device, autocast_dtype, global_step,
-                  updates_before, lr, base_model, revision, runner)
+    set_hyperparameters(policy.optimizer, lr, options.weight_decay)
+    if trainer:
+        policy = dataclasses.replace(policy, base_model=trainer["base_model"],
+                                     base_model_revision=trainer.get("base_model_revision"))
+    return dataclasses.replace(policy, global_step=global_step, updates_before=updates_before,
+                               lr=lr)
 
 
 def _trainer_state(policy: Policy, data: StepData, config: AlgoConfig, options: TrainOptions,

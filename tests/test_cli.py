@@ -9,7 +9,8 @@ import sys
 
 from conftest import REPO, assert_one_line_error
 
-SUBCOMMANDS = ("prepare", "inspect", "tiny", "rollout", "score", "train-step", "eval", "report")
+SUBCOMMANDS = ("prepare", "inspect", "tiny", "rollout", "score", "train-step", "eval", "report",
+               "run")
 
 
 def test_help_lists_every_subcommand(dcpo):

@@ -139,3 +139,11 @@ class HFEngine:
         logprobs = recorder.finish(generated[:, -1]).cpu().tolist()
         return [finish(ids, lps, self.eos_ids, settings.max_new_tokens, self.tokenizer)
                 for ids, lps in zip(generated.cpu().tolist(), logprobs, strict=True)]
+
+    def load_weights(self, named_tensors) -> None:
+        """Replace the weights in memory (`dcpo run` after each train-step): the same values,
+        cast to this engine's dtype, as loading the checkpoint those tensors were saved to."""
+        import torch
+
+        with torch.no_grad():
+            self.model.load_state_dict(dict(named_tensors), strict=True)

@@ -1,0 +1,81 @@
+"""`dcpo run`: the shell loop in one process, models kept loaded between stages."""
+
+from pathlib import Path
+
+import typer
+
+from dcpo_cli.commands import engine_flags
+from dcpo_cli.engines import ENGINES
+from dcpo_cli.options import choices
+from dcpo_cli.presets import PRESETS
+
+# Every flag defaults to None, meaning "not given": the first run takes the shell loop's
+# default (shown in the help), a re-run the value in RUN_DIR/run.toml.
+
+
+def run(
+    run_dir: Path = typer.Argument(..., help="Run directory: steps/, ckpt/, eval/, state.json, "
+                                   "metrics.jsonl and run.toml, as examples/tiny_loop.sh "
+                                   "lays them out."),
+    *,
+    steps: int | None = typer.Option(None, help="Train steps in all (a re-run with more "
+                                     "continues the run) (default 20)."),
+    model: str | None = typer.Option(None, help="Base model (directory or Hub id); default: "
+                                     "the built-in tiny model, built into RUN_DIR/tiny."),
+    prompts: Path | None = typer.Option(None, help="Training prompts (needed with --model)."),
+    benchmark: list[str] | None = typer.Option(None, help="Evaluation set(s) for eval/ "
+                                               "(default with the tiny model: its test set). "
+                                               "Repeatable."),
+    tiny_size: str | None = typer.Option(None, help="default or test (the tiny model's size)."),
+    algo: str | None = typer.Option(None, help=f"Preset: {choices(PRESETS)} (default dcpo)."),
+    batch_size: int | None = typer.Option(None, help="Prompts per step (default 32)."),
+    n: int | None = typer.Option(None, "--n", help="Responses per prompt (default 8)."),
+    max_new_tokens: int | None = typer.Option(None, help="Longest response, rollouts and "
+                                              "eval (default 48)."),
+    temperature: float | None = typer.Option(None, help="Rollout temperature (default 1.0)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    warmup_steps: int | None = typer.Option(None, help="Linear lr warm-up in steps (default 0)."),
+    seed: int | None = typer.Option(None, help="Seed of the tiny model, prompt order, "
+                                    "sampling and mini-batches (default 0)."),
+    eval_at: int | None = typer.Option(None, help="K samples per test problem, avg@K "
+                                       "(default 8)."),
+    eval_every: int | None = typer.Option(None, help="Also evaluate every K steps (0: only "
+                                          "before the first and after the last) (default 0)."),
+    engine: str | None = typer.Option(None, help=f"Generation engine: {choices(ENGINES)} "
+                                      " (default hf)."),
+    reward: str | None = typer.Option(None, help="Your own reward, package.module:function "
+                                      "(default math-verify)."),
+    set_: list[str] | None = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
+                                          help="Any other setting of run.toml, e.g. "
+                                          "train.weight_decay=0.0 or engine.enforce_eager="
+                                          "true (VALUE read as JSON where it parses). "
+                                          "Repeatable."),
+    verbose: bool = engine_flags.VERBOSE,
+) -> None:
+    """Run rollout -> score -> train-step for each step (and eval) in one process, with the
+    same files as examples/tiny_loop.sh; re-run the same command to resume."""
+    from rich.table import Table
+
+    from dcpo_cli.console import out
+    from dcpo_cli.run_config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
+
+    values = locals()
+    given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
+    sets = parse_set(set_ or [])
+    config, rewrite = resolve(run_dir, given, sets)
+    from dcpo_cli.run_loop import check_config, run_loop
+
+    check_config(run_dir, config, verbose)  # everything checked before the first file is written
+    if rewrite:
+        write_config(config, run_dir / CONFIG_FILE)
+    timings = run_loop(run_dir, config, verbose=verbose)
+    table = Table(title=f"dcpo run {run_dir}", title_justify="left")
+    for name in ("step", "wall s", "generate s", "score s", "update s", "wall / work"):
+        table.add_column(name, justify="right")
+    for t in timings:
+        cells = [f"{x:.2f}" if x is not None else "skipped" for x in (t.generate, t.score,
+                                                                     t.train)]
+        ratio = f"{t.wall / t.work:.2f}" if t.work and None not in (t.generate, t.score,
+                                                                   t.train) else ""
+        table.add_row(str(t.step), f"{t.wall:.2f}", *cells, ratio)
+    out.print(table)

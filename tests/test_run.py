@@ -1,0 +1,291 @@
+"""`dcpo run` against the shell loop (examples/tiny_loop.sh): the same files from the same
+settings, interchangeable mid-run in both directions, resumable after SIGKILL, and its
+run.toml refusing a re-run with other settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import REPO, assert_one_line_error, run_dcpo
+
+STEPS = 3
+# As tests/test_loop.py: the reduced tiny model, a few seconds per stage on 2 cores.
+LOOP_ENV = {"TINY_SIZE": "test", "BATCH": "4", "N": "4", "MAX_NEW_TOKENS": "12",
+            "EVAL_AT": "2", "LR": "1e-3", "SEED": "3", "REWARD": "loop_reward:parity",
+            "DCPO": f"{sys.executable} -m dcpo_cli"}
+RUN_FLAGS = ["--tiny-size", "test", "--batch-size", "4", "--n", "4", "--max-new-tokens", "12",
+             "--eval-at", "2", "--lr", "1e-3", "--seed", "3", "--reward", "loop_reward:parity"]
+# The reduced model never answers correctly: a reward that gives every group mixed outcomes.
+PARITY_REWARD = ("def parity(response_text, answer, row):\n"
+                 "    return float(len(response_text) % 2)\n")
+# Fields that differ between any two runs of the shell loop itself: wall-clock times, and
+# the cheap model fingerprint (file times of the base model; a checkpoint's metrics.json,
+# which holds times), with the checksums of the files that record it.
+TIMINGS = {"seconds", "load_seconds", "compute_seconds", "tokens_per_second",
+           "generate_seconds", "engine_load_seconds", "model_fingerprint"}
+CHECKSUMS = {"inputs", "scored_checksums"}  # file -> checksum: the files named are compared
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    directory = tmp_path_factory.mktemp("reward")
+    (directory / "loop_reward.py").write_text(PARITY_REWARD)
+    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **LOOP_ENV, "PYTHONPATH": path, "COLUMNS": "200"}
+
+
+def shell_loop(run_dir: Path, steps: int, env: dict[str, str]) -> list[str]:
+    return ["bash", str(REPO / "examples" / "tiny_loop.sh"), str(run_dir), str(steps)]
+
+
+def dcpo_run(run_dir: Path, steps: int | None, flags: list[str] | None = None) -> list[str]:
+    command = [sys.executable, "-m", "dcpo_cli", "run", str(run_dir)]
+    return command + (["--steps", str(steps)] if steps else []) + (RUN_FLAGS if flags is None
+                                                                   else flags)
+
+
+def finish(command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _normal(value, run_dir: Path):
+    """JSON-like value with timings dropped and the run directory's path replaced."""
+    if isinstance(value, dict):
+        return {_normal(k, run_dir): sorted(_normal(list(v), run_dir)) if k in CHECKSUMS
+                else _normal(v, run_dir) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [_normal(v, run_dir) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(run_dir.resolve()), "RUN").replace(str(run_dir), "RUN")
+    return value
+
+
+def _parquet(path: Path, run_dir: Path) -> dict:
+    table = pq.read_table(path)
+    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    metadata = {k: _normal(json.loads(v) if v.startswith(("{", "[")) else v, run_dir)
+                for k, v in metadata.items() if not k.startswith("ARROW")}
+    return {"rows": table.to_pydict(), "metadata": metadata}
+
+
+def _rng(path: Path) -> dict:
+    state = torch.load(path, weights_only=False)
+    return {"torch": state["torch"].tolist(), "python": state["python"]}
+
+
+def run_files(run_dir: Path, steps: int = STEPS) -> dict:
+    """Everything the loop writes, normalised only for wall-clock times and the directory."""
+    files: dict = {"state": (run_dir / "state.json").read_bytes(),
+                   "metrics": [_normal(json.loads(line), run_dir) for line in
+                               (run_dir / "metrics.jsonl").read_text().splitlines()]}
+    for step in range(steps):
+        folder = run_dir / "steps" / f"{step:06d}"
+        for name in ("rollouts", "scored"):
+            files[f"{step}/{name}"] = _parquet(folder / f"{name}.parquet", run_dir)
+        ckpt = run_dir / "ckpt" / f"step-{step + 1:06d}"
+        for name in ("model.safetensors", "optimizer.pt", "sas_state.json"):
+            files[f"{step}/{name}"] = (ckpt / name).read_bytes()
+        files[f"{step}/records"] = _parquet(ckpt / "train_records.parquet", run_dir)
+        for name in ("trainer_state.json", "metrics.json"):
+            files[f"{step}/{name}"] = _normal(json.loads((ckpt / name).read_text()), run_dir)
+        files[f"{step}/rng"] = _rng(ckpt / "rng_state.pt")
+    for label in ("step-000000", f"step-{steps:06d}"):
+        eval_dir = run_dir / "eval" / label
+        files[f"eval/{label}"] = _normal(json.loads((eval_dir / "summary.json").read_text()),
+                                         run_dir)
+        files[f"eval/{label}/samples"] = _parquet(eval_dir / "test" / "samples.parquet",
+                                                  run_dir)
+    return files
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    ours, theirs = run_files(run_dir), run_files(reference_dir)
+    # Step 0's train-step starts in a fresh state: Python's `random` state it saves is the
+    # process's own (seeded by the OS) in the shell loop too; every later step restores it.
+    for files in (ours, theirs):
+        for step in range(1, STEPS):
+            assert files[f"{step}/rng"]["python"] == files["0/rng"]["python"]
+        for step in range(STEPS):
+            files[f"{step}/rng"].pop("python")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key] == theirs[key], key
+
+
+@pytest.fixture(scope="module")
+def shell_reference(tmp_path_factory, env) -> Path:
+    run_dir = tmp_path_factory.mktemp("shell") / "run"
+    finish(shell_loop(run_dir, STEPS, env), env)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_reference(tmp_path_factory, env) -> tuple[Path, float]:
+    run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
+    started = time.perf_counter()
+    finish(dcpo_run(run_dir, STEPS), env)
+    return run_dir, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_dcpo_run_writes_the_shell_loops_files(run_reference, shell_reference):
+    """Rollouts, scored files, train records, SAS state, weights, optimizer, RNG, metrics
+    and evaluations: equal (byte for byte where the files are bytes) to the shell loop's."""
+    run_dir, _ = run_reference
+    assert_same_run(run_dir, shell_reference)
+    config = (run_dir / "run.toml").read_text()
+    assert "batch_size = 4" in config and "steps = 3" in config
+
+
+@pytest.mark.slow
+def test_rerun_without_flags_is_a_no_op(run_reference, env):
+    run_dir, _ = run_reference
+    before = run_files(run_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
+              and "eval" not in p.parts}
+    finish(dcpo_run(run_dir, None, flags=[]), env)
+    assert run_files(run_dir) == before
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing retrained or rewritten
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["dcpo-run", "shell"])
+def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, env, tmp_path):
+    """Two steps by one, the third by the other: the files of an uninterrupted run."""
+    run_dir = tmp_path / "run"
+    if first == "dcpo-run":
+        finish(dcpo_run(run_dir, 2), env)
+        finish(shell_loop(run_dir, STEPS, env), env)
+    else:
+        finish(shell_loop(run_dir, 2, env), env)
+        finish(dcpo_run(run_dir, STEPS), env)
+    assert_same_run(run_dir, shell_reference)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
+    """Killed at random points of its progress (after a random number of the run's files
+    have appeared, plus a random fraction of a second), then resumed without flags."""
+    reference_dir, _ = run_reference
+    run_dir = tmp_path / "run"
+    rng = random.Random(1234)
+    total = sum(1 for _ in reference_dir.rglob("*"))
+    kills = 0
+    for threshold in sorted(rng.sample(range(1, total), 4)):
+        process = subprocess.Popen(dcpo_run(run_dir, STEPS), env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the run and its verifier processes
+            kills += 1
+        process.wait()
+    assert kills >= 2  # really interrupted, more than once
+    finish(dcpo_run(run_dir, None, flags=[]), env)  # run.toml holds the settings
+    assert_same_run(run_dir, reference_dir)
+
+
+# ---------------------------------------------------------------- run.toml
+
+
+def test_a_changed_flag_is_refused_and_nothing_is_written(tmp_path):
+    from dcpo_cli.run_config import CONFIG_FILE, default_config, write_config
+
+    run_dir = tmp_path / "run"
+    config = default_config()
+    config["train"]["lr"] = 1e-3
+    write_config(config, run_dir / CONFIG_FILE)
+    before = (run_dir / CONFIG_FILE).read_bytes()
+    result = run_dcpo("run", run_dir, "--lr", "2e-3", "--steps", "1")
+    assert_one_line_error(result, "run.toml", "train.lr = 0.001", "0.002", "--lr")
+    assert sorted(p.name for p in run_dir.iterdir()) == [CONFIG_FILE]
+    assert (run_dir / CONFIG_FILE).read_bytes() == before
+    result = run_dcpo("run", run_dir, "--set", "score.timeout=9")
+    assert_one_line_error(result, "score.timeout = 5.0", "9", "--set score.timeout")
+    result = run_dcpo("run", run_dir, "--set", "train.no_such=1")
+    assert_one_line_error(result, "--set train.no_such", "no such setting")
+    assert sorted(p.name for p in run_dir.iterdir()) == [CONFIG_FILE]
+
+
+def test_config_round_trips_every_stage_option(tmp_path):
+    """run.toml holds every field of every stage's options (new fields included, read
+    generically) and reads back to the same options."""
+    import dataclasses
+
+    from dcpo_cli.run_config import (
+        CONFIG_FILE,
+        FIXED,
+        SECTIONS,
+        default_config,
+        read_config,
+        stage_options,
+        write_config,
+    )
+
+    config = default_config()
+    config["train"]["overrides"] = {"clip": "fixed", "eps_high": 0.28}
+    config["engine"]["engine_args"] = {"kv_cache_memory_bytes": 1 << 26, "x": "a\"b\\c"}
+    config["eval"]["pass_at"] = [1, 2]
+    write_config(config, tmp_path / CONFIG_FILE)
+    assert read_config(tmp_path / CONFIG_FILE) == config
+    for section, cls in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)} - {n for s, n in FIXED if s == section}
+        assert set(config[section]) == fields
+        options = stage_options(config, section)
+        assert isinstance(options, cls)
+    assert stage_options(config, "engine").engine_args == (("kv_cache_memory_bytes", 1 << 26),
+                                                           ("x", "a\"b\\c"))
+
+
+def test_steps_may_change_and_unset_flags_come_from_the_file(tmp_path):
+    from dcpo_cli.run_config import CONFIG_FILE, resolve, write_config
+
+    config, write = resolve(tmp_path, {"steps": 2, "lr": 1e-3}, {})
+    assert write and config["loop"]["steps"] == 2 and config["train"]["lr"] == 1e-3
+    assert config["rollout"]["batch_size"] == 32  # the shell loop's default
+    write_config(config, tmp_path / CONFIG_FILE)
+    again, write = resolve(tmp_path, {}, {})
+    assert again == config and not write
+    more, write = resolve(tmp_path, {"steps": 5, "lr": 0.001}, {})
+    assert write and more["loop"]["steps"] == 5
+
+
+# ---------------------------------------------------------------- the vLLM engine
+
+
+@pytest.mark.vllm
+def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
+    """`dcpo run --engine vllm`: step 1's rollouts come from the weights train-step 0 wrote
+    (their sampler log-probs equal the checkpoint's teacher-forced ones), as in the shell
+    loop. (The engine is started again from each checkpoint for now; see the README.)"""
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "run"
+    flags = [*RUN_FLAGS, "--engine", "vllm", "--set", "engine.dtype=float32",
+             "--set", "engine.enforce_eager=true",
+             "--set", 'engine.engine_args={"kv_cache_memory_bytes": 67108864}']
+    finish(dcpo_run(run_dir, 2, flags=flags), env)
+    table = pq.read_table(run_dir / "steps" / "000001" / "rollouts.parquet").to_pylist()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "ckpt" / "step-000001",
+                                                 dtype=torch.float32).eval()
+    worst = 0.0
+    for row in table[:8]:
+        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + response])).logits[0].float()
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+        teacher = logp.gather(1, torch.tensor(response)[:, None])[:, 0]
+        worst = max(worst, float((teacher - torch.tensor(row["response_logprobs"])).abs().max()))
+    assert worst < 1e-4  # tests/test_vllm_real.py's LOGPROB_TOLERANCE
