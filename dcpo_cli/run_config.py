@@ -109,6 +109,10 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
         config = default_config()
         for (section, name), value in requested.items():
             config[section][name] = _plain(value)
+        if config["train"]["algo"] == "dcpo" and not config["score"]["reward"] \
+                and ("score", "no_answer_reward") not in requested:
+            # as examples/tiny_loop.sh: the official DCPO reward, 1 / 0 / -1
+            config["score"]["no_answer_reward"] = -1.0
         return config, True
     stored = read_config(path)
     for (section, name), value in requested.items():

@@ -117,7 +117,10 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False) -> tuple:
                stage_options(config, "eval"), stage_options(config, "engine", verbose=verbose))
     for item in options:
         item.check()
-    resolve_algo(options[2])
+    config_algo = resolve_algo(options[2])
+    if config_algo.drop_uniform_groups:
+        raise DcpoError("dcpo run does not yet do DAPO's refill rounds (--drop-uniform-groups, "
+                        "the dapo preset): run examples/tiny_loop.sh with ALGO=dapo instead")
     options[4].options_for(pick_engine(options[0].engine))  # settings the engine cannot take
     if config["loop"]["model"] is not None and config["loop"]["prompts"] is None:
         raise DcpoError("--model needs --prompts (the training prompts file)")
