@@ -86,7 +86,7 @@ def main() -> None:
         ours_s, groups = best_of(args.repeats, lambda: engine.generate(prompts, settings))
         ours_tokens = sum(len(c.token_ids) for g in groups for c in g)
         stage_s, summary = best_of(args.repeats, lambda: run_rollout(
-            tmp / "model", tmp / "prompts.parquet", 0, tmp / "r.parquet", options, engine))
+            tmp / "model", tmp / "prompts.parquet", 0, tmp / "r.parquet", options, engine=engine))
 
     responses = args.prompts * args.n
     print(f"{responses} responses x up to {args.max_new_tokens} new tokens, DEFAULT_SIZE model, "

@@ -56,7 +56,7 @@ def model_fingerprint(model: str | Path | ModelSource) -> str:
 
 
 def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, options: EvalOptions,
-             data_dir: Path | None = None, engine: Any = None,
+             data_dir: Path | None = None, *, engine: Any = None,
              engine_settings: EngineSettings | None = None) -> dict[str, BenchmarkResult]:
     """Evaluate `model` (a directory or a Hub id[@revision]) on each benchmark spec, write the
     outputs, return the results.

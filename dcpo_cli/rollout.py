@@ -125,7 +125,7 @@ def _prompt_value(value: Any) -> str | list[dict]:
 
 
 def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step: int,
-                out: str | Path, options: RolloutOptions, engine: Any = None,
+                out: str | Path, options: RolloutOptions, *, engine: Any = None,
                 engine_settings: EngineSettings | None = None) -> RolloutSummary:
     """Generate step `step`'s rollouts and write them to `out`. `model` is a directory or a
     Hub id[@revision]. `engine` replaces the real one (benchmarks and tests pass a loaded

@@ -27,6 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.tiny_model import DEFAULT_SIZE, TEST_SIZE, TinySize
+from dcpo_cli.tiny_prebuilt import (  # noqa: F401  (re-exported)
+    PREBUILT_FILES,
+    PREBUILT_OPTIONS,
+    build_environment,
+    copy_prebuilt,
+    prebuilt_source,
+    refresh_prebuilt,
+)
 
 # Generation settings the RL loop and `dcpo eval` should use on the tiny task.
 TINY_MAX_NEW_TOKENS = 48
@@ -39,11 +47,6 @@ TINY_LOOP = {"batch_size": 32, "n": 8, "lr": 2e-4, "warmup_steps": 0,
 INSTRUCTION = "Answer in \\boxed{}."
 SUMMARY_FORMAT = "dcpo-tiny-summary"
 
-# `init_tiny(seed=0, size="default")`'s output, shipped in the package (see BUILD.json there
-# for the torch / transformers / CPU it was built with): copying it takes a second.
-PREBUILT_DIR = ("data", "tiny")
-PREBUILT_OPTIONS = {"seed": 0, "size": "default"}
-PREBUILT_FILES = ("model", "train.parquet", "test.parquet", "summary.json")
 
 
 @dataclass(frozen=True)
@@ -323,70 +326,6 @@ def init_tiny(directory: str | Path, seed: int = 0, size: str = "default",
     return build_tiny(directory, seed, size)
 
 
-def prebuilt_source():
-    """The packaged prebuilt directory (a Traversable; a real folder in any normal install)."""
-    from importlib import resources
-
-    return resources.files("dcpo_cli").joinpath(*PREBUILT_DIR)
-
-
-def copy_prebuilt(directory: Path) -> TinyResult:
-    """Copy the shipped seed-0 model and task into `directory`, atomically."""
-    import json
-    from importlib import resources
-
-    from dcpo_cli import contracts
-    from dcpo_cli.errors import DcpoError
-
-    started = time.perf_counter()
-    with resources.as_file(prebuilt_source()) as source:
-        missing = [name for name in PREBUILT_FILES if not (source / name).exists()]
-        if missing:  # only a broken install gets here
-            raise DcpoError(f"{source}: the prebuilt tiny model lacks {', '.join(missing)}; "
-                            "reinstall dcpo-cli or pass --rebuild")
-        with contracts.atomic_path(directory) as tmp:
-            for name in PREBUILT_FILES:
-                for path in [source / name, *sorted((source / name).rglob("*"))]:
-                    if path.is_file():  # plain copies: writable even if the package is not
-                        target = tmp / path.relative_to(source)
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(path.read_bytes())
-        summary = json.loads((source / "summary.json").read_text())
-    return TinyResult(directory, summary, time.perf_counter() - started, prebuilt=True)
-
-
-def build_environment() -> dict[str, Any]:
-    """What decides whether a rebuild is bit-identical: the libraries, the CPU's vector
-    instructions used by torch's kernels, and the thread count (summation order)."""
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
-
-
-def refresh_prebuilt(built: Path, target: Path) -> None:
-    """Maintainers: replace the shipped files with `built` (the output of
-    `dcpo tiny init --rebuild built`, in this process's environment) and record that
-    environment in BUILD.json. From the repository root:
-    python -c "from pathlib import Path; from dcpo_cli import tiny;
-               tiny.refresh_prebuilt(Path('built'), Path('dcpo_cli/data/tiny'))"
-    """
-    import shutil
-
-    from dcpo_cli import contracts
-
-    for name in PREBUILT_FILES:
-        old = target / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        elif old.exists():
-            old.unlink()
-        (shutil.copytree if (built / name).is_dir() else shutil.copyfile)(built / name, old)
-    contracts.write_json(build_environment(), target / "BUILD.json")
-
-
 def build_tiny(directory: Path, seed: int, size: str) -> TinyResult:
     """Train the tiny model from scratch and write DIR (about 2.5 min on 2 cores by default)."""
     import torch
@@ -444,32 +383,3 @@ def build_tiny(directory: Path, seed: int, size: str) -> TinyResult:
         }
         contracts.write_json(summary, tmp / "summary.json")
     return TinyResult(directory, summary, time.perf_counter() - started)
-
-
-def summary_table(result: TinyResult):
-    """The initial policy, per family and overall, as a rich table."""
-    from rich.table import Table
-
-    policy = result.summary["initial_policy"]
-    table = Table(title=f"tiny init -> {result.directory}: initial policy on "
-                        f"{result.summary['test_prompts']} test prompts x "
-                        f"{policy['samples_per_prompt']} samples (temperature "
-                        f"{policy['temperature']})")
-    for column in ("family", "prompts", "accuracy", "boxed", "mixed prompts", "mean tokens"):
-        table.add_column(column, justify="left" if column == "family" else "right")
-
-    def add(name: str, f: dict[str, Any], **style) -> None:
-        table.add_row(name, str(f["prompts"]), f"{100 * f['accuracy']:.1f}%",
-                      f"{100 * f['boxed_fraction']:.1f}%", f"{100 * f['mixed_fraction']:.1f}%",
-                      f"{f['mean_response_tokens']:.1f}", **style)
-
-    for family, figures in policy["by_family"].items():
-        add(family.removeprefix("tiny-"), figures)
-    add("all", policy, style="bold")
-    how = "prebuilt (copied; --rebuild trains it)" if result.prebuilt else \
-        f"{result.seconds:.0f} s"
-    table.caption = (f"{result.summary['parameters'] / 1e6:.2f} M parameters, "
-                     f"{result.summary['train_prompts']} train prompts, SFT loss "
-                     f"{result.summary['sft']['final_loss']:.3f}, {how}; "
-                     f"loop: --max-new-tokens {TINY_MAX_NEW_TOKENS}")
-    return table

@@ -112,7 +112,7 @@ class Policy:
 
 
 def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
-                   out: Path, options: TrainOptions, show_progress: bool = True,
+                   out: Path, options: TrainOptions, *, show_progress: bool = True,
                    resident: Any = None) -> Outcome:
     """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once).
 

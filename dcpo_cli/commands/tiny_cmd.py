@@ -22,7 +22,38 @@ def init(
     """Write a tiny Qwen2 model, warm-started on an arithmetic task, plus its train/test prompts
     (seed 0 at the default size is copied, prebuilt, in seconds)."""
     from dcpo_cli.console import out
-    from dcpo_cli.tiny import init_tiny, summary_table
+    from dcpo_cli.tiny import init_tiny
 
     result = init_tiny(directory, seed=seed, size=size, rebuild=rebuild)
     out.print(summary_table(result))
+
+
+def summary_table(result):
+    """The initial policy, per family and overall, as a rich table."""
+    from rich.table import Table
+
+    from dcpo_cli.tiny import TINY_MAX_NEW_TOKENS
+
+    policy = result.summary["initial_policy"]
+    table = Table(title=f"tiny init -> {result.directory}: initial policy on "
+                        f"{result.summary['test_prompts']} test prompts x "
+                        f"{policy['samples_per_prompt']} samples (temperature "
+                        f"{policy['temperature']})")
+    for column in ("family", "prompts", "accuracy", "boxed", "mixed prompts", "mean tokens"):
+        table.add_column(column, justify="left" if column == "family" else "right")
+
+    def add(name: str, f: dict, **style) -> None:
+        table.add_row(name, str(f["prompts"]), f"{100 * f['accuracy']:.1f}%",
+                      f"{100 * f['boxed_fraction']:.1f}%", f"{100 * f['mixed_fraction']:.1f}%",
+                      f"{f['mean_response_tokens']:.1f}", **style)
+
+    for family, figures in policy["by_family"].items():
+        add(family.removeprefix("tiny-"), figures)
+    add("all", policy, style="bold")
+    how = "prebuilt (copied; --rebuild trains it)" if result.prebuilt else \
+        f"{result.seconds:.0f} s"
+    table.caption = (f"{result.summary['parameters'] / 1e6:.2f} M parameters, "
+                     f"{result.summary['train_prompts']} train prompts, SFT loss "
+                     f"{result.summary['sft']['final_loss']:.3f}, {how}; "
+                     f"loop: --max-new-tokens {TINY_MAX_NEW_TOKENS}")
+    return table

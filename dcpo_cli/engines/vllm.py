@@ -60,7 +60,7 @@ def check_engine_args(engine_args: dict[str, Any]) -> None:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, model_path: str | Path, tensor_parallel_size: int = 1,
+    def __init__(self, model_path: str | Path, *, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", enforce_eager: bool = False,
                  engine_args: dict[str, Any] | None = None, verbose: bool = False) -> None:
