@@ -196,6 +196,11 @@ def load_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
             raise DcpoError(f"{path}: a training state written for another model, or broken "
                             f"({reason[:200]})") from None
         raise DcpoError(f"{path}: broken checkpoint training state ({reason[:200]})") from None
+    restore_rng(rng)
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the generators `rng_snapshot` captured (torch CPU, CUDA, Python's `random`)."""
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -10,28 +10,11 @@ checkpoint, whatever the rollout, scoring and eval in between drew.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from dcpo_cli.checkpoint import read_trainer_state
-
-
-def rng_state() -> dict[str, Any]:
-    """The generators a train-step checkpoint restores (checkpoint.rng_snapshot's set)."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
+from dcpo_cli.checkpoint import read_trainer_state, restore_rng, rng_snapshot
 
 
 @dataclass
@@ -47,7 +30,7 @@ class ResidentPolicy:
     def after_save(cls, policy: Any, checkpoint: Path) -> ResidentPolicy:
         """Call right after run_train_step wrote `checkpoint` from `policy`."""
         checkpoint = Path(checkpoint).resolve()
-        return cls(policy, checkpoint, read_trainer_state(checkpoint) or {}, rng_state())
+        return cls(policy, checkpoint, read_trainer_state(checkpoint) or {}, rng_snapshot())
 
     def holds(self, model_dir: Path) -> bool:
         model_dir = Path(model_dir).resolve()
@@ -63,6 +46,6 @@ class ResidentPolicy:
         if not self.holds(model_dir):
             return None
         check_vocab(data, vocab_size(self.policy.model))
-        set_rng_state(self.rng)
+        restore_rng(self.rng)
         return continue_schedule(self.policy, self.trainer_state, options)
 

@@ -1,4 +1,7 @@
-"""The engine flags shared by `dcpo rollout` and `dcpo eval` (declared once, used in both)."""
+"""The engine flags shared by `dcpo rollout` and `dcpo eval` (declared once, used in both).
+
+Each command still lists the seven parameters in its signature (typer reads options from
+the signature), which `duplicates` reports as a pair; the declarations live here."""
 
 import typer
 
