@@ -32,7 +32,10 @@ PARITY_REWARD = ("def parity(response_text, answer, row):\n"
 # the cheap model fingerprint (file times of the base model; a checkpoint's metrics.json,
 # which holds times), with the checksums of the files that record it.
 TIMINGS = {"seconds", "load_seconds", "compute_seconds", "tokens_per_second",
-           "generate_seconds", "engine_load_seconds", "model_fingerprint"}
+           "generate_seconds", "engine_load_seconds", "model_fingerprint",
+           # the process's peak memory: one process for every stage is larger, by design
+           "peak_cpu_rss_gib", "peak_cpu_rss_gib_per_rank", "peak_gpu_memory_gib",
+           "peak_gpu_memory_gib_per_rank"}
 CHECKSUMS = {"inputs", "scored_checksums"}  # file -> checksum: the files named are compared
 
 
@@ -84,6 +87,33 @@ def _rng(path: Path) -> dict:
     return {"torch": state["torch"].tolist(), "python": state["python"]}
 
 
+def _training_state(ckpt: Path) -> dict | None:
+    """The DCP training state (fp32 master weights, AdamW moments) as name -> raw bytes."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (ckpt / "training_state").is_dir():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(ckpt / "training_state", Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", weights_only=False)
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}/{key}", item)
+        elif torch.is_tensor(value):
+            flat[prefix] = (str(value.dtype), tuple(value.shape),
+                            value.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            flat[prefix] = value
+
+    walk("", state)
+    return flat
+
+
 def run_files(run_dir: Path, steps: int = STEPS) -> dict:
     """Everything the loop writes, normalised only for wall-clock times and the directory."""
     files: dict = {"state": (run_dir / "state.json").read_bytes(),
@@ -94,12 +124,15 @@ def run_files(run_dir: Path, steps: int = STEPS) -> dict:
         for name in ("rollouts", "scored"):
             files[f"{step}/{name}"] = _parquet(folder / f"{name}.parquet", run_dir)
         ckpt = run_dir / "ckpt" / f"step-{step + 1:06d}"
-        for name in ("model.safetensors", "optimizer.pt", "sas_state.json"):
+        for name in ("model.safetensors", "sas_state.json"):
             files[f"{step}/{name}"] = (ckpt / name).read_bytes()
+        # --keep-training-state 1: only the newest checkpoint keeps it, in both runs
+        files[f"{step}/training_state"] = _training_state(ckpt)
         files[f"{step}/records"] = _parquet(ckpt / "train_records.parquet", run_dir)
         for name in ("trainer_state.json", "metrics.json"):
             files[f"{step}/{name}"] = _normal(json.loads((ckpt / name).read_text()), run_dir)
-        files[f"{step}/rng"] = _rng(ckpt / "rng_state.pt")
+        if (ckpt / "training_state").is_dir():
+            files[f"{step}/rng"] = _rng(ckpt / "training_state" / "rng_state.pt")
     for label in ("step-000000", f"step-{steps:06d}"):
         eval_dir = run_dir / "eval" / label
         files[f"eval/{label}"] = _normal(json.loads((eval_dir / "summary.json").read_text()),
@@ -112,12 +145,11 @@ def run_files(run_dir: Path, steps: int = STEPS) -> dict:
 def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
     ours, theirs = run_files(run_dir), run_files(reference_dir)
     # Step 0's train-step starts in a fresh state: Python's `random` state it saves is the
-    # process's own (seeded by the OS) in the shell loop too; every later step restores it.
+    # process's own (seeded by the OS) in the shell loop too, and later steps carry it on.
     for files in (ours, theirs):
-        for step in range(1, STEPS):
-            assert files[f"{step}/rng"]["python"] == files["0/rng"]["python"]
-        for step in range(STEPS):
-            files[f"{step}/rng"].pop("python")
+        assert files[f"{STEPS - 1}/training_state"] is not None
+        for key in [k for k in files if k.endswith("/rng")]:
+            files[key].pop("python")
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert ours[key] == theirs[key], key
