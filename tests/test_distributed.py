@@ -209,6 +209,7 @@ def test_keep_training_state_keeps_the_newest(scored_files, random_model_dir, tm
     assert trainer["global_step"] == 2 and trainer["optimizer_updates"] == 8
 
 
+@pytest.mark.slow  # torchrun and train-step subprocesses: ~19 s
 def test_bad_inputs(scored_files, random_model_dir, tmp_path):
     from dcpo_cli.tiny_model import TEST_SIZE, build_random_model_dir
 

@@ -219,6 +219,7 @@ def rollouts(tmp_path_factory, tiny, hf_home):
     return out
 
 
+@pytest.mark.slow  # real dcpo subprocesses: 7-11 s
 def test_rollout_by_id_matches_the_directory_and_names_the_commit(rollouts, tiny):
     by_dir = pq.read_table(rollouts / "dir.parquet")
     for name in ("id", "commit"):
@@ -232,6 +233,7 @@ def test_rollout_by_id_matches_the_directory_and_names_the_commit(rollouts, tiny
     assert local["model_commit"] is None and local["model_fingerprint"] != meta["model_fingerprint"]
 
 
+@pytest.mark.slow  # real dcpo subprocesses: 7-11 s
 def test_train_step_by_id_matches_the_directory_and_records_the_base(rollouts, tiny, hf_home,
                                                                      tmp_path):
     from safetensors.torch import load_file
@@ -253,6 +255,7 @@ def test_train_step_by_id_matches_the_directory_and_records_the_base(rollouts, t
     assert local["base_model_revision"] is None
 
 
+@pytest.mark.slow  # real dcpo subprocesses: 7-11 s
 def test_the_kl_reference_of_a_run_from_an_id_is_that_commit(rollouts, hf_home, tmp_path):
     """GRPO's KL: the first step's reference is the policy itself (the id, not fetched
     twice); a later step resolves the recorded id@commit from the cache, offline."""
@@ -276,6 +279,7 @@ def test_the_kl_reference_of_a_run_from_an_id_is_that_commit(rollouts, hf_home, 
     assert json.loads((tmp_path / "m.jsonl").read_text())["kl_ref"] > 0
 
 
+@pytest.mark.slow  # real dcpo subprocesses: 7-11 s
 def test_eval_by_id_matches_the_directory_and_names_the_commit(tiny, hf_home, tmp_path):
     args = ("--benchmark", tiny / "test.parquet", "--limit", "4", "--avg-at", "2",
             "--max-new-tokens", "12", "--engine", "hf", "--seed", "1")
