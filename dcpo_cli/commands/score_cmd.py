@@ -21,7 +21,8 @@ def score(
     wrong_reward: float = typer.Option(D.wrong_reward, help="Reward of a boxed but wrong "
                                        "answer (right is 1.0)."),
     no_answer_reward: float | None = typer.Option(
-        None, help="Reward of a response with no parseable \\boxed{} answer (cut off ones "
+        D.no_answer_reward,
+        help="Reward of a response with no parseable \\boxed{} answer (cut off ones "
         "included); default --wrong-reward. The official DCPO recipe: -1 (1 / 0 / -1). The "
         "scored file's reward_level column says which level each response got."),
     overlong_buffer: int = typer.Option(D.overlong_buffer, help="DAPO overlong shaping buffer "

@@ -55,7 +55,8 @@ def train_step(
     rollout_correction_cap: float = typer.Option(D.rollout_correction_cap, help="The cap C "
                                                  "of --rollout-correction."),
     target_prompts: int | None = typer.Option(
-        None, help="DAPO's refill: train on the first T kept groups, in rollout-round order "
+        D.target_prompts,
+        help="DAPO's refill: train on the first T kept groups, in rollout-round order "
         "then prompt order; later groups are neither trained nor absorbed into the state. "
         "Fewer kept groups: train on those."),
     lr: float = typer.Option(D.lr, help="Peak learning rate (AdamW)."),
