@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dcpo_cli import __version__
+from dcpo_cli import __version__, options
 from dcpo_cli.errors import DcpoError, first_line
 
 METADATA_KEY = b"dcpo"
@@ -55,7 +55,7 @@ SCORED_COLUMNS: dict[str, pa.DataType | None] = {
 # Written by `dcpo score` beside the required columns, but not required by train-step (scored
 # files from other tools, or older ones, lack it): which reward level each response got.
 REWARD_LEVEL_COLUMN = "reward_level"
-REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \boxed{} answer
+REWARD_LEVELS = options.REWARD_LEVELS
 TRAIN_RECORD_COLUMNS: dict[str, pa.DataType | None] = {
     "step": pa.int64(),
     "prompt_id": pa.string(),

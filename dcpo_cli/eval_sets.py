@@ -24,10 +24,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError, first_line
 from dcpo_cli.options import PAPER_INSTRUCTION
-from dcpo_cli.prepare import load_records, prepare_records
+
+# Light at import (pyarrow comes with the loaders): `dcpo eval --help` lists REGISTRY.
 
 DATA_DIR_ENV = "DCPO_DATA_DIR"
 
@@ -145,6 +145,9 @@ def _load_registered(bench: Benchmark, data_dir: Path | None, layout: tuple[str,
 def _from_file(name: str, path: Path, layout: tuple[str, str], problem_field: str | None,
                answer_field: str | None) -> BenchmarkData:
     """`layout`: (instruction, where it goes: "system" or "user")."""
+    from dcpo_cli import contracts
+    from dcpo_cli.prepare import load_records, prepare_records
+
     records = load_records(str(path))
     if path.suffix.lower() == ".parquet" and records and "prompt_id" in records[0]:
         # already a prompts file (from `dcpo prepare`): use it as it is
@@ -162,6 +165,8 @@ def _from_file(name: str, path: Path, layout: tuple[str, str], problem_field: st
 def _from_hub_name(name: str, layout: tuple[str, str]) -> BenchmarkData:
     """A Hub dataset outside the registry: its test split (else train, else its only one),
     with the problem and answer fields found as `dcpo prepare` finds them."""
+    from dcpo_cli.prepare import prepare_records
+
     try:
         import datasets
     except ImportError:

@@ -25,6 +25,10 @@ INSTRUCTION_PLACES = ("system", "user")
 CHUNK_ELEMENTS = 1 << 24
 # Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.mismatch).
 ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
+# The reward `dcpo score` uses without --reward (the interface: dcpo_cli.rewards), and the
+# levels a reward function may return instead of a number (docs/design.md 1.4).
+DEFAULT_REWARD = "dcpo_cli.rewards:math_verify"
+REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \boxed{} answer
 
 
 def choices(names) -> str:
@@ -98,15 +102,12 @@ class ScoreOptions:
     workers: int | None = None
     timeout: float = 5.0
     wrong_reward: float = 0.0
-    no_answer_reward: float | None = None  # no parseable \boxed{} answer; None: wrong_reward
+    no_answer_reward: float | None = None  # reward of the level no_answer; None: wrong_reward
     overlong_buffer: int = 0
     max_length: int | None = None
-    reward: str | None = None  # package.module:function; None: math-verify
+    reward: str | None = None  # package.module:function; None: DEFAULT_REWARD
 
     def check(self) -> None:
-        if self.reward and self.no_answer_reward is not None:
-            raise DcpoError("--no-answer-reward sets a level of the built-in math-verify "
-                            "reward; with --reward your function gives every reward")
         for name, value in (("--wrong-reward", self.wrong_reward),
                             ("--no-answer-reward", self.no_answer_reward)):
             if value is not None and not math.isfinite(value):

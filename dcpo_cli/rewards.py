@@ -1,34 +1,48 @@
-"""Rewards: math-verify answer checking and user rewards in a killable process pool, overlong
-shaping.
+"""Rewards: the reward-function interface, its default (math-verify on the last
+`\\boxed{}`), and DAPO's overlong shaping.
 
-`verify_batch` compares each gold answer with the last `\\boxed{...}` of its response. Every
-check runs in a worker process with a hard deadline: math-verify's own timeout relies on
-SIGALRM (main thread only, and useless inside a long C-level sympy call), so a worker that
-overruns is killed and replaced, and its response is scored wrong with `timed_out=True`.
+A reward function is `f(response_text, answer, row) -> float | str`, named on the command
+line as `package.module:function` (`dcpo score --reward`). It returns either a number, the
+reward itself, or the name of a level ("correct", "wrong", "no_answer": docs/design.md 1.4),
+which `dcpo score` turns into 1 / --wrong-reward / --no-answer-reward. The default,
+`dcpo_cli.rewards:math_verify` (options.DEFAULT_REWARD), returns levels. `row` holds the
+response's columns except the per-token lists, plus `response_length` in tokens.
+
+`judge` is the one path every reward takes (score, eval, the tiny model's summary): each
+call runs in reward_pool's worker processes under a deadline, so neither a slow sympy
+comparison nor a user's hanging function can stall a stage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
-import logging
-import multiprocessing
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.options import DEFAULT_REWARD, REWARD_LEVELS
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 
 @dataclass(frozen=True)
+class Judgement:
+    """What a reward function gave one response: a float or a level name (None when it
+    timed out or raised)."""
+
+    value: float | str | None
+    timed_out: bool = False
+    error: str | None = None  # the exception, on one line
+
+
+@dataclass(frozen=True)
 class Verdict:
+    """math-verify's judgement of one response, as eval and the tiny model read it."""
+
     correct: bool
     extracted: str | None
     timed_out: bool = False
@@ -85,160 +99,55 @@ def check_answer(boxed: str, answer: str) -> bool:
     return bool(verify(list(gold), pred, timeout_seconds=None))
 
 
-def _run_job(job: tuple) -> Any:
-    """What a worker computes: ("verify", boxed, answer) -> bool, or
-    ("user", spec, response_text, answer, row) -> float."""
-    kind, *args = job
-    if kind == "verify":
-        return check_answer(*args)
-    spec, text, answer, row = args
-    return float(load_reward_function(spec)(text, answer, row))
+def math_verify(response_text: str, answer: str, row: dict | None = None) -> str:
+    """The default reward: the level of the response's last `\\boxed{}` answer, compared
+    with the gold answer by math-verify ("no_answer" without a non-empty box)."""
+    box = extract_boxed(response_text)
+    if not (box or "").strip():
+        return "no_answer"
+    return "correct" if check_answer(box, answer) else "wrong"
 
 
-def _worker_main(conn) -> None:
-    """Answer (index, job) requests until told to stop (None) or killed."""
-    # math-verify warns that its own timeouts are off: deliberate, the parent enforces them.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    while True:
-        try:
-            message = conn.recv()
-        except EOFError:
-            return
-        if message is None:
-            return
-        index, job = message
-        try:
-            result = (index, _run_job(job), None)
-        except Exception as exc:  # reported to the parent, which decides what it means
-            result = (index, None, f"{type(exc).__name__}: {exc}")
-        conn.send(result)
+def call_reward(spec: str, response_text: str, answer: str, row: dict) -> float | str:
+    """One reward call, as a worker makes it: a level name or a float, else an error."""
+    value = _reward_function(spec)(response_text, answer, row)
+    if isinstance(value, str):
+        if value not in REWARD_LEVELS:
+            raise ValueError(f"returned {value!r}: a reward is a number or one of the levels "
+                             f"{', '.join(REWARD_LEVELS)}")
+        return value
+    return float(value)
 
 
-def _context():
-    # forkserver: cheap forks of a clean process that has math_verify preloaded, and safe
-    # even when the caller has torch threads running (plain fork is not).
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["math_verify", "dcpo_cli.rewards"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+@functools.lru_cache(maxsize=8)  # a worker imports the function once, not per response
+def _reward_function(spec: str) -> Callable[..., Any]:
+    return load_reward_function(spec)
 
 
-class _Worker:
-    def __init__(self, ctx) -> None:
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        self.process.start()
-        child.close()
-        self.index: int | None = None
-        self.deadline = 0.0
+def judge(spec: str, responses: Sequence[str], answers: Sequence[str],
+          rows: Sequence[dict] | None = None, workers: int | None = None, timeout: float = 5.0,
+          on_progress: Callable[[int], None] | None = None) -> list[Judgement]:
+    """The reward function `spec` on every (response, gold answer, row), in the killable pool;
+    never longer than `timeout` seconds per response. `on_progress(k)`: k more are done."""
+    from dcpo_cli.reward_pool import run_jobs
 
-    def submit(self, index: int, job: tuple, timeout: float) -> None:
-        self.index, self.deadline = index, time.monotonic() + timeout
-        self.conn.send((index, job))
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.join()
-        self.conn.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.conn.send(None)
-        self.process.join(timeout=1.0)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    value: Any = None  # the job's result, when it finished
-    timed_out: bool = False
-    error: str | None = None  # the exception it raised, or "the worker died"
-
-
-def run_jobs(jobs: dict[int, tuple], workers: int | None, timeout: float,
-             on_progress: Callable[[int], None] | None = None) -> dict[int, JobOutcome]:
-    """Run each job in a pool of worker processes, none longer than `timeout` seconds: a
-    worker that overruns or dies is killed and replaced, so the pool never stalls."""
-    if not jobs:
-        return {}
-    ctx = _context()
-    count = max(1, min(workers or default_workers(), len(jobs)))
-    pool = [_Worker(ctx) for _ in range(count)]
-    queue = list(reversed(jobs))
-    outcomes: dict[int, JobOutcome] = {}
-    try:
-        while queue or any(w.index is not None for w in pool):
-            for worker in pool:
-                if worker.index is None and queue:
-                    i = queue.pop()
-                    worker.submit(i, jobs[i], timeout)
-            busy = [w for w in pool if w.index is not None]
-            wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = wait([w.conn for w in busy], timeout=wait_for)
-            for position, worker in enumerate(pool):
-                if worker.index is None:
-                    continue
-                if worker.conn in ready:
-                    try:
-                        index, value, error = worker.conn.recv()
-                    except EOFError:  # the worker died (e.g. out of memory): flag, replace
-                        index, value, error = worker.index, None, "the worker died"
-                        worker.kill()
-                        pool[position] = worker = _Worker(ctx)
-                    outcomes[index] = JobOutcome(value, False, error)
-                elif time.monotonic() >= worker.deadline:
-                    outcomes[worker.index] = JobOutcome(None, True, None)
-                    worker.kill()
-                    pool[position] = worker = _Worker(ctx)
-                else:
-                    continue
-                worker.index = None
-                if on_progress:
-                    on_progress(1)
-    finally:
-        for worker in pool:
-            if worker.index is not None:
-                worker.kill()
-            else:
-                worker.stop()
-    return outcomes
+    if len(responses) != len(answers) or (rows is not None and len(rows) != len(answers)):
+        raise ValueError("responses, answers and rows differ in length")
+    jobs = {i: (spec, text, answers[i], rows[i] if rows is not None else {})
+            for i, text in enumerate(responses)}
+    outcomes = run_jobs(call_reward, jobs, workers, timeout, on_progress)
+    return [Judgement(o.value, o.timed_out, o.error) for o in (outcomes[i] for i in jobs)]
 
 
 def verify_batch(responses: Sequence[str], answers: Sequence[str], workers: int | None = None,
                  timeout: float = 5.0,
                  on_progress: Callable[[int], None] | None = None) -> list[Verdict]:
-    """Verdicts for each (response, gold answer) pair; never hangs longer than `timeout` each.
-
-    Responses without a box are wrong without a worker call; a verifier crash scores wrong
-    with `error=True`. `on_progress(k)` is called with the number of newly finished responses.
-    """
-    if len(responses) != len(answers):
-        raise ValueError("responses and answers differ in length")
-    extracted = [extract_boxed(text) for text in responses]
-    jobs = {i: ("verify", box, answers[i]) for i, box in enumerate(extracted) if box is not None}
-    if on_progress and len(jobs) < len(responses):
-        on_progress(len(responses) - len(jobs))
-    outcomes = run_jobs(jobs, workers, timeout, on_progress)
-    verdicts = []
-    for i, box in enumerate(extracted):
-        outcome = outcomes.get(i)
-        if outcome is None:
-            verdicts.append(Verdict(False, None))
-        else:
-            verdicts.append(Verdict(bool(outcome.value), box, outcome.timed_out,
-                                    outcome.error is not None))
-    return verdicts
+    """math-verify's verdict on each (response, gold answer) pair: `judge` with the default
+    reward. A timed-out or crashed check is wrong, with its flag set."""
+    judgements = judge(DEFAULT_REWARD, responses, answers, workers=workers, timeout=timeout,
+                       on_progress=on_progress)
+    return [Verdict(j.value == "correct", extract_boxed(text), j.timed_out, j.error is not None)
+            for text, j in zip(responses, judgements, strict=True)]
 
 
 def overlong_penalty(length: int, max_length: int, buffer: int) -> float:

@@ -5,17 +5,22 @@ generations made by other tools can be scored too. The output keeps every input 
 adds `reward`, `correct`, `extracted_answer` ("" when the response has no box),
 `reward_level`, `verify_timeout`, `verify_error`, and `overlong_penalty` when shaping is on.
 
-Reward levels (docs/design.md 1.4): "correct" (1.0), "wrong" (a boxed answer that does not
-verify: --wrong-reward) and "no_answer" (no parseable `\boxed{}` answer: --no-answer-reward,
-default --wrong-reward). `--no-answer-reward R` turns on the official DCPO recipe's third
-level, 1 / 0 / -1 with R = -1: there a response cut off at the length limit (finish_reason
-"length") counts as no answer whatever its text holds, and is not `correct`. Without the
-flag a cut-off response is judged by its box as before (DAPO's overlong shaping relies on
-that: a right but overlong answer gets 1 + penalty). With --reward the user's function gives
-every reward; the level is still recorded (correct when its reward is > 0, else no_answer
-without a box, else wrong), and --no-answer-reward is refused. It is marked
-kind "scored" when the inputs were rollouts (the scored contract train-step reads), else
-kind "scored-responses" (scored, but not trainable: token ids or log-probs are missing).
+Every reward comes from a reward function (the interface: dcpo_cli.rewards), math-verify's
+by default, `--reward package.module:function` otherwise, all through one path. A function
+returns a number (the reward) or a level (docs/design.md 1.4): "correct" (1.0), "wrong" (a
+boxed answer that does not verify: --wrong-reward) or "no_answer" (no parseable `\boxed{}`
+answer: --no-answer-reward, default --wrong-reward). `--no-answer-reward R` turns on the
+official DCPO recipe's third level, 1 / 0 / -1 with R = -1: there a response cut off at the
+length limit (finish_reason "length") counts as no answer whatever its text holds, and is
+not `correct`. Without the flag a cut-off response is judged by its box as before (DAPO's
+overlong shaping relies on that: a right but overlong answer gets 1 + penalty). A function
+that returns numbers gives every reward itself; the level is still recorded (correct when
+its reward is > 0, else wrong with a box, else no_answer), and --no-answer-reward is
+refused beside it.
+
+The output is marked kind "scored" when the inputs were rollouts (the scored contract
+train-step reads), else kind "scored-responses" (scored, but not trainable: token ids or
+log-probs are missing).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import pyarrow.compute as pc
 
 from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.options import ScoreOptions
+from dcpo_cli.options import DEFAULT_REWARD, REWARD_LEVELS, ScoreOptions
 
 ADDED_COLUMNS = ("reward", "correct", "extracted_answer", contracts.REWARD_LEVEL_COLUMN,
                  "verify_timeout", "verify_error", "overlong_penalty")
@@ -140,34 +145,37 @@ def sampling_from(metadata: list[dict[str, Any]], paths: list[Path]) -> dict[str
     return sampling
 
 
-def _user_rewards(table: pa.Table, options: ScoreOptions, on_progress=None
-                  ) -> tuple[list[float], list[bool]]:
-    """The user's reward of every row, run in the killable pool: a row that overruns
-    --timeout gets --wrong-reward and the timeout flag; one that raises stops the stage."""
-    from dcpo_cli.rewards import run_jobs
-
-    rows = table.to_pylist()
-    jobs = {i: ("user", options.reward, row["response_text"], row["answer"], row)
-            for i, row in enumerate(rows)}
-    outcomes = run_jobs(jobs, options.workers, options.timeout, on_progress)
-    for index in range(len(rows)):
-        if outcomes[index].error is not None:
-            raise DcpoError(f"--reward {options.reward}: failed on row {index} "
-                            f"({outcomes[index].error})")
-    rewards = [options.wrong_reward if outcomes[i].timed_out else outcomes[i].value
-               for i in range(len(rows))]
-    return rewards, [outcomes[i].timed_out for i in range(len(rows))]
+def reward_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """What a reward function gets as `row`: every column but the per-token lists (they
+    would cost more to ship to the workers than most rewards take), plus response_length."""
+    scalar = [f.name for f in table.schema
+              if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
+    rows = table.select(scalar).to_pylist()
+    if "response_token_ids" in table.column_names:
+        lengths = pc.list_value_length(table.column("response_token_ids")).to_pylist()
+        for row, length in zip(rows, lengths, strict=True):
+            row["response_length"] = length
+    return rows
 
 
-def reward_levels(correct: list[bool], boxed: list[bool], cut: list[bool]) -> list[str]:
-    """Each response's level: "no_answer" when `cut` (cut off at the length limit, under the
-    three-level reward), else "correct", else "wrong" with a parseable box, else "no_answer"."""
-    return ["no_answer" if cut_off else "correct" if ok else "wrong" if has_box else "no_answer"
-            for ok, has_box, cut_off in zip(correct, boxed, cut, strict=True)]
+def settle(value: float | str | None, has_box: bool, cut_off: bool,
+           options: ScoreOptions) -> tuple[str, float]:
+    """A response's level and reward from what its reward function gave.
+
+    A level name gets the level's reward (1, --wrong-reward, --no-answer-reward); a response
+    `cut_off` at the length limit under the three-level reward is no_answer whatever its text
+    holds. A number is the reward itself; its level is only recorded (correct when > 0, else
+    by the box). A timed-out or failed call (None) counts as a wrong answer."""
+    if value is None:
+        value = "wrong"
+    if isinstance(value, str):
+        level = "no_answer" if cut_off else value
+        return level, level_reward(level, options)
+    return ("correct" if value > 0 else "wrong" if has_box else "no_answer"), value
 
 
 def level_reward(level: str, options: ScoreOptions) -> float:
-    """The built-in reward of a level: 1, --wrong-reward, --no-answer-reward."""
+    """The reward of a level: 1, --wrong-reward, --no-answer-reward."""
     if level == "correct":
         return 1.0
     if level == "no_answer" and options.no_answer_reward is not None:
@@ -175,37 +183,43 @@ def level_reward(level: str, options: ScoreOptions) -> float:
     return options.wrong_reward
 
 
+def _check_judgements(judgements: list, spec: str, options: ScoreOptions) -> None:
+    for index, judgement in enumerate(judgements):
+        # math-verify's parser failing on a malformed answer is the response's fault (scored
+        # wrong, counted in verify_error); an exception in your function is a bug to fix.
+        if judgement.error is not None and spec != DEFAULT_REWARD:
+            raise DcpoError(f"--reward {spec}: failed on row {index} ({judgement.error})")
+        if options.no_answer_reward is not None and isinstance(judgement.value, float):
+            raise DcpoError(f"--no-answer-reward sets the reward of the level no_answer, but "
+                            f"--reward {spec} returned a number (row {index}); return level "
+                            f"names ({', '.join(REWARD_LEVELS)}) or drop --no-answer-reward")
+
+
 def score_table(table: pa.Table, options: ScoreOptions, max_length: int | None = None,
                 on_progress=None) -> pa.Table:
-    """The input table plus the reward columns (pure apart from running the verifier)."""
-    from dcpo_cli.rewards import extract_boxed, overlong_penalty, verify_batch
+    """The input table plus the reward columns (pure apart from running the reward)."""
+    from dcpo_cli.rewards import extract_boxed, judge, overlong_penalty
 
+    spec = options.reward or DEFAULT_REWARD
     responses = table.column("response_text").to_pylist()
-    answers = table.column("answer").to_pylist()
-    if options.reward:
-        rewards, timeouts = _user_rewards(table, options, on_progress)
-        correct = [r > 0 and not t for r, t in zip(rewards, timeouts, strict=True)]
-        extracted = [extract_boxed(text) or "" for text in responses]
-        errors = [False] * len(rewards)
-    else:
-        verdicts = verify_batch(responses, answers, workers=options.workers,
-                                timeout=options.timeout, on_progress=on_progress)
-        correct = [v.correct for v in verdicts]
-        extracted = [v.extracted or "" for v in verdicts]
-        timeouts = [v.timed_out for v in verdicts]
-        errors = [v.error for v in verdicts]
-    boxed = [bool((extract_boxed(text) or "").strip()) for text in responses]
+    judgements = judge(spec, responses, table.column("answer").to_pylist(), reward_rows(table),
+                       workers=options.workers, timeout=options.timeout,
+                       on_progress=on_progress)
+    _check_judgements(judgements, spec, options)
+    extracted = [extract_boxed(text) or "" for text in responses]
     cut = [False] * len(responses)
     if options.no_answer_reward is not None and "finish_reason" in table.column_names:
         cut = [reason == "length" for reason in table.column("finish_reason").to_pylist()]
-    levels = reward_levels(correct, boxed, cut)
-    if not options.reward:
-        correct = [level == "correct" for level in levels]
-        rewards = [level_reward(level, options) for level in levels]
-    columns = {"reward": pa.array(rewards, pa.float64()), "correct": pa.array(correct),
+    settled = [settle(j.value, bool(box.strip()), cut_off, options)
+               for j, box, cut_off in zip(judgements, extracted, cut, strict=True)]
+    levels = [level for level, _ in settled]
+    rewards = [reward for _, reward in settled]
+    columns = {"reward": pa.array(rewards, pa.float64()),
+               "correct": pa.array([level == "correct" for level in levels]),
                "extracted_answer": pa.array(extracted, pa.string()),
                contracts.REWARD_LEVEL_COLUMN: pa.array(levels, pa.string()),
-               "verify_timeout": pa.array(timeouts), "verify_error": pa.array(errors)}
+               "verify_timeout": pa.array([j.timed_out for j in judgements]),
+               "verify_error": pa.array([j.error is not None for j in judgements])}
     if options.overlong_buffer:
         if "response_token_ids" not in table.column_names:
             raise DcpoError("--overlong-buffer needs the column 'response_token_ids' "
@@ -242,10 +256,9 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
         raise DcpoError(f"the rollouts come from different refill rounds {sorted(rounds)}; "
                         "score each round into its own file")
     max_length = max_length_from(metadata, options) if options.overlong_buffer else None
-    if options.reward:
-        from dcpo_cli.rewards import load_reward_function
+    from dcpo_cli.rewards import load_reward_function
 
-        load_reward_function(options.reward)  # a bad spec fails before any work
+    load_reward_function(options.reward or DEFAULT_REWARD)  # a bad spec fails before any work
     started = time.perf_counter()
     # transient: an error mid-way leaves only its one line; the summary follows on success
     with progress(transient=True) as bar:
@@ -271,7 +284,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     extra = {"round": rounds.pop(),
              "groups": len(groups), "mixed_groups": sum(len(g) == 2 for g in groups.values()),
              "reward_levels": {level: levels.count(level) for level in contracts.REWARD_LEVELS},
-             "reward_function": options.reward or "math-verify",
+             "reward_function": options.reward or DEFAULT_REWARD,
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
              "verify_errors": errors, "sampling": sampling}

@@ -51,6 +51,7 @@ SUMMARY_FORMAT = "dcpo-tiny-summary"
 
 @dataclass(frozen=True)
 class TinyConfig:
+    about: str  # for --size's help
     model: TinySize
     test_fraction: float  # of each family's expressions, held out
     sft_steps: int
@@ -59,10 +60,10 @@ class TinyConfig:
 
 
 CONFIGS = {
-    "default": TinyConfig(model=DEFAULT_SIZE, test_fraction=0.15, sft_steps=700, sft_batch=32,
-                          sft_lr=3e-3),
-    "test": TinyConfig(model=TEST_SIZE, test_fraction=0.02, sft_steps=12, sft_batch=16,
-                       sft_lr=3e-3),
+    "default": TinyConfig(about="the ~0.8 M parameter demo model", model=DEFAULT_SIZE,
+                          test_fraction=0.15, sft_steps=700, sft_batch=32, sft_lr=3e-3),
+    "test": TinyConfig(about="a reduced configuration that trains in seconds", model=TEST_SIZE,
+                       test_fraction=0.02, sft_steps=12, sft_batch=16, sft_lr=3e-3),
 }
 
 # The deliberate imperfections of the warm-start solutions. A two-step solution sometimes

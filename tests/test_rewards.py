@@ -1,4 +1,5 @@
-"""rewards: boxed extraction, math-verify judging in the killable pool, overlong shaping."""
+"""rewards: boxed extraction, the default reward (math-verify) and the killable pool that
+every reward runs in, overlong shaping."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.reward_pool import JobOutcome, run_jobs
 from dcpo_cli.rewards import (
     Verdict,
+    call_reward,
     extract_boxed,
     load_reward_function,
+    math_verify,
     overlong_penalty,
     verify_batch,
 )
@@ -103,6 +107,38 @@ def test_verify_batch_reports_progress_for_every_response():
     verify_batch(["\\boxed{1}", "none", "\\boxed{2}"], ["1", "1", "1"], on_progress=seen.append)
     assert sum(seen) == 3
     assert verify_batch([], []) == []
+
+
+@pytest.mark.parametrize(("text", "answer", "level"), [
+    ("so \\boxed{\\frac{1}{2}}", "0.5", "correct"),
+    ("\\boxed{3}", "4", "wrong"),
+    ("\\boxed{}", "4", "no_answer"),
+    ("the answer is 4", "4", "no_answer"),
+])
+def test_the_default_reward_returns_levels(text, answer, level):
+    assert math_verify(text, answer, {}) == level
+    assert call_reward("dcpo_cli.rewards:math_verify", text, answer, {}) == level
+
+
+def test_call_reward_takes_numbers_and_level_names_only(tmp_path, monkeypatch):
+    (tmp_path / "echo_reward.py").write_text("def echo(response_text, answer, row):\n"
+                                             "    return row['value']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert call_reward("echo_reward:echo", "", "", {"value": 2}) == 2.0
+    assert isinstance(call_reward("echo_reward:echo", "", "", {"value": True}), float)
+    assert call_reward("echo_reward:echo", "", "", {"value": "wrong"}) == "wrong"
+    with pytest.raises(ValueError, match="'maybe'"):
+        call_reward("echo_reward:echo", "", "", {"value": "maybe"})
+
+
+def test_the_pool_kills_an_overrunning_job_and_reports_a_raising_one():
+    started = time.monotonic()
+    outcomes = run_jobs(time.sleep, {0: (30,), 1: (0,), 2: (0,)}, workers=2, timeout=1.0)
+    assert outcomes[0] == JobOutcome(None, timed_out=True)
+    assert outcomes[1] == outcomes[2] == JobOutcome(None)  # time.sleep returns None
+    assert time.monotonic() - started < 10
+    failed = run_jobs(load_reward_function, {0: ("nocolon",)}, workers=1, timeout=5.0)
+    assert "package.module:function" in failed[0].error and not failed[0].timed_out
 
 
 @pytest.mark.parametrize(("length", "expected"), [

@@ -222,10 +222,72 @@ def test_the_three_level_example_reward_equals_the_built_in_flag(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--no-answer-reward", "minus-one"], "--no-answer-reward"),
     (["--no-answer-reward", "nan"], "--no-answer-reward must be a finite number"),
-    (["--no-answer-reward", "-1", "--reward", "m:f"], "--no-answer-reward"),
 ])
 def test_a_bad_no_answer_reward_is_one_line_and_writes_nothing(tmp_path, dcpo, args, fragment):
     path = level_rollouts(tmp_path)
     result = dcpo("score", path, "--out", tmp_path / "s.parquet", *args)
     assert_one_line_error(result, fragment)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+# ---------------------------------------------------------------- one reward interface
+
+def _reward_module(tmp_path, monkeypatch, source):
+    (tmp_path / "my_levels.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the workers inherit sys.path
+
+
+def test_the_default_is_the_math_verify_reward_function_through_the_same_path(tmp_path):
+    from dcpo_cli.options import DEFAULT_REWARD, ScoreOptions
+    from dcpo_cli.score import read_inputs, score_table
+
+    table, _ = read_inputs([level_rollouts(tmp_path)])
+    for extra in ({}, {"no_answer_reward": -1.0, "wrong_reward": -0.25}):
+        default = score_table(table, ScoreOptions(workers=1, **extra))
+        named = score_table(table, ScoreOptions(workers=1, reward=DEFAULT_REWARD, **extra))
+        assert named.equals(default), extra
+    assert default.column("reward").to_pylist() == [1.0, -0.25, -1.0, -1.0]
+
+
+def test_a_reward_function_may_return_levels_that_get_the_level_rewards(tmp_path, monkeypatch):
+    from dcpo_cli.options import ScoreOptions
+    from dcpo_cli.score import read_inputs, score_table
+
+    _reward_module(tmp_path, monkeypatch,
+                   "def strict(response_text, answer, row):\n"
+                   "    if 'box' in response_text and '\\\\boxed' not in response_text:\n"
+                   "        return 'no_answer'\n"
+                   "    return 'correct' if response_text.startswith('so') else 'wrong'\n")
+    table, _ = read_inputs([level_rollouts(tmp_path)])
+    scored = score_table(table, ScoreOptions(workers=1, reward="my_levels:strict",
+                                             wrong_reward=-0.25, no_answer_reward=-1.0))
+    # "\boxed{7} but cut" is right by its box but cut off: no_answer under three levels
+    assert scored.column("reward_level").to_pylist() == ["correct", "wrong", "no_answer",
+                                                         "no_answer"]
+    assert scored.column("reward").to_pylist() == [1.0, -0.25, -1.0, -1.0]
+    assert scored.column("correct").to_pylist() == [True, False, False, False]
+
+
+def test_a_reward_function_gets_the_rows_scalar_columns_and_the_response_length(tmp_path):
+    from dcpo_cli.score import read_inputs, reward_rows
+
+    table, _ = read_inputs([level_rollouts(tmp_path)])
+    rows = reward_rows(table)
+    assert [row["response_length"] for row in rows] == [4, 4, 4, 16]
+    assert rows[3]["finish_reason"] == "length" and rows[0]["response_text"] == "so \\boxed{7}"
+    assert not any(isinstance(value, list) for row in rows for value in row.values())
+    assert "response_token_ids" not in rows[0] and "sample_index" in rows[0]
+
+
+@pytest.mark.parametrize("body, fragments", [
+    ("return 'maybe'", ["row 0", "'maybe'", "correct, wrong, no_answer"]),
+    ("return 0.5", ["--no-answer-reward", "returned a number (row 0)"]),
+])
+def test_a_reward_that_breaks_the_interface_is_one_line_and_writes_nothing(tmp_path, dcpo,
+                                                                           body, fragments):
+    (tmp_path / "odd.py").write_text(f"def f(response_text, answer, row):\n    {body}\n")
+    path = level_rollouts(tmp_path)
+    result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward", "odd:f",
+                  "--no-answer-reward", "-1", "--workers", "1", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
     assert not (tmp_path / "s.parquet").exists()

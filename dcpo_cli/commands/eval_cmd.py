@@ -6,6 +6,7 @@ import typer
 
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.engines import ENGINES
+from dcpo_cli.eval_sets import REGISTRY
 from dcpo_cli.options import EvalOptions, choices
 
 D = EvalOptions()  # the defaults
@@ -15,8 +16,9 @@ def evaluate(
     *,  # keyword-only: typer passes every option by name
     model: str = typer.Option(..., help="Model directory, checkpoint, or Hugging Face Hub id "
                               "(org/name[@revision], fetched into the Hugging Face cache)."),
-    benchmark: list[str] = typer.Option(..., help="aime24, aime25, amc23, math500, gsm8k, or a "
-                                        "prompts Parquet / JSONL / verl Parquet file. Repeatable."),
+    benchmark: list[str] = typer.Option(..., help=f"{', '.join(REGISTRY)} (bundled), a prompts "
+                                        "Parquet / JSONL / verl Parquet file, or a Hub dataset "
+                                        "owner/name. Repeatable."),
     out: Path = typer.Option(..., help="Output directory (summary.json, <benchmark>/"
                              "samples.parquet)."),
     avg_at: int = typer.Option(D.avg_at, "--avg-at", help="K sampled responses per problem "
@@ -27,7 +29,7 @@ def evaluate(
                                       "(k <= K). Repeatable."),
     data_dir: Path | None = typer.Option(None, help="Folder with the benchmark files (aime24.jsonl"
                                          " ... or verl/aime_2024.parquet ...); default "
-                                         "$DCPO_DATA_DIR, else the Hugging Face Hub."),
+                                         "$DCPO_DATA_DIR, else the copies bundled with dcpo."),
     engine: str = typer.Option(D.engine, help=f"Generation engine: {choices(ENGINES)}."),
     temperature: float = typer.Option(D.temperature, help="Sampling temperature for avg@K."),
     top_p: float = typer.Option(D.top_p, help="Nucleus sampling for avg@K."),

@@ -6,11 +6,20 @@ import typer
 
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.engines import ENGINES
-from dcpo_cli.options import choices
+from dcpo_cli.options import DEFAULT_REWARD, choices
 from dcpo_cli.presets import PRESETS
+from dcpo_cli.run_config import FLAGS, default_config
+from dcpo_cli.tiny import CONFIGS
 
 # Every flag defaults to None, meaning "not given": the first run takes the shell loop's
 # default (shown in the help), a re-run the value in RUN_DIR/run.toml.
+_DEFAULTS = default_config()
+
+
+def default(flag: str) -> str:
+    section, name = FLAGS[flag][0]
+    return f"(default: {_DEFAULTS[section][name]})"
+
 
 
 def run(
@@ -19,32 +28,39 @@ def run(
                                    "lays them out."),
     *,
     steps: int | None = typer.Option(None, help="Train steps in all (a re-run with more "
-                                     "continues the run) (default 20)."),
+                                     f"continues the run) {default('steps')}."),
     model: str | None = typer.Option(None, help="Base model (directory or Hub id); default: "
                                      "the built-in tiny model, built into RUN_DIR/tiny."),
     prompts: Path | None = typer.Option(None, help="Training prompts (needed with --model)."),
     benchmark: list[str] | None = typer.Option(None, help="Evaluation set(s) for eval/ "
                                                "(default with the tiny model: its test set). "
                                                "Repeatable."),
-    tiny_size: str | None = typer.Option(None, help="default or test (the tiny model's size)."),
-    algo: str | None = typer.Option(None, help=f"Preset: {choices(PRESETS)} (default dcpo)."),
-    batch_size: int | None = typer.Option(None, help="Prompts per step (default 32)."),
-    n: int | None = typer.Option(None, "--n", help="Responses per prompt (default 8)."),
+    tiny_size: str | None = typer.Option(None, help=f"The tiny model's size: {choices(CONFIGS)} "
+                                           f"{default('tiny_size')}."),
+    algo: str | None = typer.Option(None, help=f"Preset: {choices(PRESETS)} "
+                                    f"{default('algo')}."),
+    batch_size: int | None = typer.Option(None, help=f"Prompts per step {default('batch_size')}."),
+    n: int | None = typer.Option(None, "--n", help="Responses per prompt "
+                                   f"{default('n')}."),
     max_new_tokens: int | None = typer.Option(None, help="Longest response, rollouts and "
-                                              "eval (default 48)."),
-    temperature: float | None = typer.Option(None, help="Rollout temperature (default 1.0)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate (default 2e-4)."),
-    warmup_steps: int | None = typer.Option(None, help="Linear lr warm-up in steps (default 0)."),
+                                              f"eval {default('max_new_tokens')}."),
+    temperature: float | None = typer.Option(None, help="Rollout temperature "
+                                             f"{default('temperature')}."),
+    lr: float | None = typer.Option(None, help=f"Peak learning rate {default('lr')}."),
+    warmup_steps: int | None = typer.Option(None, help="Linear lr warm-up in steps "
+                                            f"{default('warmup_steps')}."),
     seed: int | None = typer.Option(None, help="Seed of the tiny model, prompt order, "
-                                    "sampling and mini-batches (default 0)."),
+                                    f"sampling and mini-batches {default('seed')}."),
     eval_at: int | None = typer.Option(None, help="K samples per test problem, avg@K "
-                                       "(default 8)."),
+                                       f"{default('eval_at')}."),
     eval_every: int | None = typer.Option(None, help="Also evaluate every K steps (0: only "
-                                          "before the first and after the last) (default 0)."),
+                                          "before the first and after the last) "
+                                          f"{default('eval_every')}."),
     engine: str | None = typer.Option(None, help=f"Generation engine: {choices(ENGINES)} "
-                                      " (default hf)."),
+                                      f"{default('engine')}."),
     reward: str | None = typer.Option(None, help="Your own reward, package.module:function "
-                                      "(default math-verify)."),
+                                      f"(default {DEFAULT_REWARD}; with the dcpo preset it "
+                                      "scores 1 / 0 / -1)."),
     set_: list[str] | None = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
                                           help="Any other setting of run.toml, e.g. "
                                           "train.weight_decay=0.0 or engine.enforce_eager="

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from dcpo_cli.options import ScoreOptions
+from dcpo_cli.options import DEFAULT_REWARD, REWARD_LEVELS, ScoreOptions
 
 D = ScoreOptions()  # the defaults
 
@@ -14,10 +14,10 @@ def score(
     rollouts: list[Path] = typer.Argument(..., help="Rollout Parquet shards (or any Parquet "
                                           "file with prompt_id, response_text, answer)."),
     out: Path = typer.Option(..., help="Scored Parquet file to write."),
-    workers: int | None = typer.Option(None, help="Verifier processes (default: all cores)."),
-    timeout: float = typer.Option(D.timeout, help="Seconds allowed to score one response (the "
-                                  "verifier or --reward); slower ones get --wrong-reward and "
-                                  "are flagged."),
+    workers: int | None = typer.Option(D.workers, help="Reward processes (default: all "
+                                       "cores)."),
+    timeout: float = typer.Option(D.timeout, help="Seconds allowed to score one response; "
+                                  "slower ones count as wrong and are flagged."),
     wrong_reward: float = typer.Option(D.wrong_reward, help="Reward of a boxed but wrong "
                                        "answer (right is 1.0)."),
     no_answer_reward: float | None = typer.Option(
@@ -28,12 +28,13 @@ def score(
     overlong_buffer: int = typer.Option(D.overlong_buffer, help="DAPO overlong shaping buffer "
                                         "in tokens (0: off); the max length comes from the "
                                         "rollouts."),
-    max_length: int | None = typer.Option(None, help="Max response length for overlong "
+    max_length: int | None = typer.Option(D.max_length, help="Max response length for overlong "
                                           "shaping, for files without rollout metadata."),
-    reward: str | None = typer.Option(None, help="Your own reward, package.module:function, "
-                                      "called as f(response_text, answer, row) -> float in "
-                                      "the worker pool; a module in the current folder is "
-                                      "found."),
+    reward: str | None = typer.Option(
+        D.reward, help=f"Your own reward, package.module:function (default: {DEFAULT_REWARD}), "
+        "called as f(response_text, answer, row) in the worker pool. It returns the reward, "
+        f"or a level ({', '.join(REWARD_LEVELS)}) that gets 1 / --wrong-reward / "
+        "--no-answer-reward. A module in the current folder is found."),
 ) -> None:
     """Score responses with math-verify (or your own reward) and write one scored file."""
     from rich.table import Table

@@ -4,6 +4,10 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.tiny import CONFIGS
+
+SIZES = "; ".join(f"{name}: {config.about}" for name, config in CONFIGS.items())
+
 app = typer.Typer(help="The built-in tiny model and arithmetic task (no downloads needed).",
                   no_args_is_help=True)
 
@@ -13,8 +17,7 @@ def init(
     directory: Path = typer.Argument(..., help="New directory for model/, train.parquet, "
                                      "test.parquet and summary.json."),
     seed: int = typer.Option(0, help="Seed for weights, data and the warm start."),
-    size: str = typer.Option("default", help="default (the ~0.8 M parameter demo model) or "
-                             "test (a reduced configuration that trains in seconds)."),
+    size: str = typer.Option("default", help=f"The model's size ({SIZES})."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Train from scratch (2-3 minutes on "
                                  "2 cores) instead of copying the prebuilt seed-0 default "
                                  "model; other seeds and sizes are always trained."),
