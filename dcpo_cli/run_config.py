@@ -37,6 +37,7 @@ LOOP_DEFAULTS: dict[str, Any] = {
     "tiny_size": "default",
     "steps": 20,
     "eval_every": 0,  # also evaluate every K steps (0: only before and after, as the script)
+    "max_rounds": 4,  # DAPO's refill: rollout rounds per step at most (the script's MAX_ROUNDS)
 }
 # examples/tiny_loop.sh's settings where they differ from the stages' own defaults.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -113,6 +114,9 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
                 and ("score", "no_answer_reward") not in requested:
             # as examples/tiny_loop.sh: the official DCPO reward, 1 / 0 / -1
             config["score"]["no_answer_reward"] = -1.0
+        if refills(config) and ("train", "target_prompts") not in requested:
+            # as examples/tiny_loop.sh with ALGO=dapo: TARGET is the batch size
+            config["train"]["target_prompts"] = config["rollout"]["batch_size"]
         return config, True
     stored = read_config(path)
     for (section, name), value in requested.items():
@@ -130,6 +134,15 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
     if rewrite:
         stored["loop"]["steps"] = steps
     return stored, rewrite
+
+
+def refills(config: Config) -> bool:
+    """Whether each step samples DAPO's refill rounds: the training drops groups whose
+    responses all agree (the dapo preset, or train.overrides)."""
+    from dcpo_cli.presets import resolve_config
+
+    train = config["train"]
+    return resolve_config(train["algo"], **dict(train["overrides"] or {})).drop_uniform_groups
 
 
 def read_config(path: Path) -> Config:

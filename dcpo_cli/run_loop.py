@@ -17,15 +17,16 @@ process keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli.console import out
+from dcpo_cli.console import err, out
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.run_config import Config, stage_options
+from dcpo_cli.run_config import Config, refills, stage_options
 
 
 @dataclass
@@ -117,11 +118,10 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False) -> tuple:
                stage_options(config, "eval"), stage_options(config, "engine", verbose=verbose))
     for item in options:
         item.check()
-    config_algo = resolve_algo(options[2])
-    if config_algo.drop_uniform_groups:
-        raise DcpoError("dcpo run does not yet do DAPO's refill rounds (--drop-uniform-groups, "
-                        "the dapo preset): run examples/tiny_loop.sh with ALGO=dapo instead")
+    resolve_algo(options[2])
     options[4].options_for(pick_engine(options[0].engine))  # settings the engine cannot take
+    if config["loop"]["max_rounds"] < 1:
+        raise DcpoError("loop.max_rounds must be at least 1")
     if config["loop"]["model"] is not None and config["loop"]["prompts"] is None:
         raise DcpoError("--model needs --prompts (the training prompts file)")
     return options
@@ -155,6 +155,40 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         run_eval(model, benchmarks, run_dir / "eval" / label, eval_options, engine=engine,
                  engine_settings=engine_settings)
 
+    def sample(step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
+               timing: StepTiming) -> Path:
+        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
+        if not rollouts.is_file():
+            local = resolve_model(model).path
+            options = dataclasses.replace(rollout_options, round=round_index)
+            summary = run_rollout(model, prompts, step, rollouts, options,
+                                  engine=engines.lazy(local, resident),
+                                  engine_settings=engine_settings)
+            timing.generate = (timing.generate or 0.0) + summary.seconds
+        if not scored.is_file():
+            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
+                                                             score_options).seconds
+        return scored
+
+    def sample_rounds(step: int, folder: Path, model: Any, timing: StepTiming) -> list[Path]:
+        """DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
+        until --target-prompts groups have mixed outcomes, or loop.max_rounds are done."""
+        from dcpo_cli.contracts import read_metadata
+
+        scored, kept = [], 0
+        target = train_options.target_prompts or rollout_options.batch_size
+        for round_index in range(loop["max_rounds"]):
+            if kept >= target:
+                break
+            scored.append(sample(step, round_index, folder / f"rollouts-r{round_index}.parquet",
+                                 folder / f"scored-r{round_index}.parquet", model, timing))
+            kept += read_metadata(scored[-1])["mixed_groups"]
+        if kept < target:
+            err.print(f"warning: step {step} kept {kept} of {target} groups after "
+                      f"{loop['max_rounds']} rounds; training on those", highlight=False)
+        return scored
+
+    refill = refills(config)
     steps, every = loop["steps"], loop["eval_every"]
     evaluate(base_model, "step-000000")
     model: Any = base_model
@@ -165,17 +199,13 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             timing = StepTiming(step, 0.0)
             folder = step_dir(run_dir, step)
             folder.mkdir(parents=True, exist_ok=True)
-            rollouts, scored = folder / "rollouts.parquet", folder / "scored.parquet"
             following = checkpoint_dir(run_dir, step + 1)
-            if not rollouts.is_file():
-                local = resolve_model(model).path
-                summary = run_rollout(model, prompts, step, rollouts, rollout_options,
-                                      engine=engines.lazy(local, resident),
-                                      engine_settings=engine_settings)
-                timing.generate = summary.seconds
-            if not scored.is_file():
-                timing.score = run_score([rollouts], scored, score_options).seconds
-            outcome = run_train_step(model, [scored], run_dir / "state.json", following,
+            if refill:
+                scored = sample_rounds(step, folder, model, timing)
+            else:
+                scored = [sample(step, 0, folder / "rollouts.parquet",
+                                 folder / "scored.parquet", model, timing)]
+            outcome = run_train_step(model, scored, run_dir / "state.json", following,
                                      train_options, show_progress=show_progress,
                                      resident=resident)
             if outcome.policy is not None:

@@ -79,7 +79,13 @@ def _parquet(path: Path, run_dir: Path) -> dict:
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     metadata = {k: _normal(json.loads(v) if v.startswith(("{", "[")) else v, run_dir)
                 for k, v in metadata.items() if not k.startswith("ARROW")}
-    return {"rows": table.to_pydict(), "metadata": metadata}
+    rows = {name: [_nan_equal(v) for v in values] for name, values in table.to_pydict().items()}
+    return {"rows": rows, "metadata": metadata}
+
+
+def _nan_equal(value):
+    """NaN (the records of groups DAPO dropped) as a marker that compares equal."""
+    return "NaN" if isinstance(value, float) and value != value else value
 
 
 def _rng(path: Path) -> dict:
@@ -121,8 +127,8 @@ def run_files(run_dir: Path, steps: int = STEPS) -> dict:
                                (run_dir / "metrics.jsonl").read_text().splitlines()]}
     for step in range(steps):
         folder = run_dir / "steps" / f"{step:06d}"
-        for name in ("rollouts", "scored"):
-            files[f"{step}/{name}"] = _parquet(folder / f"{name}.parquet", run_dir)
+        for path in sorted(folder.glob("*.parquet")):  # rollouts, scored (-rK: refill rounds)
+            files[f"{step}/{path.stem}"] = _parquet(path, run_dir)
         ckpt = run_dir / "ckpt" / f"step-{step + 1:06d}"
         for name in ("model.safetensors", "sas_state.json"):
             files[f"{step}/{name}"] = (ckpt / name).read_bytes()
@@ -142,12 +148,12 @@ def run_files(run_dir: Path, steps: int = STEPS) -> dict:
     return files
 
 
-def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
-    ours, theirs = run_files(run_dir), run_files(reference_dir)
+def assert_same_run(run_dir: Path, reference_dir: Path, steps: int = STEPS) -> None:
+    ours, theirs = run_files(run_dir, steps), run_files(reference_dir, steps)
     # Step 0's train-step starts in a fresh state: Python's `random` state it saves is the
     # process's own (seeded by the OS) in the shell loop too, and later steps carry it on.
     for files in (ours, theirs):
-        assert files[f"{STEPS - 1}/training_state"] is not None
+        assert files[f"{steps - 1}/training_state"] is not None
         for key in [k for k in files if k.endswith("/rng")]:
             files[key].pop("python")
     assert ours.keys() == theirs.keys()
@@ -227,6 +233,21 @@ def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
     assert kills >= 2  # really interrupted, more than once
     finish(dcpo_run(run_dir, None, flags=[]), env)  # run.toml holds the settings
     assert_same_run(run_dir, reference_dir)
+
+
+@pytest.mark.slow
+def test_dapo_refill_rounds_are_the_shell_loops(env, tmp_path):
+    """--algo dapo: rounds of further prompts until --target-prompts groups are mixed, with
+    the files (rollouts-rK, scored-rK) and the training of `ALGO=dapo tiny_loop.sh`."""
+    dapo_env = {**env, "ALGO": "dapo", "MAX_ROUNDS": "3"}
+    finish(shell_loop(tmp_path / "shell", 2, dapo_env), dapo_env)
+    finish(dcpo_run(tmp_path / "run", 2, [*RUN_FLAGS, "--algo", "dapo", "--set",
+                                          "loop.max_rounds=3"]), dapo_env)
+    rounds = sorted(p.name for p in (tmp_path / "run" / "steps").rglob("rollouts-r*.parquet"))
+    assert len(rounds) > 2, rounds  # a refill round happened
+    assert_same_run(tmp_path / "run", tmp_path / "shell", steps=2)
+    config = (tmp_path / "run" / "run.toml").read_text()
+    assert "target_prompts = 4" in config and "max_rounds = 3" in config
 
 
 # ---------------------------------------------------------------- run.toml
