@@ -315,6 +315,22 @@ def test_steps_may_change_and_unset_flags_come_from_the_file(tmp_path):
     assert write and more["loop"]["steps"] == 5
 
 
+def test_dapo_runs_refill_to_the_batch_size_unless_told_otherwise(tmp_path):
+    from dcpo_cli.run_config import refills, resolve
+
+    dapo, _ = resolve(tmp_path, {"algo": "dapo", "batch_size": 6}, {})
+    assert refills(dapo) and dapo["train"]["target_prompts"] == 6
+    assert dapo["loop"]["max_rounds"] == 4 and dapo["score"]["no_answer_reward"] is None
+    told, _ = resolve(tmp_path, {"algo": "dapo"}, {("train", "target_prompts"): 8})
+    assert told["train"]["target_prompts"] == 8
+    dcpo, _ = resolve(tmp_path, {}, {})
+    assert not refills(dcpo) and dcpo["train"]["target_prompts"] is None
+    # the filter switched on in another preset refills too
+    grpo, _ = resolve(tmp_path, {"algo": "grpo"},
+                      {("train", "overrides"): {"drop_uniform_groups": True}})
+    assert refills(grpo) and grpo["train"]["target_prompts"] == 32
+
+
 # ---------------------------------------------------------------- the vLLM engine
 
 
