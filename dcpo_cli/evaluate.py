@@ -87,8 +87,10 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
     results: dict[str, BenchmarkResult] = {}
     for data in datasets:
         path = out / data.name / SAMPLES_FILE
-        # the model is identified by its fingerprint, not its path, so a moved copy is reused
-        run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint}
+        # the model is identified by its fingerprint, not its path, so a moved copy is reused;
+        # the engine and its settings (dtype, ...) are part of what makes the samples
+        run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint,
+                       "engine_kind": kind, "engine_settings": engine_settings.record()}
         started = time.perf_counter()
         table = _finished_samples(path, run_options, fingerprint)
         reused = table is not None

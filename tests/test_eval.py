@@ -14,6 +14,7 @@ import pytest
 from conftest import BUNDLED, assert_one_line_error
 
 from dcpo_cli import contracts
+from dcpo_cli.engine_settings import EngineSettings
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.eval_sets import REGISTRY, load_benchmark
 from dcpo_cli.evaluate import EvalOptions, run_eval
@@ -196,6 +197,9 @@ def test_rerun_skips_same_options_and_recomputes_on_change(model_dir, tmp_path):
     run_eval(model_dir, ["aime25"], out, EvalOptions(avg_at=2, limit=3, max_new_tokens=8,
              seed=1), engine=engine)
     assert len(engine.calls) == 6  # so is a changed model
+    run_eval(model_dir, ["aime25"], out, EvalOptions(avg_at=2, limit=3, max_new_tokens=8,
+             seed=1), engine=engine, engine_settings=EngineSettings(dtype="float32"))
+    assert len(engine.calls) == 8  # and another engine setting (the weights' dtype)
     options_json = json.loads((out / "options.json").read_text())
     assert options_json["seed"] == 1 and options_json["benchmarks"] == ["aime25"]
     # results written inside the model directory do not change the model's fingerprint
