@@ -6,7 +6,8 @@ that uses it records it in the checkpoint's trainer state (`ref_model`,
 the KL to the same weights. It is loaded only when kl_coef > 0, in eval mode, once per step:
 its log-probs of every trained response are computed (no grad, chunked through the lm-head
 like the old log-probs, at the rollouts' temperature as verl does, packed exactly as the
-training forward will be) and the model is freed before the updates.
+training forward will be) and the model is freed before the updates. Under torchrun it is
+sharded with FSDP2 like the policy, so no rank holds a whole second model.
 """
 
 from __future__ import annotations
@@ -65,10 +66,14 @@ def choose_reference(given: str | None, model_dir: Path, base: Reference,
     return chosen, source
 
 
-def load_reference(source: ModelSource, device: torch.device, policy_vocab: int):
-    """The reference model in eval mode without gradients; its vocabulary must be the
-    policy's (the same token ids must mean the same tokens)."""
-    model, _ = build_policy(source.path, device)
+def load_reference(source: ModelSource, device: torch.device, policy_vocab: int,
+                   cpu_offload: bool = False):
+    """The reference model in eval mode without gradients (under torchrun: its FSDP2 root,
+    sharded as the policy is); its vocabulary must be the policy's (the same token ids
+    must mean the same tokens)."""
+    from dcpo_cli import distributed
+
+    model, _ = build_policy(source.path, torch.device("cpu") if cpu_offload else device)
     check_plain_lm_head(model)
     vocab = vocab_size(model)
     if vocab != policy_vocab or model.get_output_embeddings().weight.shape[0] != policy_vocab:
@@ -77,6 +82,10 @@ def load_reference(source: ModelSource, device: torch.device, policy_vocab: int)
                         "the policy's tokenizer")
     model.eval()
     model.requires_grad_(False)
+    if distributed.world().sharded:
+        from dcpo_cli.fsdp import shard_policy
+
+        return shard_policy(model, cpu_offload)
     return model
 
 
@@ -91,10 +100,10 @@ def reference_logprobs(model, ctx, rows_per_batch: list[list[int]], bar=None
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad(), ctx.autocast():
         for batch in batches:
-            if batch.dummy:  # under torchrun: a rank's filler pass, no rows of its own
-                continue
             logp, _ = forward_logprobs(model, batch, ctx.options.chunk_elements,
                                        temperature=ctx.data.temperature)
+            if batch.dummy:  # a rank's filler pass (no rows of its own) keeps FSDP2 in step
+                continue
             for i, row in enumerate(batch.rows):
                 out[row] = logp[i][batch.response_mask[i]].float().cpu()
             ticker.advance()
@@ -104,7 +113,7 @@ def reference_logprobs(model, ctx, rows_per_batch: list[list[int]], bar=None
 def step_reference_logprobs(source: ModelSource, ctx, plans, policy_vocab: int, bar=None
                             ) -> dict[int, torch.Tensor]:
     """Load the reference, compute the log-probs of the step's trained rows, free it."""
-    model = load_reference(source, ctx.device, policy_vocab)
+    model = load_reference(source, ctx.device, policy_vocab, ctx.options.cpu_offload)
     try:
         return reference_logprobs(model, ctx, plans[0] if plans else [], bar)
     finally:
