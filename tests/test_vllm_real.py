@@ -236,6 +236,45 @@ def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp
     assert tokens(tmp_path / "cli.parquet") == tokens(tmp_path / "here.parquet")
 
 
+def test_weights_pushed_in_memory_give_the_trainers_new_log_probs(engine, tiny, hf_model):
+    """`dcpo run`'s engine (in-process core) after `load_weights` of changed weights, the
+    embedding the tied lm_head shares included: its sampler log-probs are the teacher-forced
+    ones of the new weights, not of the old. The same prompts ran before the update, so
+    stale prefix-cache blocks would show too."""
+    import copy
+
+    from dcpo_cli.engine_settings import EngineSettings
+    from dcpo_cli.engines import SamplingSettings, load_engine
+
+    settings = EngineSettings(dtype="float32", enforce_eager=True,
+                              engine_args=(("kv_cache_memory_bytes", KV_CACHE_BYTES),))
+    here = load_engine("vllm", tiny / "model", in_process=True,
+                       **settings.options_for("vllm"))
+    assert here.in_memory and hf_model.config.tie_word_embeddings
+    prompts = _prompt_ids(engine, tiny, count=6)
+    sampling = SamplingSettings(n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=5)
+
+    def tokens(e):
+        return [[c.token_ids for c in group] for group in e.generate(prompts, sampling)]
+
+    assert tokens(here) == tokens(engine)  # the in-process core samples the same tokens
+    new = copy.deepcopy(hf_model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in new.parameters():  # embed_tokens is also lm_head
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    here.load_weights(new.state_dict().items())
+
+    def identity(scores):
+        return scores
+
+    gaps_new = _gaps(here, new, prompts, sampling, identity)
+    gaps_old = _gaps(here, hf_model, prompts, sampling, identity)
+    _report("after load_weights, against the new weights", gaps_new)
+    assert max(gaps_new) < LOGPROB_TOLERANCE
+    assert statistics.median(gaps_old) > 1e-2  # the update changed the distribution
+
+
 def test_unknown_engine_arg_is_one_line(tiny, tmp_path):
     result = run_dcpo("rollout", "--model", tiny / "model", "--prompts", tiny / "train.parquet",
                       "--step", 0, "--engine", "vllm", "--engine-arg", "no_such_knob=1",

@@ -51,6 +51,7 @@ class _Recorder:
 
 class HFEngine:
     name = "hf"
+    in_memory = True  # takes new weights in memory (load_weights)
 
     def __init__(self, model_path: str | Path, device: str | None = None,
                  dtype: str | None = None, token_budget: int | None = None) -> None:
@@ -147,3 +148,6 @@ class HFEngine:
 
         with torch.no_grad():
             self.model.load_state_dict(dict(named_tensors), strict=True)
+
+    def release(self) -> None:
+        """Nothing to free while the policy trains: generate keeps no cache between calls."""
