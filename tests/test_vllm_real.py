@@ -239,8 +239,9 @@ def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp
 def test_weights_pushed_in_memory_give_the_trainers_new_log_probs(engine, tiny, hf_model):
     """`dcpo run`'s engine (in-process core) after `load_weights` of changed weights, the
     embedding the tied lm_head shares included: its sampler log-probs are the teacher-forced
-    ones of the new weights, not of the old. The same prompts ran before the update, so
-    stale prefix-cache blocks would show too."""
+    ones of the new weights, not of the old. The same prompts ran before the update, each
+    longer than a KV block (vLLM caches whole blocks), so reused prefix-cache blocks of the
+    old weights would show too."""
     import copy
 
     from dcpo_cli.engine_settings import EngineSettings
@@ -251,7 +252,10 @@ def test_weights_pushed_in_memory_give_the_trainers_new_log_probs(engine, tiny, 
     here = load_engine("vllm", tiny / "model", in_process=True,
                        **settings.options_for("vllm"))
     assert here.in_memory and hf_model.config.tie_word_embeddings
-    prompts = _prompt_ids(engine, tiny, count=6)
+    block = here.llm.llm_engine.vllm_config.cache_config.block_size
+    short = _prompt_ids(engine, tiny, count=6)
+    prompts = [short[i] + short[(i + 1) % 6] + short[(i + 2) % 6] for i in range(4)]
+    assert min(map(len, prompts)) > block
     sampling = SamplingSettings(n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=5)
 
     def tokens(e):
