@@ -50,8 +50,7 @@ def main() -> None:
             (checkpoint / name).write_bytes((model_dir / name).read_bytes())
     parameters = sum(p.numel() for p in trainer.parameters())
     sampling = SamplingSettings(n=1, temperature=1.0, max_new_tokens=4, seed=0)
-
-    resident = load_engine("vllm", model_dir, in_process=True, **SETTINGS)
+    resident = load_engine("vllm", model_dir, resident=True, **SETTINGS)
     resident.generate([[1, 2, 3]], sampling)  # warm
     pushes = []
     for _ in range(args.repeats):
@@ -67,15 +66,15 @@ def main() -> None:
         fresh.llm.llm_engine.engine_core.shutdown()
         del fresh
 
-    table = Table(title=f"vLLM {args.size} model ({parameters / 1e6:.2f} M parameters), "
+    result = Table(title=f"vLLM {args.size} model ({parameters / 1e6:.2f} M parameters), "
                         f"median of {args.repeats}", title_justify="left")
-    table.add_column("new weights into the engine")
-    table.add_column("seconds", justify="right")
-    table.add_column("vs in memory", justify="right")
+    result.add_column("new weights into the engine")
+    result.add_column("seconds", justify="right")
+    result.add_column("vs in memory", justify="right")
     push, start = statistics.median(pushes), statistics.median(starts)
-    table.add_row("load_weights (in memory)", f"{push:.3f}", "1x")
-    table.add_row("fresh engine from the checkpoint", f"{start:.2f}", f"{start / push:.0f}x")
-    Console().print(table)
+    result.add_row("load_weights (in memory)", f"{push:.3f}", "1x")
+    result.add_row("fresh engine from the checkpoint", f"{start:.2f}", f"{start / push:.0f}x")
+    Console().print(result)
 
 
 if __name__ == "__main__":

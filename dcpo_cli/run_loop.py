@@ -12,9 +12,8 @@ process keeps:
 - the engine: after a train-step the new weights go into it in memory
   (`engine.load_weights`), instead of a fresh engine loading the checkpoint; while the
   policy trains, the engine frees what it can (`engine.release`: vLLM's KV cache on GPUs).
-  A checkpoint this process did not write (after a resume), or an engine that cannot take
-  weights in memory (vLLM with tensor parallelism), is loaded from disk as the shell loop
-  would.
+  A checkpoint this process did not write (after a resume) is loaded from disk as the shell
+  loop would.
 """
 
 from __future__ import annotations
@@ -75,20 +74,19 @@ class ResidentEngine:
         if self.engine is not None and self.model_dir == model_dir:
             return self.engine
         if (self.engine is not None and resident is not None and resident.holds(model_dir)
-                and self.engine.in_memory):
+                and callable(getattr(self.engine, "load_weights", None))):
             self.engine.load_weights(resident.policy.model.state_dict().items())
             self.model_dir = model_dir
             self.pushes += 1
             return self.engine
         if self.engine is not None:
-            # after a resume (or with vLLM's tensor parallelism), a new engine loads the
-            # checkpoint, as `dcpo rollout` would
+            # after a resume, a new engine loads the checkpoint, as `dcpo rollout` would
             self.close()
             out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
                       highlight=False)
         options = self.settings.options_for(self.kind)
         if self.kind == "vllm":
-            options["in_process"] = True  # so that it can take the trainer's weights
+            options["resident"] = True  # sleeps while the policy trains (GPUs)
         self.engine = load_engine(self.kind, model_dir, **options)
         self.model_dir = model_dir
         self.loads += 1

@@ -237,46 +237,41 @@ def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp
 
 
 def test_weights_pushed_in_memory_give_the_trainers_new_log_probs(engine, tiny, hf_model):
-    """`dcpo run`'s engine (in-process core) after `load_weights` of changed weights, the
-    embedding the tied lm_head shares included: its sampler log-probs are the teacher-forced
-    ones of the new weights, not of the old. The same prompts ran before the update, each
-    longer than a KV block (vLLM caches whole blocks), so reused prefix-cache blocks of the
-    old weights would show too."""
+    """`load_weights` (`dcpo run` after each train-step) of changed weights, the embedding
+    the tied lm_head shares included: the sampler log-probs are then the teacher-forced ones
+    of the new weights, not of the old; pushing the old ones back restores them. The same
+    prompts ran before each update, each longer than a KV block (vLLM caches whole blocks),
+    so reused prefix-cache blocks of the previous weights would show too."""
     import copy
 
-    from dcpo_cli.engine_settings import EngineSettings
-    from dcpo_cli.engines import SamplingSettings, load_engine
+    from dcpo_cli.engines import SamplingSettings
 
-    settings = EngineSettings(dtype="float32", enforce_eager=True,
-                              engine_args=(("kv_cache_memory_bytes", KV_CACHE_BYTES),))
-    here = load_engine("vllm", tiny / "model", in_process=True,
-                       **settings.options_for("vllm"))
-    assert here.in_memory and hf_model.config.tie_word_embeddings
-    block = here.llm.llm_engine.vllm_config.cache_config.block_size
+    assert hf_model.config.tie_word_embeddings
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
     short = _prompt_ids(engine, tiny, count=6)
     prompts = [short[i] + short[(i + 1) % 6] + short[(i + 2) % 6] for i in range(4)]
     assert min(map(len, prompts)) > block
     sampling = SamplingSettings(n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=5)
-
-    def tokens(e):
-        return [[c.token_ids for c in group] for group in e.generate(prompts, sampling)]
-
-    assert tokens(here) == tokens(engine)  # the in-process core samples the same tokens
     new = copy.deepcopy(hf_model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in new.parameters():  # embed_tokens is also lm_head
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    here.load_weights(new.state_dict().items())
 
     def identity(scores):
         return scores
 
-    gaps_new = _gaps(here, new, prompts, sampling, identity)
-    gaps_old = _gaps(here, hf_model, prompts, sampling, identity)
+    engine.generate(prompts, sampling)  # the prompts' blocks cached with the old weights
+    try:
+        engine.load_weights(new.state_dict().items())
+        gaps_new = _gaps(engine, new, prompts, sampling, identity)
+        gaps_old = _gaps(engine, hf_model, prompts, sampling, identity)
+    finally:  # the module's other tests use this engine
+        engine.load_weights(hf_model.state_dict().items())
     _report("after load_weights, against the new weights", gaps_new)
     assert max(gaps_new) < LOGPROB_TOLERANCE
     assert statistics.median(gaps_old) > 1e-2  # the update changed the distribution
+    assert max(_gaps(engine, hf_model, prompts, sampling, identity)) < LOGPROB_TOLERANCE
 
 
 def test_unknown_engine_arg_is_one_line(tiny, tmp_path):

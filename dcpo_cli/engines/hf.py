@@ -51,7 +51,6 @@ class _Recorder:
 
 class HFEngine:
     name = "hf"
-    in_memory = True  # takes new weights in memory (load_weights)
 
     def __init__(self, model_path: str | Path, device: str | None = None,
                  dtype: str | None = None, token_budget: int | None = None) -> None:

@@ -8,15 +8,14 @@ token stays in `token_ids`, as with hf.
 vLLM logs at INFO and shows its own load progress bars; unless `verbose`, only its warnings
 and errors come through, so our progress bar stays the one thing on screen.
 
-`dcpo run` keeps one engine for the whole run (`in_process=True`): after each train-step the
-new weights go into it in memory (`load_weights`), and, where vLLM has a sleep mode (GPUs),
-its KV cache is freed while the policy trains (`release`).
+`dcpo run` keeps one engine for the whole run: after each train-step the new weights go into
+it in memory (`load_weights`), and, for the engine it keeps (`resident=True`) where vLLM has
+a sleep mode (GPUs), its KV cache is freed while the policy trains (`release`).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import logging
 import os
 import warnings
@@ -69,7 +68,7 @@ class VllmEngine:
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", enforce_eager: bool = False,
                  engine_args: dict[str, Any] | None = None, verbose: bool = False,
-                 in_process: bool = False) -> None:
+                 resident: bool = False) -> None:
         import importlib.util
         import sys
 
@@ -93,13 +92,11 @@ class VllmEngine:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
-        # In-memory weight updates need the model in this process: vLLM's engine core (and
-        # its one worker) normally run in a child process, and the trainer's tensors cannot be
-        # sent there (its RPC does not pickle tensors). With tensor parallelism the workers
-        # are child processes anyway, so such an engine is restarted from each checkpoint.
-        self.in_memory = in_process and tensor_parallel_size == 1
+        # The workers run in other processes: `load_weights` reaches them by name, through
+        # this extension of vLLM's worker class
+        options["worker_extension_cls"] = "dcpo_cli.engines.vllm_worker.WeightUpdates"
         self.sleeps, self.asleep = False, False
-        if self.in_memory:
+        if resident:
             from vllm.platforms import current_platform
 
             # Sleep mode (CUDA/ROCm/XPU only) must be chosen at start; the CPU build has none
@@ -107,9 +104,8 @@ class VllmEngine:
             if self.sleeps:
                 options["enable_sleep_mode"] = True
         try:
-            with _engine_core_here(self.in_memory):
-                self.llm = LLM(model=str(model_path), logprobs_mode="processed_logprobs",
-                               **{**options, **engine_args})
+            self.llm = LLM(model=str(model_path), logprobs_mode="processed_logprobs",
+                           **{**options, **engine_args})
         except (TypeError, ValueError) as exc:  # a bad setting: vLLM's message, on one line
             reason = " ".join(str(exc).split())
             raise DcpoError(f"{model_path}: vLLM refused the engine settings: {reason}") from None
@@ -121,23 +117,29 @@ class VllmEngine:
         train-step): afterwards the engine samples as if started from the checkpoint those
         tensors were saved to.
 
-        vLLM's own in-place reload (`reload_weights`, on the worker) rather than the model's
-        `load_weights`: it loads checkpoint-format tensors (names, fused q/k/v and
-        gate/up projections, a tied lm_head through its embedding) and then redoes the
-        after-loading processing; the CPU build repacks each linear weight there and drops
-        the plain tensor, so a bare `model.load_weights` fails on a started engine."""
-        if not self.in_memory:
-            raise DcpoError("this vLLM engine runs in other processes; start a new one from "
-                            "the checkpoint instead")
+        The engine's workers are other processes, and vLLM's RPC does not carry tensors, so
+        the weights go as one `torch.save` blob to each worker (`vllm_worker.py`), which
+        hands them to vLLM's in-place reload (`reload_weights`). That reload takes
+        checkpoint names and layout (fused q/k/v and gate/up projections, sharding, the tied
+        lm_head), then redoes the after-loading processing: the CPU build repacks each
+        linear weight there and drops the plain tensor, so copying into the model's
+        parameters would not do. Cost: the blob is copied on its way (this process, the
+        engine core, each worker), fine at the sizes a CPU runs; at GPU scale vLLM's own
+        weight-transfer engines (NCCL/CUDA IPC) would avoid those copies."""
+        import io
+
+        import torch
+
         self._wake()
-        # The rotary embedding's cache is not in a checkpoint; vLLM keeps it and warns
-        # "RotaryEmbedding: Failed to load weights" on every reload.
+        buffer = io.BytesIO()
+        torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
+        # The rotary embedding's cache is in no checkpoint; vLLM keeps it and warns
+        # "RotaryEmbedding: Failed to load weights" at every reload.
         layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
         level = layerwise.level
         layerwise.setLevel(logging.ERROR)
         try:
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": iter(named_tensors)})
+            self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
         finally:
             layerwise.setLevel(level)
         # Cached prompt blocks hold keys and values of the old weights
@@ -188,33 +190,6 @@ class VllmEngine:
         if on_progress:
             on_progress(responses, tokens)
         return results
-
-
-@contextlib.contextmanager
-def _engine_core_here(in_process: bool):
-    """Run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, vLLM's
-    switch for it, read at engine start) rather than in a child process. The tokens and
-    log-probs are the same; the costs: scheduling and detokenising no longer overlap the
-    model's forward passes, and the core's process-wide settings (the vllm environment
-    read once and cached, the CPU build's NUMA memory binding, its seeding of the global
-    RNGs, a gc.freeze) now apply to this process. The switch is set only for the start, so
-    other engines of this process keep the default."""
-    if not in_process:
-        yield
-        return
-    import vllm.envs
-
-    key = "VLLM_ENABLE_V1_MULTIPROCESSING"
-    before = os.environ.get(key)
-    os.environ[key] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = before
-        vllm.envs.disable_envs_cache()  # the in-process core cached every vllm setting
 
 
 def _generation_config(model_path: str | Path):
