@@ -1,7 +1,8 @@
 """`dcpo run` with vLLM: new weights pushed into the running engine against a fresh engine
 started from the checkpoint (what `dcpo run` did before, and what `dcpo rollout` does).
 
-    .venv-vllm/bin/python benchmarks/bench_vllm_weights.py [--size test] [--repeats 3]
+    .venv-vllm/bin/python benchmarks/bench_vllm_weights.py [--size test|default|wide]
+                                                           [--repeats 3]
 
 Needs vLLM (`make test-vllm` builds .venv-vllm with the CPU build). Both engines are the
 CPU-friendly settings of tests/test_vllm_real.py (fp32, eager, a 64 MiB KV cache). The fresh
@@ -24,8 +25,9 @@ SETTINGS = {"dtype": "float32", "enforce_eager": True,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="test", choices=["test", "default"],
-                        help="the tiny model's size")
+    parser.add_argument("--size", default="test", choices=["test", "default", "wide"],
+                        help="the tiny model's size, or `wide`: a random-init Qwen2 of 9 layers "
+                             "of width 512 (~110 MB, as benchmarks/bench_fingerprint.py)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -40,8 +42,17 @@ def main() -> None:
 
     hf_logging.disable_progress_bar()
     directory = Path(tempfile.mkdtemp(prefix="bench-vllm-weights-"))
-    init_tiny(directory / "tiny", seed=0, size=args.size)
     model_dir = directory / "tiny" / "model"
+    if args.size == "wide":
+        from dcpo_cli.tiny_model import TinySize, build_model, build_tokenizer
+
+        tokenizer = build_tokenizer()
+        size = TinySize(hidden_size=512, num_layers=9, num_heads=8, num_kv_heads=2,
+                        intermediate_size=1536, max_positions=512)
+        build_model(tokenizer, size).save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    else:
+        init_tiny(directory / "tiny", seed=0, size=args.size)
     trainer = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     checkpoint = directory / "checkpoint"
     trainer.save_pretrained(checkpoint)

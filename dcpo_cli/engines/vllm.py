@@ -117,9 +117,10 @@ class VllmEngine:
         train-step): afterwards the engine samples as if started from the checkpoint those
         tensors were saved to.
 
-        The engine's workers are other processes, and vLLM's RPC does not carry tensors, so
-        the weights go as one `torch.save` blob to each worker (`vllm_worker.py`), which
-        hands them to vLLM's in-place reload (`reload_weights`). That reload takes
+        The engine's workers are other processes, and vLLM's RPC fails on tensors ("cannot
+        pickle memoryview objects"), so the weights go as one `torch.save` blob to each
+        worker (`vllm_worker.py`), which hands them to vLLM's in-place reload
+        (`reload_weights`). That reload takes
         checkpoint names and layout (fused q/k/v and gate/up projections, sharding, the tied
         lm_head), then redoes the after-loading processing: the CPU build repacks each
         linear weight there and drops the plain tensor, so copying into the model's
