@@ -134,15 +134,7 @@ class VllmEngine:
         self._wake()
         buffer = io.BytesIO()
         torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
-        # The rotary embedding's cache is in no checkpoint; vLLM keeps it and warns
-        # "RotaryEmbedding: Failed to load weights" at every reload.
-        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-        level = layerwise.level
-        layerwise.setLevel(logging.ERROR)
-        try:
-            self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
-        finally:
-            layerwise.setLevel(level)
+        self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
         # Cached prompt blocks hold keys and values of the old weights
         self.llm.reset_prefix_cache()
 

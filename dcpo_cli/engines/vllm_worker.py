@@ -7,6 +7,7 @@ Imported inside vLLM's worker processes, so it stays light: torch only, when cal
 from __future__ import annotations
 
 import io
+import logging
 
 
 class WeightUpdates:
@@ -18,4 +19,12 @@ class WeightUpdates:
         import torch
 
         tensors = torch.load(io.BytesIO(blob), weights_only=True)
-        self.reload_weights(weights_iterator=iter(tensors.items()))
+        # The rotary embedding's cache is in no checkpoint; vLLM keeps it, warning
+        # "RotaryEmbedding: Failed to load weights" at every reload.
+        layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise.level
+        layerwise.setLevel(logging.ERROR)
+        try:
+            self.reload_weights(weights_iterator=iter(tensors.items()))
+        finally:
+            layerwise.setLevel(level)
