@@ -30,6 +30,7 @@ RESERVED = {
     "model": "--model",
     "tokenizer": "--model (the tokenizer is the model's own)",
     "logprobs_mode": "nothing: dcpo needs the sampled distribution's log-probs",
+    "worker_extension_cls": "nothing: dcpo run's weight updates need dcpo's own",
 }
 
 

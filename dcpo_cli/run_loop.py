@@ -10,9 +10,10 @@ process keeps:
   instead of loading the checkpoint it just wrote (only when it is exactly that checkpoint;
   see `resident.py`), and hands the updated one back;
 - the engine: after a train-step the new weights go into it in memory
-  (`engine.load_weights`), instead of a fresh engine loading the checkpoint; an engine
-  without that ability (or a checkpoint this process did not write, after a resume) is
-  loaded from disk as the shell loop would.
+  (`engine.load_weights`), instead of a fresh engine loading the checkpoint; while the
+  policy trains, the engine frees what it can (`engine.release`: vLLM's KV cache on GPUs).
+  A checkpoint this process did not write (after a resume) is loaded from disk as the shell
+  loop would.
 """
 
 from __future__ import annotations
@@ -80,15 +81,22 @@ class ResidentEngine:
             self.pushes += 1
             return self.engine
         if self.engine is not None:
-            # vLLM: no in-memory update yet (see the README), so a new engine loads the
-            # checkpoint, as `dcpo rollout` would; likewise after a resume
+            # after a resume, a new engine loads the checkpoint, as `dcpo rollout` would
             self.close()
             out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
                       highlight=False)
-        self.engine = load_engine(self.kind, model_dir, **self.settings.options_for(self.kind))
+        options = self.settings.options_for(self.kind)
+        if self.kind == "vllm":
+            options["resident"] = True  # sleeps while the policy trains (GPUs)
+        self.engine = load_engine(self.kind, model_dir, **options)
         self.model_dir = model_dir
         self.loads += 1
         return self.engine
+
+    def release(self) -> None:
+        """Before a train-step: let the engine free memory the training needs."""
+        if self.engine is not None:
+            self.engine.release()
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)
@@ -205,6 +213,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             else:
                 scored = [sample(step, 0, folder / "rollouts.parquet",
                                  folder / "scored.parquet", model, timing)]
+            engines.release()
             outcome = run_train_step(model, scored, run_dir / "state.json", following,
                                      train_options, show_progress=show_progress,
                                      resident=resident)
@@ -220,6 +229,9 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 evaluate(model, f"step-{step + 1:06d}")
         evaluate(model, f"step-{steps:06d}")
+        if engines.loads:
+            out.print(f"[dim]{kind} engine: {engines.loads} start(s), {engines.pushes} "
+                      "in-memory weight update(s)[/]", highlight=False)
     finally:
         engines.close()
     return timings

@@ -29,6 +29,7 @@ def test_engine_args_parse_as_json_or_text():
     ("dtype=half", "use --dtype"),
     ("model=x", "set by dcpo itself"),
     ("logprobs_mode=raw_logprobs", "set by dcpo itself"),
+    ("worker_extension_cls=my.Ext", "set by dcpo itself"),
 ])
 def test_bad_engine_args(item, fragment):
     with pytest.raises(DcpoError, match=fragment):
@@ -74,7 +75,8 @@ def test_vllm_is_given_every_setting(fake_vllm, random_model_dir, monkeypatch): 
     assert FakeLLM.last.kwargs == {
         "logprobs_mode": "processed_logprobs", "tensor_parallel_size": 4,
         "gpu_memory_utilization": 0.7, "max_model_len": 4096, "dtype": "bfloat16",
-        "enforce_eager": True, "use_tqdm_on_load": False, "max_num_seqs": 64, "seed": 3}
+        "enforce_eager": True, "use_tqdm_on_load": False, "max_num_seqs": 64, "seed": 3,
+        "worker_extension_cls": "dcpo_cli.engines.vllm_worker.WeightUpdates"}
     assert settings.record()["engine_args"] == {"max_num_seqs": 64, "seed": 3}
 
 

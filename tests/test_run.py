@@ -57,9 +57,10 @@ def dcpo_run(run_dir: Path, steps: int | None, flags: list[str] | None = None) -
                                                                    else flags)
 
 
-def finish(command: list[str], env: dict[str, str]) -> None:
+def finish(command: list[str], env: dict[str, str]) -> str:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
 
 
 def _normal(value, run_dir: Path):
@@ -338,14 +339,17 @@ def test_dapo_runs_refill_to_the_batch_size_unless_told_otherwise(tmp_path):
 def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
     """`dcpo run --engine vllm`: step 1's rollouts come from the weights train-step 0 wrote
     (their sampler log-probs equal the checkpoint's teacher-forced ones), as in the shell
-    loop. (The engine is started again from each checkpoint for now; see the README.)"""
+    loop, with one engine for the whole run: each train-step's weights went into it in
+    memory, none was started again from a checkpoint."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
     flags = [*RUN_FLAGS, "--engine", "vllm", "--set", "engine.dtype=float32",
              "--set", "engine.enforce_eager=true",
              "--set", 'engine.engine_args={"kv_cache_memory_bytes": 67108864}']
-    finish(dcpo_run(run_dir, 2, flags=flags), env)
+    stdout = finish(dcpo_run(run_dir, 2, flags=flags), env)
+    assert "vllm engine: 1 start(s), 2 in-memory weight update(s)" in stdout
+    assert "loading a new vllm engine" not in stdout
     table = pq.read_table(run_dir / "steps" / "000001" / "rollouts.parquet").to_pylist()
     model = AutoModelForCausalLM.from_pretrained(run_dir / "ckpt" / "step-000001",
                                                  dtype=torch.float32).eval()

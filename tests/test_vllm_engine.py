@@ -42,6 +42,12 @@ class FakeLLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
     def generate(self, prompts, params, use_tqdm=True):
         self.calls.append((prompts, params))
         outputs = []
@@ -62,8 +68,11 @@ def fake_vllm(monkeypatch):
     vllm.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     return vllm
 
 
@@ -72,7 +81,8 @@ def test_vllm_engine_requests_and_completions(fake_vllm, random_model_dir):
     llm = FakeLLM.last
     # the sampled distribution's log-probs; quiet loading; vLLM's own defaults otherwise
     assert llm.kwargs == {"logprobs_mode": "processed_logprobs", "tensor_parallel_size": 1,
-                          "dtype": "auto", "enforce_eager": False, "use_tqdm_on_load": False}
+                          "dtype": "auto", "enforce_eager": False, "use_tqdm_on_load": False,
+                          "worker_extension_cls": "dcpo_cli.engines.vllm_worker.WeightUpdates"}
     prompts = [[10, 11, 12], [10, 11, 12], [20, 21, 22, 23, 24, 25]]
     settings = SamplingSettings(n=2, temperature=0.8, top_p=0.9, top_k=0, max_new_tokens=4,
                                 seed=7)
@@ -92,3 +102,30 @@ def test_vllm_engine_requests_and_completions(fake_vllm, random_model_dir):
     assert [c.finish_reason for c in long] == ["length", "length"]
     assert long[0].token_ids == [25, 24, 23, 22]
     assert long[0].text == engine.tokenizer.decode([25, 24, 23, 22], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("sleep_mode", [True, False])
+def test_resident_engine_sleeps_while_training_where_vllm_can(fake_vllm, random_model_dir,
+                                                              sleep_mode):
+    """`dcpo run`'s engine: sleep mode asked for at start where the platform has it (GPUs);
+    `release` frees the KV cache (sleep level 1, weights kept) and the next generation wakes
+    it first. Without sleep mode (the CPU build) `release` does nothing."""
+    fake_vllm_platforms = sys.modules["vllm.platforms"].current_platform
+    fake_vllm_platforms.is_sleep_mode_available = lambda: sleep_mode
+    engine = load_engine("vllm", random_model_dir, resident=True)
+    llm = FakeLLM.last
+    assert llm.kwargs.get("enable_sleep_mode", False) is sleep_mode
+    settings = SamplingSettings(n=1, max_new_tokens=2, seed=0)
+    engine.generate([[10, 11]], settings)
+    engine.release()
+    engine.release()  # already asleep: once is enough
+    engine.generate([[10, 11]], settings)
+    engine.generate([[10, 11]], settings)
+    events = [call[0] if isinstance(call[0], str) else "generate" for call in llm.calls]
+    assert events == (["generate", "sleep", "wake_up", "generate", "generate"] if sleep_mode
+                      else ["generate"] * 3)
+    assert ("sleep", 1) in llm.calls or not sleep_mode
+    not_resident = load_engine("vllm", random_model_dir)
+    assert "enable_sleep_mode" not in FakeLLM.last.kwargs
+    not_resident.release()
+    assert FakeLLM.last.calls == []

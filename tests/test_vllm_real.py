@@ -236,6 +236,44 @@ def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp
     assert tokens(tmp_path / "cli.parquet") == tokens(tmp_path / "here.parquet")
 
 
+def test_weights_pushed_in_memory_give_the_trainers_new_log_probs(engine, tiny, hf_model):
+    """`load_weights` (`dcpo run` after each train-step) of changed weights, the embedding
+    the tied lm_head shares included: the sampler log-probs are then the teacher-forced ones
+    of the new weights, not of the old; pushing the old ones back restores them. The same
+    prompts ran before each update, each longer than a KV block (vLLM caches whole blocks),
+    so reused prefix-cache blocks of the previous weights would show too."""
+    import copy
+
+    from dcpo_cli.engines import SamplingSettings
+
+    assert hf_model.config.tie_word_embeddings
+    block = engine.llm.llm_engine.vllm_config.cache_config.block_size
+    short = _prompt_ids(engine, tiny, count=6)
+    prompts = [short[i] + short[(i + 1) % 6] + short[(i + 2) % 6] for i in range(4)]
+    assert min(map(len, prompts)) > block
+    sampling = SamplingSettings(n=4, temperature=1.0, max_new_tokens=MAX_NEW, seed=5)
+    new = copy.deepcopy(hf_model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in new.parameters():  # embed_tokens is also lm_head
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+    def identity(scores):
+        return scores
+
+    engine.generate(prompts, sampling)  # the prompts' blocks cached with the old weights
+    try:
+        engine.load_weights(new.state_dict().items())
+        gaps_new = _gaps(engine, new, prompts, sampling, identity)
+        gaps_old = _gaps(engine, hf_model, prompts, sampling, identity)
+    finally:  # the module's other tests use this engine
+        engine.load_weights(hf_model.state_dict().items())
+    _report("after load_weights, against the new weights", gaps_new)
+    assert max(gaps_new) < LOGPROB_TOLERANCE
+    assert statistics.median(gaps_old) > 1e-2  # the update changed the distribution
+    assert max(_gaps(engine, hf_model, prompts, sampling, identity)) < LOGPROB_TOLERANCE
+
+
 def test_unknown_engine_arg_is_one_line(tiny, tmp_path):
     result = run_dcpo("rollout", "--model", tiny / "model", "--prompts", tiny / "train.parquet",
                       "--step", 0, "--engine", "vllm", "--engine-arg", "no_such_knob=1",

@@ -7,6 +7,10 @@ token stays in `token_ids`, as with hf.
 
 vLLM logs at INFO and shows its own load progress bars; unless `verbose`, only its warnings
 and errors come through, so our progress bar stays the one thing on screen.
+
+`dcpo run` keeps one engine for the whole run: after each train-step the new weights go into
+it in memory (`load_weights`), and, for the engine it keeps (`resident=True`) where vLLM has
+a sleep mode (GPUs), its KV cache is freed while the policy trains (`release`).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class VllmEngine:
     def __init__(self, model_path: str | Path, *, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", enforce_eager: bool = False,
-                 engine_args: dict[str, Any] | None = None, verbose: bool = False) -> None:
+                 engine_args: dict[str, Any] | None = None, verbose: bool = False,
+                 resident: bool = False) -> None:
         import importlib.util
         import sys
 
@@ -87,6 +92,17 @@ class VllmEngine:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len is not None:
             options["max_model_len"] = max_model_len
+        # The workers run in other processes: `load_weights` reaches them by name, through
+        # this extension of vLLM's worker class
+        options["worker_extension_cls"] = "dcpo_cli.engines.vllm_worker.WeightUpdates"
+        self.sleeps, self.asleep = False, False
+        if resident:
+            from vllm.platforms import current_platform
+
+            # Sleep mode (CUDA/ROCm/XPU only) must be chosen at start; the CPU build has none
+            self.sleeps = current_platform.is_sleep_mode_available()
+            if self.sleeps:
+                options["enable_sleep_mode"] = True
         try:
             self.llm = LLM(model=str(model_path), logprobs_mode="processed_logprobs",
                            **{**options, **engine_args})
@@ -96,11 +112,52 @@ class VllmEngine:
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(model_path))
 
+    def load_weights(self, named_tensors) -> None:
+        """Replace the weights in memory with the trainer's (`dcpo run` after each
+        train-step): afterwards the engine samples as if started from the checkpoint those
+        tensors were saved to.
+
+        The engine's workers are other processes, and vLLM's RPC fails on tensors ("cannot
+        pickle memoryview objects"), so the weights go as one `torch.save` blob to each
+        worker (`vllm_worker.py`), which hands them to vLLM's in-place reload
+        (`reload_weights`). That reload takes
+        checkpoint names and layout (fused q/k/v and gate/up projections, sharding, the tied
+        lm_head), then redoes the after-loading processing: the CPU build repacks each
+        linear weight there and drops the plain tensor, so copying into the model's
+        parameters would not do. Cost: the blob is copied on its way (this process, the
+        engine core, each worker), fine at the sizes a CPU runs; at GPU scale vLLM's own
+        weight-transfer engines (NCCL/CUDA IPC) would avoid those copies."""
+        import io
+
+        import torch
+
+        self._wake()
+        buffer = io.BytesIO()
+        torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
+        self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
+        # Cached prompt blocks hold keys and values of the old weights
+        self.llm.reset_prefix_cache()
+
+    def release(self) -> None:
+        """Free the KV cache while the policy trains (weights kept in CPU memory: vLLM's
+        sleep level 1; level 2 would drop them, and they are not always replaced next).
+        Without sleep mode (the CPU build, or an engine `dcpo run` does not keep) there is
+        nothing to free: the KV cache is a fixed allocation."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._wake()
         # One seed per prompt: with a single shared seed vLLM gives every request the same
         # random stream, so a prompt repeated in a batch would get identical samples.
         params = [SamplingParams(
