@@ -2,15 +2,26 @@
 stage, as examples/tiny_loop.sh runs them), `dcpo run` (one process, models resident), and
 TRL's GRPOTrainer on the same tiny model, prompts, group size and token budget.
 
-Prints per-step wall times side by side with their ratios, and `dcpo run`'s step time
-against its own stages' work (generation + scoring + update seconds), target <= 1.3x.
-Step 0 (engine and policy loading) is shown apart from the steady-state mean of the rest.
+Prints per-step wall times side by side with their ratios, `dcpo run`'s step time against
+its own stages' work (generation + scoring + update seconds), target <= 1.3x, and where a
+step goes in `dcpo run` and in TRL: generation, scoring, the old-log-prob pass, the updates
+and the rest, with the tokens each generated. Step 0 (engine and policy loading) is shown
+apart from the steady-state mean of the rest.
+
+The same work on both sides: the same prompts file, 32 prompts x 8 responses of at most 48
+new tokens sampled at temperature 1 (no top-k/top-p), fp32, the same torch threads (one
+process), 4 AdamW updates of 64 responses per step (one forward/backward each), no KL
+reference model, weight decay 0.1, gradient clipping at 1, no gradient checkpointing. What
+differs by design: TRL generates the 256 responses in one `generate` batch (dcpo's hf engine
+in token-budget batches: 2 here), computes old log-probs for all 4 mini-batches (dcpo
+reuses the first update's forward: 3) and saves nothing, while each `dcpo run` step writes
+its rollouts, scored and checkpoint (weights + DCP training state) files ("other").
 
 TRL is a benchmark-only extra, never a dependency of dcpo: install it beside the project
 without touching torch, e.g. `pip install --target /tmp/trl trl accelerate --no-deps`, and
 pass `--trl-path /tmp/trl` (without TRL importable, its column is skipped).
 
-    python benchmarks/bench_loop.py [--size default|test] [--steps 3] [--work DIR]
+    python benchmarks/bench_loop.py [--size default|test] [--steps 3] [--repeat 1] [--work DIR]
 """
 
 from __future__ import annotations
@@ -22,12 +33,22 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # the shell loop's defaults (examples/tiny_loop.sh)
 BATCH, N, MAX_NEW_TOKENS, LR, SEED = 32, 8, 48, 2e-4, 0
+# where a step's time goes; "update": the forward + backward passes and optimizer steps
+STAGES = ("generate", "score", "old log-probs", "update")
+
+
+@dataclass
+class Measured:
+    walls: list[float]  # per step
+    stages: list[dict[str, float]] | None = None  # per step: seconds of each of STAGES
+    tokens: list[tuple[float, int]] | None = None  # per step: mean prompt, generated tokens
 
 
 def dcpo(*args: str) -> list[str]:
@@ -70,19 +91,46 @@ def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
 
 
 def run_steps(run: Path, tiny: Path, steps: int):
-    """`dcpo run` in this process (its evaluations are outside the step times)."""
+    """`dcpo run` in this process (its evaluations are outside the step times); each step's
+    timing, and the seconds of its old-log-prob pass (part of the update's)."""
     import shutil
 
+    from dcpo_cli import train_step
     from dcpo_cli.run_config import resolve
     from dcpo_cli.run_loop import run_loop
 
     run.mkdir(parents=True)
     shutil.copytree(tiny, run / "tiny")  # the loop's own layout: RUN_DIR/tiny
     config, _ = resolve(run, {"steps": steps, "eval_at": 0}, {})
-    return run_loop(run, config, show_progress=False)
+    old_pass, original = [], train_step.old_logprobs
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        original(*args, **kwargs)
+        old_pass.append(time.perf_counter() - started)
+
+    train_step.old_logprobs = timed
+    try:
+        timings = run_loop(run, config, show_progress=False)
+    finally:
+        train_step.old_logprobs = original
+    return timings, old_pass
 
 
-def trl_steps(tiny: Path, steps: int, work: Path) -> list[float] | None:
+def rollout_tokens(run: Path, steps: int) -> list[tuple[float, int]]:
+    """Per step: mean prompt tokens and the number of generated tokens."""
+    import pyarrow.parquet as pq
+
+    found = []
+    for step in range(steps):
+        table = pq.read_table(run / "steps" / f"{step:06d}" / "rollouts.parquet",
+                              columns=["prompt_token_ids", "response_token_ids"]).to_pydict()
+        found.append((statistics.mean(len(p) for p in table["prompt_token_ids"]),
+                      sum(len(r) for r in table["response_token_ids"])))
+    return found
+
+
+def trl_steps(tiny: Path, steps: int, work: Path) -> Measured | None:
     """GRPOTrainer: one generation round of BATCH prompts x N completions of up to
     MAX_NEW_TOKENS tokens, then 4 optimizer updates on it (dcpo's default mini-batching)."""
     try:
@@ -90,6 +138,7 @@ def trl_steps(tiny: Path, steps: int, work: Path) -> list[float] | None:
     except ImportError as exc:
         print(f"TRL not importable ({exc}); its column is skipped")
         return None
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -109,26 +158,67 @@ def trl_steps(tiny: Path, steps: int, work: Path) -> list[float] | None:
         output_dir=str(work / "trl"), use_cpu=True, num_generations=N,
         per_device_train_batch_size=BATCH * N // updates, steps_per_generation=updates,
         max_completion_length=MAX_NEW_TOKENS, temperature=1.0, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, beta=0.0, num_iterations=1,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.1, max_grad_norm=1.0,
+        beta=0.0, num_iterations=1,
         max_steps=steps * updates, logging_steps=10_000, save_strategy="no",
         report_to="none", seed=SEED, disable_tqdm=True, bf16=False,
         gradient_checkpointing=False)  # off, as in dcpo train-step by default
 
+    marks: list[float] = []  # the end of each optimizer step
+    stages = [dict.fromkeys(STAGES, 0.0) for _ in range(steps)]
+    tokens: list[tuple[float, int]] = []
+
+    def add(name: str, seconds: float) -> None:
+        stages[min(len(marks) // updates, steps - 1)][name] += seconds
+
     class Clock(TrainerCallback):
-        marks: list[float] = []
+        def on_pre_optimizer_step(self, *args, **kwargs):
+            self.before = time.perf_counter()
+
+        def on_optimizer_step(self, *args, **kwargs):
+            add("update", time.perf_counter() - self.before)
 
         def on_step_end(self, *args, **kwargs):
-            self.marks.append(time.perf_counter())
+            marks.append(time.perf_counter())
+
+    def timed(name: str, method):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            result = method(*args, **kwargs)
+            seconds = time.perf_counter() - started
+            if name == "generate":  # prompt_ids, completion_ids, ...
+                tokens.append((statistics.mean(len(p) for p in result[0]),
+                               sum(len(c) for c in result[1])))
+            if name == "prepare":  # generation, rewards and old log-probs: not the update's
+                add("update", -seconds)
+            elif name != "old log-probs" or not torch.is_grad_enabled():
+                add(name, seconds)
+            return result
+        return run
 
     model = AutoModelForCausalLM.from_pretrained(tiny / "model")
     tokenizer = AutoTokenizer.from_pretrained(tiny / "model")
-    clock = Clock()
     started = time.perf_counter()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[clock])
+                          processing_class=tokenizer, callbacks=[Clock()])
+    # The stages of a step: generation (with the prompts' tokenization), the reward function,
+    # the no-grad log-prob pass over the generation batch (TRL's old log-probs); the update is
+    # training_step (forward + backward, less the generation round it starts with) plus the
+    # gradient clipping and optimizer step.
+    for name, attribute in (("generate", "_generate"), ("score", "_calculate_rewards"),
+                            ("old log-probs", "_get_per_token_logps_and_entropies"),
+                            ("prepare", "_generate_and_score_completions"),
+                            ("update", "training_step"), ("update", "_clip_grad_norm")):
+        setattr(trainer, attribute, timed(name, getattr(trainer, attribute)))
     trainer.train()
-    marks = [started, *clock.marks[updates - 1::updates]]
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    ends = [started, *marks[updates - 1::updates]]
+    walls = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return Measured(walls, stages, tokens)
+
+
+def steady(values: list[float]) -> float:
+    """The mean of steps 1.. (step 0 also loads engines and models), or step 0's alone."""
+    return statistics.mean(values[1:] if len(values) > 1 else values)
 
 
 def summary(times: list[float] | None) -> tuple[str, str]:
@@ -136,6 +226,43 @@ def summary(times: list[float] | None) -> tuple[str, str]:
         return "-", "-"
     rest = f"{statistics.mean(times[1:]):.2f}" if len(times) > 1 else "-"
     return f"{times[0]:.2f}", rest
+
+
+def measure_run(work: Path, tiny: Path, steps: int) -> Measured:
+    run = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    timings, old_pass = run_steps(run, tiny, steps)
+    print("dcpo run, per step: wall / (generate + score + update):",
+          ", ".join(f"{t.wall:.2f}/{t.work:.2f} = {t.wall / t.work:.2f}x" for t in timings))
+    walls, work_seconds = [t.wall for t in timings], [t.work for t in timings]
+    print(f"dcpo run steady state: wall {steady(walls):.2f} s for {steady(work_seconds):.2f} s "
+          f"of work = {steady(walls) / steady(work_seconds):.2f}x (target <= 1.3x)")
+    stages = [{"generate": t.generate or 0.0, "score": t.score or 0.0, "old log-probs": old,
+               "update": (t.train or 0.0) - old} for t, old in zip(timings, old_pass,
+                                                                    strict=True)]
+    return Measured(walls, stages, rollout_tokens(run, steps))
+
+
+def stage_table(results: dict[str, Measured]):
+    """Steady-state seconds of each stage side by side; "other": the rest of the step (files,
+    checkpoint and Parquet writes, weight sync, the trainer's own bookkeeping)."""
+    from rich.table import Table
+
+    broken = {k: m for k, m in results.items() if m.stages}
+    table = Table(title="where a step goes (mean of steps 1..)")
+    table.add_column("")
+    for name in broken:
+        table.add_column(f"{name} s", justify="right")
+    for stage in STAGES:
+        table.add_row(stage, *(f"{steady([s[stage] for s in m.stages]):.3f}"
+                               for m in broken.values()))
+    table.add_row("other", *(f"{steady(m.walls) - steady([sum(s.values()) for s in m.stages]):.3f}"
+                             for m in broken.values()))
+    table.add_row("step", *(f"{steady(m.walls):.3f}" for m in broken.values()))
+    table.add_row("mean prompt tokens", *(f"{steady([t[0] for t in m.tokens]):.1f}"
+                                          for m in broken.values()))
+    table.add_row("generated tokens", *(f"{steady([t[1] for t in m.tokens]):.0f}"
+                                        for m in broken.values()))
+    return table
 
 
 def main() -> None:
@@ -146,45 +273,56 @@ def main() -> None:
     parser.add_argument("--trl-path", type=Path, default=None,
                         help="A folder with TRL installed (pip install --target ...).")
     parser.add_argument("--skip", nargs="*", default=[], choices=["shell", "run", "trl"])
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="Measure each R times (alternating the order) and show each one's "
+                        "fastest: on a shared machine, the closest to what the code costs.")
     args = parser.parse_args()
     if args.trl_path:
         sys.path.insert(0, str(args.trl_path))
     args.work.mkdir(parents=True, exist_ok=True)
     tiny = tiny_dir(args.work, args.size)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results: dict[str, list[float] | None] = {}
-    if "run" not in args.skip:
-        timings = run_steps(args.work / f"run-{stamp}", tiny, args.steps)
-        results["dcpo run"] = [t.wall for t in timings]
-        work = [t.work for t in timings]
-        print("dcpo run, per step: wall / (generate + score + update):",
-              ", ".join(f"{t.wall:.2f}/{t.work:.2f} = {t.wall / t.work:.2f}x" for t in timings))
-        if len(timings) > 1:
-            walls = results["dcpo run"][1:]
-            print(f"dcpo run steady state (steps 1..): wall {statistics.mean(walls):.2f} s"
-                  f" for {statistics.mean(work[1:]):.2f} s of work = "
-                  f"{sum(results['dcpo run'][1:]) / sum(work[1:]):.2f}x (target <= 1.3x)")
-    if "shell" not in args.skip:
-        results["shell loop"] = shell_steps(args.work / f"shell-{stamp}", tiny, args.steps)
-    if "trl" not in args.skip:
-        results["TRL GRPOTrainer"] = trl_steps(tiny, args.steps, args.work)
+    measures = {"run": ("dcpo run", lambda stamp: measure_run(args.work, tiny, args.steps)),
+                "shell": ("shell loop", lambda stamp: Measured(
+                    shell_steps(args.work / f"shell-{stamp}", tiny, args.steps))),
+                "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work))}
+    order = [key for key in measures if key not in args.skip]
+    every: dict[str, list[Measured]] = {}
+    for repeat in range(args.repeat):
+        # the order alternates, so slow phases of a shared machine hit each in turn
+        for key in order if repeat % 2 == 0 else order[::-1]:
+            name, measure = measures[key]
+            measured = measure(f"{time.strftime('%Y%m%d-%H%M%S')}-{repeat}")
+            if measured is not None:
+                every.setdefault(name, []).append(measured)
+    if args.repeat > 1:
+        for name, runs in every.items():
+            print(f"{name}: later steps' mean per repeat:",
+                  ", ".join(f"{steady(m.walls):.2f}" for m in runs), "s (the lowest is shown)")
+    results = {name: min(runs, key=lambda m: steady(m.walls)) for name, runs in every.items()}
+    results = dict(sorted(results.items(), key=lambda item: item[0] != "dcpo run"))
 
+    import torch
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"one loop step: tiny {args.size} model, {BATCH} prompts x {N}, "
-                  f"<= {MAX_NEW_TOKENS} new tokens, {os.cpu_count()} CPU cores")
+                  f"<= {MAX_NEW_TOKENS} new tokens, {os.cpu_count()} CPU cores, "
+                  f"{torch.get_num_threads()} torch threads")
     for column in ("", "step 0 s", "later steps s (mean)", "vs dcpo run"):
         table.add_column(column, justify="right")
     base = results.get("dcpo run")
-    for name, times in results.items():
+    for name, measured in results.items():
+        times = measured.walls
         first, rest = summary(times)
         ratio = "-"
-        if times and base and len(times) > 1 and len(base) > 1:
-            ratio = f"{statistics.mean(times[1:]) / statistics.mean(base[1:]):.2f}x"
+        if base and len(times) > 1 and len(base.walls) > 1:
+            ratio = f"{statistics.mean(times[1:]) / statistics.mean(base.walls[1:]):.2f}x"
         table.add_row(name, first, rest, ratio)
-    Console().print(table)
-    print(json.dumps({k: v for k, v in results.items()}, default=str))
+    console = Console()
+    console.print(table)
+    if any(m.stages for m in results.values()):
+        console.print(stage_table(results))
+    print(json.dumps({k: vars(v) for k, v in results.items()}, default=str))
 
 
 if __name__ == "__main__":

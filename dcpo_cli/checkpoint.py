@@ -251,8 +251,9 @@ def save_weights(directory: Path, model, full: dict[str, torch.Tensor]) -> None:
 
     hf_logging.disable_progress_bar()
     dtype = getattr(model, "dcpo_save_dtype", torch.float32)
+    copies = tied_copies(model)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()
-               if k not in tied_copies(model)}
+               if k not in copies}
     saved_dtype = model.config.dtype
     model.config.dtype = dtype
     try:

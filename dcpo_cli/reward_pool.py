@@ -45,12 +45,16 @@ def _worker_main(conn, function: Callable[..., Any]) -> None:
         conn.send(result)
 
 
+# What the pool's fork server imports once; verifier_warmup also runs one check there.
+FORKSERVER_PRELOAD = ["math_verify", "dcpo_cli.rewards", "dcpo_cli.verifier_warmup"]
+
+
 def _context():
-    # forkserver: cheap forks of a clean process that has math_verify preloaded, and safe
-    # even when the caller has torch threads running (plain fork is not).
+    # forkserver: cheap forks of a clean process that has math_verify preloaded (and warmed),
+    # and safe even when the caller has torch threads running (plain fork is not).
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["math_verify", "dcpo_cli.rewards"])
+        ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
         return ctx
     return multiprocessing.get_context("spawn")
 

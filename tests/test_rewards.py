@@ -141,6 +141,22 @@ def test_the_pool_kills_an_overrunning_job_and_reports_a_raising_one():
     assert "package.module:function" in failed[0].error and not failed[0].timed_out
 
 
+def test_the_pool_fork_server_is_warmed_by_a_throw_away_check():
+    """The fork server preloads verifier_warmup, whose import runs one full check (so every
+    worker forked from the server starts with math-verify's parsers built)."""
+    import subprocess
+    import sys
+
+    from dcpo_cli.reward_pool import FORKSERVER_PRELOAD
+
+    assert "dcpo_cli.verifier_warmup" in FORKSERVER_PRELOAD
+    code = ("import dcpo_cli.verifier_warmup as w; from dcpo_cli.rewards import _parse_gold; "
+            "print(w.WARMED, _parse_gold.cache_info().currsize)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["True", "1"]
+
+
 @pytest.mark.parametrize(("length", "expected"), [
     (0, 0.0), (12, 0.0), (13, -0.25), (14, -0.5), (16, -1.0), (17, -1.0), (100, -1.0),
 ])
