@@ -102,7 +102,6 @@ class VllmEngine:
             # exceed the CPU's 4096-token step) makes vLLM rewind its seeded generator, which
             # a CPU generator cannot ("CPU Generator does not use offset"): whole prompts only.
             options["enable_chunked_prefill"] = False
-            logging.getLogger("vllm.engine.arg_utils").addFilter(_not_our_chunking_warning)
         self.sleeps, self.asleep = False, False
         if resident:
             # Sleep mode (CUDA/ROCm/XPU only) must be chosen at start; the CPU build has none
@@ -189,13 +188,6 @@ class VllmEngine:
         if on_progress:
             on_progress(responses, tokens)
         return results
-
-
-def _not_our_chunking_warning(record: logging.LogRecord) -> bool:
-    """vLLM warns that disabling chunked prefill "may cause the engine to crash or produce
-    incorrect outputs": on the CPU that is dcpo's default, not the user's choice, and the
-    sampler's log-probs are checked against the trainer's (tests/test_vllm_real.py)."""
-    return "does not officially support disabling chunked prefill" not in str(record.msg)
 
 
 def _generation_config(model_path: str | Path):
