@@ -69,7 +69,8 @@ def fake_vllm(monkeypatch):
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
     platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True,
+                                                       is_cpu=lambda: False)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
@@ -129,3 +130,22 @@ def test_resident_engine_sleeps_while_training_where_vllm_can(fake_vllm, random_
     assert "enable_sleep_mode" not in FakeLLM.last.kwargs
     not_resident.release()
     assert FakeLLM.last.calls == []
+
+
+def test_cpu_build_prefills_whole_prompts_unless_told(fake_vllm, random_model_dir, monkeypatch):
+    """On vLLM's CPU build chunked prefill is off (a prompt split over steps rewinds its
+    seeded generator, which a CPU generator cannot); an explicit --engine-arg wins, and
+    GPUs keep vLLM's default."""
+    monkeypatch.setattr("dcpo_cli.engines.vllm.check_engine_args", lambda args: None)
+    platform = sys.modules["vllm.platforms"].current_platform
+    load_engine("vllm", random_model_dir)
+    assert "enable_chunked_prefill" not in FakeLLM.last.kwargs
+    platform.is_cpu = lambda: True
+    load_engine("vllm", random_model_dir)
+    assert FakeLLM.last.kwargs["enable_chunked_prefill"] is False
+    for value in (True, False):
+        load_engine("vllm", random_model_dir, engine_args={"enable_chunked_prefill": value})
+        assert FakeLLM.last.kwargs["enable_chunked_prefill"] is value
+    load_engine("vllm", random_model_dir, engine_args={"max_num_batched_tokens": 1024})
+    assert FakeLLM.last.kwargs["max_num_batched_tokens"] == 1024
+    assert FakeLLM.last.kwargs["enable_chunked_prefill"] is False

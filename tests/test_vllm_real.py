@@ -116,6 +116,28 @@ def test_same_seed_same_tokens(engine, tiny):
     assert any(len({tuple(t) for t in group}) > 1 for group in first)
 
 
+def test_seeded_batch_over_the_token_budget(engine, tiny):
+    """A seeded batch whose prompts hold more tokens than one scheduler step takes (vLLM
+    CPU: 4096), as the tiny loop's 32 prompts x 8 do. With chunked prefill the step's last
+    prompt is split, and vLLM rewinds that request's generator, which a CPU generator
+    cannot ("CPU Generator does not use offset"). Each prompt's samples are those it gets in
+    a small batch: splitting the batch into steps changes no random stream."""
+    from dcpo_cli.engines import SamplingSettings
+
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    short = _prompt_ids(engine, tiny)
+    prompts, tokens = [], 0
+    while tokens <= 1.5 * budget:  # the split prompt falls in the batch's middle
+        prompts.append(short[len(prompts) % len(short)])
+        tokens += 4 * len(prompts[-1])
+    settings = SamplingSettings(n=4, temperature=1.0, max_new_tokens=8, seed=7)
+    big = engine.generate(prompts, settings)
+    assert [len(group) for group in big] == [4] * len(prompts)
+    small = engine.generate(prompts[:4], settings)
+    assert [[c.token_ids for c in g] for g in big[:4]] == [[c.token_ids for c in g]
+                                                          for g in small]
+
+
 def _teacher_forced_logits(model, prompt_ids, response_ids):
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids + response_ids])).logits[0].float()

@@ -95,10 +95,15 @@ class VllmEngine:
         # The workers run in other processes: `load_weights` reaches them by name, through
         # this extension of vLLM's worker class
         options["worker_extension_cls"] = "dcpo_cli.engines.vllm_worker.WeightUpdates"
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu() and "enable_chunked_prefill" not in engine_args:
+            # A prompt split over scheduler steps (chunked prefill, once a batch's prompts
+            # exceed the CPU's 4096-token step) makes vLLM rewind its seeded generator, which
+            # a CPU generator cannot ("CPU Generator does not use offset"): whole prompts only.
+            options["enable_chunked_prefill"] = False
         self.sleeps, self.asleep = False, False
         if resident:
-            from vllm.platforms import current_platform
-
             # Sleep mode (CUDA/ROCm/XPU only) must be chosen at start; the CPU build has none
             self.sleeps = current_platform.is_sleep_mode_available()
             if self.sleeps:
