@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from dcpo_cli.engines import SamplingSettings, load_engine
+from dcpo_cli.errors import DcpoError
 
 
 @dataclass
@@ -149,3 +150,38 @@ def test_cpu_build_prefills_whole_prompts_unless_told(fake_vllm, random_model_di
     load_engine("vllm", random_model_dir, engine_args={"max_num_batched_tokens": 1024})
     assert FakeLLM.last.kwargs["max_num_batched_tokens"] == 1024
     assert FakeLLM.last.kwargs["enable_chunked_prefill"] is False
+
+
+def test_cpu_build_gets_a_fixed_kv_cache_unless_memory_is_set(fake_vllm, random_model_dir,
+                                                               monkeypatch):
+    """On vLLM's CPU build dcpo asks for a 1 GiB KV cache instead of vLLM's 92% of the
+    machine; --gpu-memory-utilization, an explicit kv_cache_memory_bytes or vLLM's own
+    VLLM_CPU_KVCACHE_SPACE win, and GPUs keep vLLM's default."""
+    from dcpo_cli.engines.vllm import CPU_KV_CACHE_BYTES
+
+    monkeypatch.setattr("dcpo_cli.engines.vllm.check_engine_args", lambda args: None)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    platform = sys.modules["vllm.platforms"].current_platform
+    load_engine("vllm", random_model_dir)
+    assert "kv_cache_memory_bytes" not in FakeLLM.last.kwargs
+    platform.is_cpu = lambda: True
+    load_engine("vllm", random_model_dir)
+    assert FakeLLM.last.kwargs["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES == 2**30
+    load_engine("vllm", random_model_dir, gpu_memory_utilization=0.3)
+    assert "kv_cache_memory_bytes" not in FakeLLM.last.kwargs
+    load_engine("vllm", random_model_dir, engine_args={"kv_cache_memory_bytes": 1 << 26})
+    assert FakeLLM.last.kwargs["kv_cache_memory_bytes"] == 1 << 26
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")
+    load_engine("vllm", random_model_dir)
+    assert "kv_cache_memory_bytes" not in FakeLLM.last.kwargs
+
+
+def test_an_engine_that_fails_to_start_is_one_line(fake_vllm, random_model_dir, monkeypatch):
+    def failing(**kwargs):
+        raise RuntimeError("Engine core initialization failed. See root cause above.\nmore")
+
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", lambda model, **kwargs: failing(**kwargs))
+    with pytest.raises(DcpoError, match="the vLLM engine failed to start .*Engine core "
+                                        "initialization failed.*log above") as caught:
+        load_engine("vllm", random_model_dir)
+    assert "\n" not in str(caught.value)
