@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dcpo_cli import distributed
 from dcpo_cli.checkpoint import build_policy, is_checkpoint, read_trainer_state, vocab_size
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.logprobs import check_plain_lm_head
@@ -71,8 +72,6 @@ def load_reference(source: ModelSource, device: torch.device, policy_vocab: int,
     """The reference model in eval mode without gradients (under torchrun: its FSDP2 root,
     sharded as the policy is); its vocabulary must be the policy's (the same token ids
     must mean the same tokens)."""
-    from dcpo_cli import distributed
-
     model, _ = build_policy(source.path, torch.device("cpu") if cpu_offload else device)
     check_plain_lm_head(model)
     vocab = vocab_size(model)

@@ -94,9 +94,11 @@ class ResidentEngine:
         return self.engine
 
     def release(self) -> None:
-        """Before a train-step: let the engine free memory the training needs."""
-        if self.engine is not None:
-            self.engine.release()
+        """Before a train-step: let the engine free memory the training needs (`release`,
+        optional like `load_weights`: an engine without it keeps what it holds)."""
+        release = getattr(self.engine, "release", None)
+        if callable(release):
+            release()
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)

@@ -55,6 +55,32 @@ def benchmarks(tmp_path_factory) -> Path:
     return folder
 
 
+def kill_at_random_progress(command: list[str], env: dict[str, str], run_dir: Path,
+                            reference_dir: Path, seed: int = 1234, attempts: int = 4) -> int:
+    """Start `command` `attempts` times, each SIGKILLed (with every process it started) after
+    a random number of the reference run's files have appeared in `run_dir`, plus a random
+    fraction of a second: points of its progress, not shares of a wall time, which a busy
+    machine stretches. Returns how many runs were really killed (not already finished)."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(seed)
+    total = sum(1 for _ in reference_dir.rglob("*"))
+    kills = 0
+    for threshold in sorted(rng.sample(range(1, total), attempts)):
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait()
+    return kills
+
+
 def assert_one_line_error(result: Result, *fragments: str) -> None:
     """A bad input gives exit code 2 and exactly one line on stderr, with no traceback."""
     assert result.code == 2, (result.code, result.stderr)

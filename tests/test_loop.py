@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_dcpo
+from conftest import REPO, kill_at_random_progress, run_dcpo
 
 STEPS = 2
 # The reduced tiny configuration keeps each stage to a few seconds on 2 cores.
@@ -89,25 +87,12 @@ def test_two_steps_end_to_end(finished_run):
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(finished_run, reward_dir,
                                                                 tmp_path):
-    """Killed at random points of its progress (after a random number of the reference
-    run's files have appeared, plus a random fraction of a second: not a share of a wall
-    time, which a busy machine stretches), then run again to the end."""
+    """Killed at random points of its progress (conftest.kill_at_random_progress), then run
+    again to the end."""
     reference_dir, _ = finished_run
     run_dir = tmp_path / "run"
-    rng = random.Random(1234)
-    total = sum(1 for _ in reference_dir.rglob("*"))
-    kills = 0
-    for threshold in sorted(rng.sample(range(1, total), 4)):
-        process = subprocess.Popen(loop_command(run_dir), env=loop_env(reward_dir),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   start_new_session=True)
-        while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 0.5))
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the loop and every stage it started
-            kills += 1
-        process.wait()
+    kills = kill_at_random_progress(loop_command(run_dir), loop_env(reward_dir), run_dir,
+                                    reference_dir)
     assert kills >= 2  # the loop was really interrupted, more than once
     result = subprocess.run(loop_command(run_dir), env=loop_env(reward_dir), capture_output=True,
                             text=True, timeout=600)

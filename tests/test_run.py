@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, run_dcpo
+from conftest import REPO, assert_one_line_error, kill_at_random_progress, run_dcpo
 
 STEPS = 3
 # As tests/test_loop.py: the reduced tiny model, a few seconds per stage on 2 cores.
@@ -214,23 +212,11 @@ def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, e
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
-    """Killed at random points of its progress (after a random number of the run's files
-    have appeared, plus a random fraction of a second), then resumed without flags."""
+    """Killed at random points of its progress (conftest.kill_at_random_progress), then
+    resumed without flags."""
     reference_dir, _ = run_reference
     run_dir = tmp_path / "run"
-    rng = random.Random(1234)
-    total = sum(1 for _ in reference_dir.rglob("*"))
-    kills = 0
-    for threshold in sorted(rng.sample(range(1, total), 4)):
-        process = subprocess.Popen(dcpo_run(run_dir, STEPS), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
-        while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0, 0.5))
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the run and its verifier processes
-            kills += 1
-        process.wait()
+    kills = kill_at_random_progress(dcpo_run(run_dir, STEPS), env, run_dir, reference_dir)
     assert kills >= 2  # really interrupted, more than once
     finish(dcpo_run(run_dir, None, flags=[]), env)  # run.toml holds the settings
     assert_same_run(run_dir, reference_dir)

@@ -147,6 +147,3 @@ class HFEngine:
 
         with torch.no_grad():
             self.model.load_state_dict(dict(named_tensors), strict=True)
-
-    def release(self) -> None:
-        """Nothing to free while the policy trains: generate keeps no cache between calls."""
