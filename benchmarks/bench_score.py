@@ -38,7 +38,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dcpo_cli.rewards import default_workers, verify_batch
+    from dcpo_cli.reward_pool import default_workers
+    from dcpo_cli.rewards import verify_batch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=4)
