@@ -12,8 +12,9 @@ Outputs, under the output directory:
   Hub id and commit (null for a local directory) and its fingerprint;
 - `options.json`: the options of the run that wrote the summary.
 
-Generation goes through the same engines as `dcpo rollout` and verification through the same
-`rewards.verify_batch` as `dcpo score`.
+Generation goes through the same engines as `dcpo rollout`, and verification through the
+reward path of `dcpo score` (`rewards.verify_batch`: `rewards.judge` with the default reward,
+math-verify).
 """
 
 from __future__ import annotations
