@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
 from dcpo_cli import __version__, options
@@ -141,6 +142,25 @@ def validate(table: pa.Table, kind: str, path: str | Path,
         ids = table.column("prompt_id")
         if len(ids.unique()) != table.num_rows:
             raise DcpoError(f"{name}: column 'prompt_id' has duplicate values")
+    check_unique_responses(table, name)
+
+
+RESPONSE_KEY = ("step", "prompt_id", "sample_index")
+
+
+def check_unique_responses(table: pa.Table, name: str, hint: str = "") -> None:
+    """A response is (step, prompt_id, sample_index): one row each, or the SAS state would
+    absorb a prompt twice in one step. Files without the three columns are not checked."""
+    if not set(RESPONSE_KEY) <= set(table.column_names):
+        return
+    keys = list(RESPONSE_KEY)
+    counts = table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    if counts.num_rows == table.num_rows:
+        return
+    first = counts.filter(pa.compute.greater(counts["count_all"], 1)).slice(0, 1).to_pylist()[0]
+    raise DcpoError(f"{name}: the same response (step, prompt_id, sample_index) appears more "
+                    f"than once: ({first['step']}, {first['prompt_id']!r}, "
+                    f"{first['sample_index']}), {first['count_all']} rows{hint}")
 
 
 def read_parquet(path: str | Path) -> pa.Table:

@@ -1,18 +1,24 @@
 """`dcpo rollout`: pick step N's prompts, sample --n responses each, write a rollouts file.
 
-Prompt selection depends on the step number alone: the prompt set is shuffled once per epoch
-(seeded by --seed and the epoch), and step N takes the N-th slice of --batch-size prompts
-of that endless sequence of epochs (step 0 is the first slice). A shell loop therefore only
-passes the step, and a re-run of a step selects, and on CPU samples, exactly the same thing.
+Prompt selection depends on the step number alone. Epochs end on a step boundary, as verl's
+training dataloader does (`drop_last=True`, the loader the official DCPO runs used): each
+epoch is a fresh permutation of the prompt set (seeded by --seed and the epoch), cut into
+floor(prompts / --batch-size) slices of --batch-size; step N takes slice N mod that count of
+epoch N div that count, and the permutation's last prompts mod --batch-size sit that epoch
+out (others the next, since each epoch is shuffled afresh). So a step never holds a prompt
+twice, every epoch trains each of its prompts exactly once (which is what SAS's per-prompt
+`times` counts), and a shell loop only passes the step: a re-run of a step selects, and on
+CPU samples, exactly the same thing.
 
 DAPO's refill adds rounds to a step (`--round k`, default 0): round k takes the next
---batch-size prompts of the sequence after the step's slice and its earlier rounds, skipping
-any prompt this step already used, so the rounds of one step never share a prompt. They may
-meet the prompts of later steps: step N+1's slice is fixed by its number (the permutation
-advances by --batch-size per step whatever the rounds), which is what keeps every step a
-pure function of its number and resumable; round k's prompts are the ones the next steps of
-the epoch would draw, so a refilled run sees some prompts earlier than, and again at, their
-own step.
+--batch-size prompts of the sequence after the step's slice (the rest of the epoch's
+permutation, its left-out tail included, then the next epochs' permutations) and its earlier
+rounds, skipping any prompt this step already used, so the rounds of one step never share a
+prompt. They may meet the prompts of later steps: step N+1's slice is fixed by its number
+(the permutation advances by --batch-size per step whatever the rounds), which is what keeps
+every step a pure function of its number and resumable; round k's prompts are the ones the
+next steps of the epoch would draw, so a refilled run sees some prompts earlier than, and
+again at, their own step.
 """
 
 from __future__ import annotations
@@ -55,20 +61,28 @@ def epoch_order(num_prompts: int, epoch: int, seed: int) -> list[int]:
     return order
 
 
+def steps_per_epoch(num_prompts: int, batch_size: int) -> int:
+    """Steps in one pass over the prompts; the permutation's remainder sits the epoch out."""
+    return num_prompts // batch_size
+
+
+def check_batch_size(num_prompts: int, batch_size: int, source: str | Path) -> None:
+    if batch_size > num_prompts:
+        raise DcpoError(f"{Path(source).name}: --batch-size {batch_size} is more than its "
+                        f"{num_prompts} prompts (a step never holds a prompt twice)")
+
+
+def _epoch_slot(num_prompts: int, batch_size: int, step: int) -> tuple[int, int]:
+    if num_prompts < 1 or batch_size < 1 or step < 0 or batch_size > num_prompts:
+        raise ValueError("need 1 <= batch_size <= num_prompts and step >= 0")
+    return divmod(step, steps_per_epoch(num_prompts, batch_size))
+
+
 def select_prompts(num_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of step `step`'s prompts: positions step*B .. step*B+B-1 of the sequence of
-    per-epoch permutations, wrapping into the next epoch where one runs out."""
-    if num_prompts < 1 or batch_size < 1 or step < 0:
-        raise ValueError("need num_prompts >= 1, batch_size >= 1, step >= 0")
-    start = step * batch_size
-    orders: dict[int, list[int]] = {}
-    indices = []
-    for position in range(start, start + batch_size):
-        epoch = position // num_prompts
-        if epoch not in orders:
-            orders[epoch] = epoch_order(num_prompts, epoch, seed)
-        indices.append(orders[epoch][position % num_prompts])
-    return indices
+    """Indices of step `step`'s prompts: slice `slot` of epoch `epoch`'s permutation (see
+    the module docstring)."""
+    epoch, slot = _epoch_slot(num_prompts, batch_size, step)
+    return epoch_order(num_prompts, epoch, seed)[slot * batch_size:(slot + 1) * batch_size]
 
 
 def select_round(num_prompts: int, batch_size: int, step: int, seed: int,
@@ -83,7 +97,9 @@ def select_round(num_prompts: int, batch_size: int, step: int, seed: int,
                         f"{batch_size} need {(round_index + 1) * batch_size} distinct prompts; "
                         f"the prompts file has {num_prompts}")
     used = set(first)
-    position = (step + 1) * batch_size  # the sequence position after the step's slice
+    epoch, slot = _epoch_slot(num_prompts, batch_size, step)
+    # the position after the step's slice in the endless sequence of epoch permutations
+    position = epoch * num_prompts + (slot + 1) * batch_size
     orders: dict[int, list[int]] = {}
     chosen: list[int] = []
     for _ in range(round_index):
@@ -142,6 +158,7 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
         raise DcpoError("--step must be >= 0")
     contracts.check_output_path(out)
     table = contracts.read_table(prompts_path, "prompts")
+    check_batch_size(table.num_rows, options.batch_size, prompts_path)
     source = resolve_model(model)
     fingerprint = model_identity(source)  # cheap: no weight byte is read
     load_seconds = None  # the engine's cold start, when this run paid it

@@ -96,15 +96,8 @@ def _cast_known(table: pa.Table) -> pa.Table:
 
 
 def _check_unique(table: pa.Table, paths: list[Path]) -> None:
-    keys = [c for c in ("step", "prompt_id", "sample_index") if c in table.column_names]
-    if "sample_index" not in keys:
-        return
-    rows = table.select(keys).to_pylist()
-    seen = {tuple(row.values()) for row in rows}
-    if len(seen) != len(rows):
-        names = ", ".join(Path(p).name for p in paths)
-        raise DcpoError(f"{names}: the same response (step, prompt_id, sample_index) appears "
-                        "more than once; was a shard given twice?")
+    names = ", ".join(Path(p).name for p in paths)
+    contracts.check_unique_responses(table, names, "; was a shard given twice?")
 
 
 def max_length_from(metadata: list[dict[str, Any]], options: ScoreOptions) -> int:

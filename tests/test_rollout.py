@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,15 @@ from dcpo_cli.engines.hf import token_budget_batches
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.prepare import prompts_table
 from dcpo_cli.prompting import encode_prompts
-from dcpo_cli.rollout import parse_shard, select_prompts, select_round, shard_part
+from dcpo_cli.rollout import (
+    check_batch_size,
+    epoch_order,
+    parse_shard,
+    select_prompts,
+    select_round,
+    shard_part,
+    steps_per_epoch,
+)
 
 MAX_NEW = 48
 
@@ -34,54 +43,56 @@ def _one_torch_thread():
 
 # ---------------------------------------------------------------- prompt selection, shards
 
-@settings(max_examples=50, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 50), st.integers(0, 2**31))
-def test_every_epoch_covers_every_prompt_exactly_once(num_prompts, batch_size, seed):
-    steps = -(-2 * num_prompts // batch_size)  # enough steps for two whole epochs
-    order = [i for step in range(steps)
-             for i in select_prompts(num_prompts, batch_size, step, seed)]
-    assert sorted(order[:num_prompts]) == list(range(num_prompts))
-    assert sorted(order[num_prompts:2 * num_prompts]) == list(range(num_prompts))
+@st.composite
+def _selections(draw):
+    num_prompts = draw(st.integers(1, 60))
+    return (num_prompts, draw(st.integers(1, num_prompts)), draw(st.integers(0, 2**31)),
+            draw(st.integers(1, 5)), draw(st.integers(1, 4)))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(2, 60), st.integers(1, 12), st.integers(0, 30), st.integers(0, 2**31),
-       st.integers(1, 4))
-def test_refill_rounds_of_a_step_never_share_a_prompt(num_prompts, batch_size, step, seed,
-                                                      rounds):
-    """DAPO refill (`--round k`): each round takes --batch-size further prompts, none used by
-    the step's other rounds; round 0 is the step's own slice."""
-    assert select_round(num_prompts, batch_size, step, seed, 0) == \
-        select_prompts(num_prompts, batch_size, step, seed)
-    if rounds * batch_size > num_prompts:
-        with pytest.raises(DcpoError, match="--round"):
-            select_round(num_prompts, batch_size, step, seed, rounds)
-        return
-    extra = [select_round(num_prompts, batch_size, step, seed, k) for k in range(1, rounds)]
-    used = set(select_prompts(num_prompts, batch_size, step, seed))
-    for chosen in extra:
-        assert len(chosen) == batch_size and not used & set(chosen)
-        used |= set(chosen)
-        assert len(set(chosen)) == batch_size
+@settings(max_examples=80, deadline=None)
+@given(_selections())
+def test_steps_never_repeat_a_prompt_and_epochs_end_on_a_step(selection):
+    """Every step of three epochs, every refill round and shard: a step (all its rounds and
+    shards together) never holds a prompt twice; epoch e is steps e*S .. e*S+S-1 (S =
+    prompts // batch size), which train distinct prompts, all but the permutation's last
+    prompts % batch size; the rollouts of shards i/n together are the unsharded step's."""
+    num_prompts, batch_size, seed, shards, rounds = selection
+    per_epoch = steps_per_epoch(num_prompts, batch_size)
+    assert per_epoch == num_prompts // batch_size >= 1
+    rounds = min(rounds, num_prompts // batch_size)  # more rounds are refused (next test)
+    for epoch in range(3):
+        trained = []
+        for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
+            step_prompts = []
+            for round_index in range(rounds):
+                chosen = select_round(num_prompts, batch_size, step, seed, round_index)
+                parts = [shard_part(chosen, (i, shards)) for i in range(shards)]
+                assert [x for part in parts for x in part] == chosen
+                step_prompts += chosen
+            assert len(step_prompts) == len(set(step_prompts)) == rounds * batch_size
+            trained += select_prompts(num_prompts, batch_size, step, seed)
+        assert len(trained) == len(set(trained)) == per_epoch * batch_size
+        left_out = set(range(num_prompts)) - set(trained)
+        assert left_out == set(epoch_order(num_prompts, epoch, seed)[len(trained):])
 
 
-def test_round_one_takes_the_prompts_after_the_step_slice():
-    # within one epoch, round 1 of step 2 is step 3's slice (the sequence goes on)
-    assert select_round(100, 8, 2, 1, 1) == select_prompts(100, 8, 3, seed=1)
-    assert select_round(100, 8, 2, 1, 2) == select_prompts(100, 8, 4, seed=1)
+def test_a_step_spanning_the_old_epoch_boundary_draws_distinct_prompts():
+    """The reported case: 620 prompts, 32 per step, seed 1; step 19 used to take the last 12
+    prompts of epoch 0 and the first 20 of epoch 1, drawing some twice. Now it is epoch 1's
+    first step, and the 12 prompts epoch 0's permutation ends with sat epoch 0 out."""
+    step19 = select_prompts(620, 32, 19, seed=1)
+    assert len(set(step19)) == 32
+    assert step19 == epoch_order(620, 1, seed=1)[:32]
+    epoch0 = [i for step in range(19) for i in select_prompts(620, 32, step, seed=1)]
+    assert len(set(epoch0)) == 608 and set(epoch0) == set(epoch_order(620, 0, 1)[:608])
 
 
-def test_selection_depends_on_step_and_seed_only():
-    step0 = select_prompts(100, 8, 0, seed=1)
-    assert step0 == select_prompts(100, 8, 0, seed=1)
-    assert not set(step0) & set(select_prompts(100, 8, 1, seed=1))  # same epoch: disjoint
-    assert step0 != select_prompts(100, 8, 0, seed=2)
-    assert len(set(step0)) == 8
-    # a slice is positions step*B .. step*B+B-1 of the epoch sequence: step 12 of 8 over
-    # 100 prompts (positions 96..103) wraps, ending epoch 0 and starting epoch 1
-    step12 = select_prompts(100, 8, 12, seed=1)
-    assert step12 == select_prompts(100, 4, 24, seed=1) + select_prompts(100, 4, 25, seed=1)
-    assert step12[4:] == select_prompts(100, 100, 1, seed=1)[:4]
+def test_a_batch_larger_than_the_prompts_is_refused():
+    with pytest.raises(DcpoError, match="train.parquet: --batch-size 9 is more than its 8"):
+        check_batch_size(8, 9, Path("data/train.parquet"))
+    with pytest.raises(ValueError):
+        select_prompts(8, 9, 0, seed=0)
 
 
 @settings(max_examples=50, deadline=None)
@@ -344,8 +355,23 @@ def test_bad_inputs_give_one_line_errors(random_model_dir, prompts_file, tmp_pat
     base = ["rollout", "--step", "0", "--out", tmp_path / "r.parquet"]
     result = run_dcpo(*base, "--model", random_model_dir, "--prompts", tmp_path / "none.parquet")
     assert_one_line_error(result, "none.parquet", "no such file")
-    result = run_dcpo(*base, "--model", tmp_path, "--prompts", prompts_file)
+    result = run_dcpo(*base, "--model", tmp_path, "--prompts", prompts_file, "--batch-size", 8)
     assert_one_line_error(result, "not a model directory")
+    result = run_dcpo(*base, "--model", random_model_dir, "--prompts", prompts_file)
+    assert_one_line_error(result, "prompts.parquet: --batch-size 64 is more than its 20 prompts")
     result = run_dcpo(*base, "--model", random_model_dir, "--prompts", prompts_file,
                       "--step", "-1")
     assert_one_line_error(result, "--step")
+
+
+def test_rollout_checks_its_own_output_before_writing(random_model_dir, prompts_file, tmp_path,
+                                                      monkeypatch):
+    """A selection that repeated a prompt (the epoch-boundary bug) is refused by rollout
+    itself, naming the repeated response, and no file is written."""
+    from dcpo_cli import rollout
+
+    monkeypatch.setattr(rollout, "select_round", lambda *args: [3, 5, 3, 7])
+    with pytest.raises(DcpoError, match=r"r.parquet: the same response .* more than once"):
+        rollout.run_rollout(random_model_dir, prompts_file, 0, tmp_path / "r.parquet",
+                            rollout.RolloutOptions(batch_size=4, n=2, max_new_tokens=4))
+    assert not (tmp_path / "r.parquet").exists()

@@ -348,3 +348,32 @@ def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
         teacher = logp.gather(1, torch.tensor(response)[:, None])[:, 0]
         worst = max(worst, float((teacher - torch.tensor(row["response_logprobs"])).abs().max()))
     assert worst < 1e-4  # tests/test_vllm_real.py's LOGPROB_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_three_epochs_of_dcpo_run_finish_with_distinct_prompts_per_step(tmp_path, env, seed):
+    """Issue 28: a run past the epoch boundary used to die when a step drew a prompt twice.
+    10 prompts of 4 per step: 2 steps an epoch (2 prompts sit each one out), 6 steps."""
+    from dcpo_cli.rollout import select_prompts
+
+    tiny = tmp_path / "tiny"
+    assert run_dcpo("tiny", "init", tiny, "--size", "test").code == 0
+    prompts = tmp_path / "ten.parquet"
+    pq.write_table(pq.read_table(tiny / "train.parquet").slice(0, 10), prompts)
+    ids = pq.read_table(prompts).column("prompt_id").to_pylist()
+    run_dir = tmp_path / "run"
+    finish(dcpo_run(run_dir, 6, ["--model", str(tiny / "model"), "--prompts", str(prompts),
+                                 "--batch-size", "4", "--n", "2", "--max-new-tokens", "8",
+                                 "--seed", str(seed), "--reward", "loop_reward:parity"]), env)
+    times: dict[str, int] = {}
+    for step in range(6):
+        drawn = pq.read_table(run_dir / "steps" / f"{step:06d}" / "rollouts.parquet")
+        expected = {ids[i] for i in select_prompts(10, 4, step, seed)}
+        assert set(drawn.column("prompt_id").to_pylist()) == expected and len(expected) == 4
+        for prompt_id in expected:
+            times[prompt_id] = times.get(prompt_id, 0) + 1
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["last_step"] == 5
+    assert {p: s["times"] for p, s in state["prompts"].items()} == times
+    assert max(times.values()) <= 3  # once an epoch at most
