@@ -51,8 +51,8 @@ def main() -> None:
     from rich.table import Table
     from transformers.utils import logging as hf_logging
 
-    from dcpo_cli.model_source import ModelSource, model_identity
-    from dcpo_cli.tiny_model import TinySize, build_model, build_tokenizer
+    from dcpo_cli.files.model_source import ModelSource, model_identity
+    from dcpo_cli.tiny.model import TinySize, build_model, build_tokenizer
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)

@@ -95,9 +95,9 @@ def run_steps(run: Path, tiny: Path, steps: int):
     timing, and the seconds of its old-log-prob pass (part of the update's)."""
     import shutil
 
-    from dcpo_cli import train_step
-    from dcpo_cli.run_config import resolve
-    from dcpo_cli.run_loop import run_loop
+    from dcpo_cli.run.config import resolve
+    from dcpo_cli.run.loop import run_loop
+    from dcpo_cli.train import step as train_step
 
     run.mkdir(parents=True)
     shutil.copytree(tiny, run / "tiny")  # the loop's own layout: RUN_DIR/tiny
@@ -142,7 +142,7 @@ def trl_steps(tiny: Path, steps: int, work: Path) -> Measured | None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from dcpo_cli import contracts
+    from dcpo_cli.files import contracts
     from dcpo_cli.rewards import verify_batch
 
     rows = contracts.read_table(tiny / "train.parquet", "prompts").to_pylist()

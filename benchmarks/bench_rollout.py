@@ -57,12 +57,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from dcpo_cli import contracts
     from dcpo_cli.engines import SamplingSettings, load_engine
-    from dcpo_cli.prepare import prompts_table
-    from dcpo_cli.prompting import encode_prompts
-    from dcpo_cli.rollout import RolloutOptions, run_rollout
-    from dcpo_cli.tiny_model import DEFAULT_SIZE, build_model, build_tokenizer, save_model_dir
+    from dcpo_cli.engines.prompting import encode_prompts
+    from dcpo_cli.files import contracts
+    from dcpo_cli.stages.prepare import prompts_table
+    from dcpo_cli.stages.rollout import RolloutOptions, run_rollout
+    from dcpo_cli.tiny.model import DEFAULT_SIZE, build_model, build_tokenizer, save_model_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

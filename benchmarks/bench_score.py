@@ -22,7 +22,7 @@ BUNDLED_MATH500 = Path(__file__).resolve().parents[1] / "dcpo_cli/data/benchmark
 
 
 def load_pairs(data: Path, repeat: int) -> tuple[list[str], list[str]]:
-    from dcpo_cli.prepare import load_records
+    from dcpo_cli.stages.prepare import load_records
 
     rows = load_records(str(data))
     responses, answers = [], []
@@ -38,8 +38,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dcpo_cli.reward_pool import default_workers
     from dcpo_cli.rewards import verify_batch
+    from dcpo_cli.rewards.pool import default_workers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=4)

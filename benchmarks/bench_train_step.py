@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dcpo_cli import contracts  # noqa: E402
-from dcpo_cli.tiny_model import DEFAULT_SIZE, TEST_SIZE, TinySize  # noqa: E402
+from dcpo_cli.tiny.model import DEFAULT_SIZE, TEST_SIZE, TinySize  # noqa: E402
 
 QWEN_VOCAB = 151_936
 
@@ -65,15 +65,15 @@ def make_scored(path: Path, vocab: int, eos: int, prompts: int, n: int, min_len:
 def bare_pass(model_dir: Path, scored: Path, micro_tokens: int, mini_batch_size: int | None,
               seed: int) -> tuple[float, int]:
     """Forward + backward + AdamW over the same mini/micro-batches, nothing else."""
-    from dcpo_cli.batching import (
+    from dcpo_cli.core.batching import (
         collate,
         default_mini_batch_size,
         group_rows,
         micro_batches,
         mini_batches,
     )
-    from dcpo_cli.checkpoint import build_optimizer, build_policy, device_and_dtype
-    from dcpo_cli.train_step import load_scored
+    from dcpo_cli.files.checkpoint import build_optimizer, build_policy, device_and_dtype
+    from dcpo_cli.train.step import load_scored
 
     device, dtype = device_and_dtype()
     model, _ = build_policy(model_dir, device)
@@ -112,8 +112,8 @@ def _sync() -> None:
 
 def speed(size: TinySize, prompts: int, n: int, min_len: int, max_len: int,
           micro_tokens: int) -> dict:
-    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
-    from dcpo_cli.train_step import TrainOptions, run_train_step
+    from dcpo_cli.tiny.model import build_model, build_tokenizer, save_model_dir
+    from dcpo_cli.train.step import TrainOptions, run_train_step
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-step-"))
     tokenizer = build_tokenizer()
@@ -143,8 +143,8 @@ def memory_worker(method: str, tokens: int, hidden: int, layers: int) -> dict:
     """One method's peak memory above the baseline (run in a fresh process on CPU)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dcpo_cli.batching import collate
-    from dcpo_cli.train_step import forward_logprobs
+    from dcpo_cli.core.batching import collate
+    from dcpo_cli.train.step import forward_logprobs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -208,7 +208,7 @@ def processes(size: TinySize, counts: list[int], prompts: int, n: int, min_len: 
     """The same scored step through the CLI on each process count (a fresh output each)."""
     import os
 
-    from dcpo_cli.tiny_model import build_model, build_tokenizer, save_model_dir
+    from dcpo_cli.tiny.model import build_model, build_tokenizer, save_model_dir
 
     root = Path(tempfile.mkdtemp(prefix="bench-train-step-procs-"))
     tokenizer = build_tokenizer()

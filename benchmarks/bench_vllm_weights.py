@@ -38,13 +38,13 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from dcpo_cli.engines import SamplingSettings, load_engine
-    from dcpo_cli.tiny import init_tiny
+    from dcpo_cli.tiny.build import init_tiny
 
     hf_logging.disable_progress_bar()
     directory = Path(tempfile.mkdtemp(prefix="bench-vllm-weights-"))
     model_dir = directory / "tiny" / "model"
     if args.size == "wide":
-        from dcpo_cli.tiny_model import TinySize, build_model, build_tokenizer
+        from dcpo_cli.tiny.model import TinySize, build_model, build_tokenizer
 
         tokenizer = build_tokenizer()
         size = TinySize(hidden_size=512, num_layers=9, num_heads=8, num_kv_heads=2,

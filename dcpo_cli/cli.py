@@ -73,9 +73,9 @@ def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; a DcpoError becomes one line on stderr and 2,
     any other failure one line and 1."""
     from dcpo_cli.console import err
+    from dcpo_cli.parallel import launch
 
-    global _argv
-    _argv = list(sys.argv[1:] if argv is None else argv)
+    launch.remember_argv(sys.argv[1:] if argv is None else argv)
     try:
         app(args=argv, prog_name="dcpo", standalone_mode=False)
     except DcpoError as exc:
@@ -105,14 +105,6 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-_argv: list[str] = []
-
-
-def current_argv() -> list[str]:
-    """The arguments of the command being run (for `train-step --nproc-per-node`)."""
-    return list(_argv)
-
-
 def _report_error(exc: DcpoError) -> int:
     """One line from rank 0 (every rank of a torchrun job finds the same bad input). Under
     `--nproc-per-node` the line goes to the launcher, which prints it and exits 2."""
@@ -129,8 +121,8 @@ def _report_error(exc: DcpoError) -> int:
 
 
 def _end_process_group() -> None:
-    if "dcpo_cli.distributed" in sys.modules:  # torch is loaded only if it was used
-        sys.modules["dcpo_cli.distributed"].shutdown()
+    if "dcpo_cli.parallel.distributed" in sys.modules:  # torch is loaded only if it was used
+        sys.modules["dcpo_cli.parallel.distributed"].shutdown()
 
 
 def _click_errors() -> tuple[type[Exception], ...]:

@@ -23,7 +23,7 @@ PAPER_INSTRUCTION = "Please reason step by step, and put your final answer withi
 INSTRUCTION_PLACES = ("system", "user")
 # Logits computed at once in the chunked log-prob (elements of [positions, vocab]).
 CHUNK_ELEMENTS = 1 << 24
-# Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.mismatch).
+# Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.core.mismatch).
 ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
 # The reward `dcpo score` uses without --reward (the interface: dcpo_cli.rewards), and the
 # levels a reward function may return instead of a number (docs/design.md 1.4).
@@ -138,11 +138,7 @@ class EvalOptions:
     chat_template: bool = True
     limit: int | None = None
 
-    def check(self) -> None:
-        from dcpo_cli.engines import ENGINES
-
-        if self.engine not in ENGINES:
-            raise DcpoError(f"--engine {self.engine!r}: expected one of {', '.join(ENGINES)}")
+    def check(self) -> None:  # the engine name: `engines.pick_engine`, first thing run_eval does
         check_instruction_in(self.instruction_in)
         if self.avg_at < 0:
             raise DcpoError(f"--avg-at must be 0 or more (got {self.avg_at})")

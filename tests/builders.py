@@ -1,5 +1,5 @@
 """Shared test builders: stage files written by hand, so a test of one stage does not need
-the stages before it. (Models come from conftest's fixtures and `dcpo_cli.tiny_model`.)"""
+the stages before it. (Models come from conftest's fixtures and `dcpo_cli.tiny.model`.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from dcpo_cli import contracts
+from dcpo_cli.files import contracts
 
 
 def write_rollouts(path, responses, answers, lengths=None, step=3, start=0, max_new_tokens=16,

@@ -95,7 +95,7 @@ def assert_one_line_error(result: Result, *fragments: str) -> None:
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory) -> Path:
     """An untrained tiny Qwen2 model directory (test size): the fastest real model."""
-    from dcpo_cli.tiny_model import build_random_model_dir
+    from dcpo_cli.tiny.model import build_random_model_dir
 
     return build_random_model_dir(tmp_path_factory.mktemp("random-model") / "model")
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli import algorithms as alg
-from dcpo_cli.algorithms import PromptStats
+from dcpo_cli.core import algorithms as alg
+from dcpo_cli.core.algorithms import PromptStats
 from dcpo_cli.errors import DcpoError
 
 PRESET_NAMES = list(alg.PRESETS)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli.batching import (
+from dcpo_cli.core.batching import (
     collate,
     default_mini_batch_size,
     group_rows,
@@ -96,7 +96,7 @@ def test_collate_aligns_predictions_with_response_tokens():
 @given(st.lists(st.lists(st.integers(0, 50), min_size=1, max_size=6), min_size=1, max_size=5),
        st.integers(1, 8))
 def test_spread_keeps_rows_and_order_and_gives_each_process_rows(parts, count):
-    from dcpo_cli.batching import spread
+    from dcpo_cli.core.batching import spread
 
     out = spread(parts, count)
     assert [r for p in out for r in p] == [r for p in parts for r in p]

@@ -63,7 +63,7 @@ def test_a_bad_option_value_or_a_missing_option_is_one_line_exit_2(dcpo, tmp_pat
 
 def _crashing_inspect(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     """`dcpo inspect` whose reader hits a bug (a RuntimeError nobody foresaw)."""
-    code = ("import sys, dcpo_cli.inspect as i\n"
+    code = ("import sys, dcpo_cli.stages.inspect as i\n"
             "def boom(*a, **k): raise RuntimeError('a bug')\n"
             "i.describe = boom\n"
             "from dcpo_cli.cli import run\n"

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import contracts
 
 
 def rollout_row(**overrides):

@@ -18,7 +18,7 @@ import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
 
-from dcpo_cli import contracts
+from dcpo_cli.files import contracts
 
 REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [0, 1, 0, 0]}
 REWARDS_1 = {"p0": [1, 1, 0, 1], "p1": [0, 1, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
@@ -81,7 +81,7 @@ def changed(before: Path, after: Path) -> bool:
 
 def in_process(model, scored, state, out, **options):
     """One step without a subprocess (the single-process path; faster to start)."""
-    from dcpo_cli.train_step import TrainOptions, run_train_step
+    from dcpo_cli.train.step import TrainOptions, run_train_step
 
     run_train_step(model, [scored], state, out,
                    TrainOptions(lr=1e-3, warmup_steps=2, micro_batch_tokens=64, **options),
@@ -211,7 +211,7 @@ def test_keep_training_state_keeps_the_newest(scored_files, random_model_dir, tm
 
 @pytest.mark.slow  # torchrun and train-step subprocesses: ~19 s
 def test_bad_inputs(scored_files, random_model_dir, tmp_path):
-    from dcpo_cli.tiny_model import TEST_SIZE, build_random_model_dir
+    from dcpo_cli.tiny.model import TEST_SIZE, build_random_model_dir
 
     scored = scored_files
     result = run_dcpo("train-step", "--model", random_model_dir, "--scored", scored[0],

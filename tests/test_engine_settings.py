@@ -8,9 +8,9 @@ import pytest
 from conftest import assert_one_line_error, run_dcpo
 from test_vllm_engine import FakeLLM, fake_vllm  # noqa: F401 (fixture)
 
-from dcpo_cli import engine_settings as es
-from dcpo_cli.engine_settings import EngineSettings, parse_engine_args
 from dcpo_cli.engines import load_engine
+from dcpo_cli.engines import settings as es
+from dcpo_cli.engines.settings import EngineSettings, parse_engine_args
 from dcpo_cli.errors import DcpoError
 
 

@@ -13,11 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import BUNDLED, assert_one_line_error
 
-from dcpo_cli import contracts
-from dcpo_cli.engine_settings import EngineSettings
+from dcpo_cli.engines.settings import EngineSettings
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.eval_sets import REGISTRY, load_benchmark
-from dcpo_cli.evaluate import EvalOptions, run_eval
+from dcpo_cli.evaluate.sets import REGISTRY, load_benchmark
+from dcpo_cli.evaluate.stage import EvalOptions, run_eval
+from dcpo_cli.files import contracts
 
 
 class ScriptedEngine:
@@ -25,7 +25,7 @@ class ScriptedEngine:
     sample_index, greedy) -> str`, where prompt_text is the decoded prompt."""
 
     def __init__(self, reply):
-        from dcpo_cli.tiny_model import build_tokenizer
+        from dcpo_cli.tiny.model import build_tokenizer
 
         self.tokenizer = build_tokenizer()
         self.reply = reply

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli.eval_metrics import (
+from dcpo_cli.evaluate.metrics import (
     Sample,
     average_metrics,
     benchmark_metrics,

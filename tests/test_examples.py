@@ -6,7 +6,7 @@ from pathlib import Path
 
 from builders import write_rollouts
 
-from dcpo_cli import contracts
+from dcpo_cli.files import contracts
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from dcpo_cli import contracts
+from dcpo_cli.files import contracts
 
 SCRIPT = REPO / "examples" / "qwen2.5-math-7b.sh"
 # rewritten by every run on purpose: the summary of reused results, the figure
@@ -39,7 +39,7 @@ def snapshot(run: Path) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_flagship_example_runs_two_tiny_steps_and_resumes(tmp_path):
-    from dcpo_cli.tiny import init_tiny
+    from dcpo_cli.tiny.build import init_tiny
 
     tiny = tmp_path / "tiny"
     init_tiny(tiny, seed=0, size="test")

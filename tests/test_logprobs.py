@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli.logprobs import token_entropy, token_logprobs
+from dcpo_cli.core.logprobs import token_entropy, token_logprobs
 
 
 def _full(hidden, weight, bias, targets):

@@ -144,7 +144,7 @@ SPARSE_REWARD = ("def sparse(response_text, answer, row):\n"
 
 @pytest.mark.slow
 def test_dapo_loop_refills_a_step_to_exactly_the_target(tmp_path):
-    from dcpo_cli import contracts
+    from dcpo_cli.files import contracts
 
     (tmp_path / "sparse_reward.py").write_text(SPARSE_REWARD)
     path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))

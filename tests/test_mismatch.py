@@ -10,8 +10,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dcpo_cli import algorithms
-from dcpo_cli.mismatch import (
+from dcpo_cli.core import algorithms
+from dcpo_cli.core.mismatch import (
     add_sums,
     correction_weights,
     mismatch_metrics,

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import Result, assert_one_line_error
 
-from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.model_source import ModelSource, model_identity, parse_hub_spec, resolve_model
+from dcpo_cli.files import contracts
+from dcpo_cli.files.model_source import ModelSource, model_identity, parse_hub_spec, resolve_model
 
 REPO_ID = "dcpo-test/tiny-math"
 COMMIT = hashlib.sha1(b"dcpo tiny test model").hexdigest()  # a made-up 40-hex commit
@@ -63,7 +63,7 @@ def ok(result: Result) -> Result:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """The test-size tiny model and task (model/, train.parquet, test.parquet)."""
-    from dcpo_cli.tiny import init_tiny
+    from dcpo_cli.tiny.build import init_tiny
 
     path = tmp_path_factory.mktemp("tiny") / "tiny"
     init_tiny(path, seed=0, size="test")

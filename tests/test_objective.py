@@ -16,13 +16,14 @@ import torch
 from builders import write_rollouts, write_scored
 from conftest import assert_one_line_error, run_dcpo
 
-from dcpo_cli import algorithms, contracts
+from dcpo_cli.core import algorithms
+from dcpo_cli.core.presets import resolve_config
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import contracts
 from dcpo_cli.options import TrainOptions
-from dcpo_cli.presets import resolve_config
-from dcpo_cli.train_inputs import load_scored
-from dcpo_cli.train_step import run_train_step
-from dcpo_cli.train_update import kl_loss, rollout_corrected
+from dcpo_cli.train.inputs import load_scored
+from dcpo_cli.train.step import run_train_step
+from dcpo_cli.train.update import kl_loss, rollout_corrected
 
 REWARDS = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1]}
 # The ratio pi_old / pi_sampler each response token is given, in turn (none at 0.5 or 2,
@@ -355,7 +356,7 @@ def test_correction_without_sampler_logprobs_is_refused(random_model_dir, tokeni
 
 def test_score_carries_the_sampling_options(tmp_path):
     from dcpo_cli.options import ScoreOptions
-    from dcpo_cli.score import run_score
+    from dcpo_cli.stages.score import run_score
 
     options = {"temperature": 0.7, "top_p": 0.9, "top_k": 20}
     a = write_rollouts(tmp_path / "a.parquet", ["\\boxed{1}", "x"], ["1", "1"],
@@ -413,7 +414,7 @@ def test_rollout_score_train_agree_at_the_rollout_temperature(random_model_dir, 
     meet the trainer's at the same temperature (fp32 on CPU: equal to rounding); at
     temperature 1 the trainer would be far off."""
     from dcpo_cli.cli import run
-    from dcpo_cli.prepare import prompts_table
+    from dcpo_cli.stages.prepare import prompts_table
 
     rows = [{"prompt_id": f"p{i}", "answer": str(2 * i), "problem": "", "source": "test",
              "prompt": [{"role": "user", "content": f"What is {i}+{i}?"}]} for i in range(4)]

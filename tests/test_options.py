@@ -9,8 +9,9 @@ import json
 import pytest
 
 from dcpo_cli.commands import eval_cmd, rollout_cmd, score_cmd, train_step_cmd
+from dcpo_cli.core.presets import PRESETS
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.jsonl import parse_jsonl
+from dcpo_cli.files.jsonl import parse_jsonl
 from dcpo_cli.options import (
     EvalOptions,
     RolloutOptions,
@@ -19,7 +20,6 @@ from dcpo_cli.options import (
     choices,
     from_values,
 )
-from dcpo_cli.presets import PRESETS
 
 
 @pytest.mark.parametrize("command, options", [

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from dcpo_cli import algorithms as alg
-from dcpo_cli.batching import collate
-from dcpo_cli.tiny_model import TEST_SIZE, build_model, build_tokenizer
-from dcpo_cli.train_update import forward_logprobs
+from dcpo_cli.core import algorithms as alg
+from dcpo_cli.core.batching import collate
+from dcpo_cli.tiny.model import TEST_SIZE, build_model, build_tokenizer
+from dcpo_cli.train.update import forward_logprobs
 
 LENGTHS = [100, 300, 1000, 3000]
 

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_one_line_error
 
-from dcpo_cli import contracts
-from dcpo_cli.prepare import PAPER_INSTRUCTION, clean_answer, prepare_records
+from dcpo_cli.files import contracts
+from dcpo_cli.stages.prepare import PAPER_INSTRUCTION, clean_answer, prepare_records
 
 
 def read_jsonl(path):
@@ -121,7 +121,7 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, dcpo):
                               ensure_ascii=False) + "\n", encoding="utf-8")
     result = dcpo("prepare", src, "--out", tmp_path / "p.parquet")
     assert result.code == 0, result.stderr
-    from dcpo_cli import contracts
+    from dcpo_cli.files import contracts
 
     rows = contracts.read_table(tmp_path / "p.parquet", "prompts").to_pylist()
     assert len(rows) == 1 and "a\u2028b\u0085c" in json.dumps(rows[0]["prompt"],
@@ -161,8 +161,8 @@ def test_bad_inputs_give_one_line_and_no_output(case, tmp_path, dcpo, benchmarks
 
 def prompt_tokens(rows) -> dict[str, list[int]]:
     """Each problem's prompt tokens under the tiny tokenizer's chat template."""
-    from dcpo_cli.prompting import encode_prompts
-    from dcpo_cli.tiny_model import build_tokenizer
+    from dcpo_cli.engines.prompting import encode_prompts
+    from dcpo_cli.tiny.model import build_tokenizer
 
     tokenizer = build_tokenizer()
     assert tokenizer.chat_template  # a real template: the roles reach the tokens
@@ -174,7 +174,7 @@ def test_jsonl_and_verl_parquet_give_identical_prompt_tokens(benchmarks, tmp_pat
     """The official evaluation file (verl layout) and a JSONL of the same problems become the
     same prompt tokens under the default layout; the bundled AIME24 JSONL agrees on every
     problem whose statement is worded as in the verl file (29 of 30)."""
-    from dcpo_cli.eval_sets import load_benchmark
+    from dcpo_cli.evaluate.sets import load_benchmark
 
     verl_records = pq.read_table(benchmarks / "verl" / "aime_2024.parquet").to_pylist()
     verl = prepare_records(verl_records, "aime_2024.parquet").rows

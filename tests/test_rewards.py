@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.reward_pool import JobOutcome, run_jobs
 from dcpo_cli.rewards import (
     Verdict,
     call_reward,
@@ -21,6 +20,7 @@ from dcpo_cli.rewards import (
     overlong_penalty,
     verify_batch,
 )
+from dcpo_cli.rewards.pool import JobOutcome, run_jobs
 
 
 def _jsonl(path):
@@ -147,10 +147,10 @@ def test_the_pool_fork_server_is_warmed_by_a_throw_away_check():
     import subprocess
     import sys
 
-    from dcpo_cli.reward_pool import FORKSERVER_PRELOAD
+    from dcpo_cli.rewards.pool import FORKSERVER_PRELOAD
 
-    assert "dcpo_cli.verifier_warmup" in FORKSERVER_PRELOAD
-    code = ("import dcpo_cli.verifier_warmup as w; from dcpo_cli.rewards import _parse_gold; "
+    assert "dcpo_cli.rewards.warmup" in FORKSERVER_PRELOAD
+    code = ("import dcpo_cli.rewards.warmup as w; from dcpo_cli.rewards import _parse_gold; "
             "print(w.WARMED, _parse_gold.cache_info().currsize)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)

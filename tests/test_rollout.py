@@ -12,14 +12,14 @@ from conftest import assert_one_line_error, run_dcpo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli import contracts
 from dcpo_cli.cli import run
 from dcpo_cli.engines import SamplingSettings, load_engine
 from dcpo_cli.engines.hf import token_budget_batches
+from dcpo_cli.engines.prompting import encode_prompts
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.prepare import prompts_table
-from dcpo_cli.prompting import encode_prompts
-from dcpo_cli.rollout import (
+from dcpo_cli.files import contracts
+from dcpo_cli.stages.prepare import prompts_table
+from dcpo_cli.stages.rollout import (
     check_batch_size,
     epoch_order,
     parse_shard,
@@ -329,7 +329,7 @@ def test_long_prompts_are_skipped_and_counted(random_model_dir, prompts_file, tm
     assert all(len(ids) <= limit for ids in out.column("prompt_token_ids").to_pylist())
     assert contracts.read_metadata(tmp_path / "r.parquet")["skipped_prompts"] == 8 - kept
     with pytest.raises(DcpoError, match="longer than --max-prompt-tokens"):
-        from dcpo_cli.rollout import RolloutOptions, run_rollout
+        from dcpo_cli.stages.rollout import RolloutOptions, run_rollout
 
         run_rollout(random_model_dir, prompts_file, 0, tmp_path / "x.parquet",
                     RolloutOptions(batch_size=8, max_prompt_tokens=1))
@@ -368,7 +368,7 @@ def test_rollout_checks_its_own_output_before_writing(random_model_dir, prompts_
                                                       monkeypatch):
     """A selection that repeated a prompt (the epoch-boundary bug) is refused by rollout
     itself, naming the repeated response, and no file is written."""
-    from dcpo_cli import rollout
+    from dcpo_cli.stages import rollout
 
     monkeypatch.setattr(rollout, "select_round", lambda *args: [3, 5, 3, 7])
     with pytest.raises(DcpoError, match=r"r.parquet: the same response .* more than once"):

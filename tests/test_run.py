@@ -241,7 +241,7 @@ def test_dapo_refill_rounds_are_the_shell_loops(env, tmp_path):
 
 
 def test_a_changed_flag_is_refused_and_nothing_is_written(tmp_path):
-    from dcpo_cli.run_config import CONFIG_FILE, default_config, write_config
+    from dcpo_cli.run.config import CONFIG_FILE, default_config, write_config
 
     run_dir = tmp_path / "run"
     config = default_config()
@@ -264,7 +264,7 @@ def test_config_round_trips_every_stage_option(tmp_path):
     generically) and reads back to the same options."""
     import dataclasses
 
-    from dcpo_cli.run_config import (
+    from dcpo_cli.run.config import (
         CONFIG_FILE,
         FIXED,
         SECTIONS,
@@ -290,7 +290,7 @@ def test_config_round_trips_every_stage_option(tmp_path):
 
 
 def test_steps_may_change_and_unset_flags_come_from_the_file(tmp_path):
-    from dcpo_cli.run_config import CONFIG_FILE, resolve, write_config
+    from dcpo_cli.run.config import CONFIG_FILE, resolve, write_config
 
     config, write = resolve(tmp_path, {"steps": 2, "lr": 1e-3}, {})
     assert write and config["loop"]["steps"] == 2 and config["train"]["lr"] == 1e-3
@@ -303,7 +303,7 @@ def test_steps_may_change_and_unset_flags_come_from_the_file(tmp_path):
 
 
 def test_dapo_runs_refill_to_the_batch_size_unless_told_otherwise(tmp_path):
-    from dcpo_cli.run_config import refills, resolve
+    from dcpo_cli.run.config import refills, resolve
 
     dapo, _ = resolve(tmp_path, {"algo": "dapo", "batch_size": 6}, {})
     assert refills(dapo) and dapo["train"]["target_prompts"] == 6
@@ -355,7 +355,7 @@ def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
 def test_three_epochs_of_dcpo_run_finish_with_distinct_prompts_per_step(tmp_path, env, seed):
     """Issue 28: a run past the epoch boundary used to die when a step drew a prompt twice.
     10 prompts of 4 per step: 2 steps an epoch (2 prompts sit each one out), 6 steps."""
-    from dcpo_cli.rollout import select_prompts
+    from dcpo_cli.stages.rollout import select_prompts
 
     tiny = tmp_path / "tiny"
     assert run_dcpo("tiny", "init", tiny, "--size", "test").code == 0

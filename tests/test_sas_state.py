@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import run_dcpo
 
-from dcpo_cli import algorithms as alg
-from dcpo_cli.algorithms import PromptStats
+from dcpo_cli.core import algorithms as alg
+from dcpo_cli.core.algorithms import PromptStats
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.sas_state import SasState
+from dcpo_cli.files.sas_state import SasState
 
 
 def absorb_rewards(state: SasState, step: int, groups: dict[str, list[float]]) -> SasState:

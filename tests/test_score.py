@@ -9,8 +9,8 @@ import pytest
 from builders import write_rollouts
 from conftest import assert_one_line_error
 
-from dcpo_cli import contracts
 from dcpo_cli.cli import run
+from dcpo_cli.files import contracts
 
 
 @pytest.mark.slow
@@ -203,7 +203,7 @@ def test_the_three_level_example_reward_equals_the_built_in_flag(tmp_path):
     from pathlib import Path
 
     from dcpo_cli.options import ScoreOptions
-    from dcpo_cli.score import read_inputs, score_table
+    from dcpo_cli.stages.score import read_inputs, score_table
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "rewards"
     table, _ = read_inputs([level_rollouts(tmp_path)])
@@ -239,7 +239,7 @@ def _reward_module(tmp_path, monkeypatch, source):
 
 def test_the_default_is_the_math_verify_reward_function_through_the_same_path(tmp_path):
     from dcpo_cli.options import DEFAULT_REWARD, ScoreOptions
-    from dcpo_cli.score import read_inputs, score_table
+    from dcpo_cli.stages.score import read_inputs, score_table
 
     table, _ = read_inputs([level_rollouts(tmp_path)])
     for extra in ({}, {"no_answer_reward": -1.0, "wrong_reward": -0.25}):
@@ -251,7 +251,7 @@ def test_the_default_is_the_math_verify_reward_function_through_the_same_path(tm
 
 def test_a_reward_function_may_return_levels_that_get_the_level_rewards(tmp_path, monkeypatch):
     from dcpo_cli.options import ScoreOptions
-    from dcpo_cli.score import read_inputs, score_table
+    from dcpo_cli.stages.score import read_inputs, score_table
 
     _reward_module(tmp_path, monkeypatch,
                    "def strict(response_text, answer, row):\n"
@@ -269,7 +269,7 @@ def test_a_reward_function_may_return_levels_that_get_the_level_rewards(tmp_path
 
 
 def test_a_reward_function_gets_the_rows_scalar_columns_and_the_response_length(tmp_path):
-    from dcpo_cli.score import read_inputs, reward_rows
+    from dcpo_cli.stages.score import read_inputs, reward_rows
 
     table, _ = read_inputs([level_rollouts(tmp_path)])
     rows = reward_rows(table)

@@ -13,8 +13,9 @@ from conftest import assert_one_line_error, run_dcpo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dcpo_cli import contracts, tiny
+from dcpo_cli.files import contracts
 from dcpo_cli.rewards import extract_boxed
+from dcpo_cli.tiny import build as tiny
 
 PROBLEMS = tiny.all_problems()
 
@@ -123,7 +124,7 @@ def test_policy_figures_by_hand():
 
 
 def test_sft_batch_masks_everything_but_responses():
-    from dcpo_cli.tiny_model import build_tokenizer
+    from dcpo_cli.tiny.model import build_tokenizer
 
     tokenizer = build_tokenizer()
     ids, mask, labels = tiny.sft_batch(tokenizer, [([1, 2, 3], [7, 8]), ([4], [9])])

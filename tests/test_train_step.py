@@ -12,9 +12,9 @@ import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
 
-from dcpo_cli import contracts
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.train_step import TrainOptions, run_train_step
+from dcpo_cli.files import contracts
+from dcpo_cli.train.step import TrainOptions, run_train_step
 
 METRIC_KEYS = {"clip_ratio", "clip_ratio_low", "clip_ratio_high", "nonzero_advantage_ratio",
                "reward_mean", "response_length_mean", "truncated_ratio", "approx_kl", "entropy",
@@ -33,7 +33,7 @@ def tokenizer(random_model_dir):
 
 
 def hand_sas(rewards: list[float], stats: dict | None) -> tuple[list[float], dict]:
-    """docs/design.md 1.2, written out independently of dcpo_cli.algorithms."""
+    """docs/design.md 1.2, written out independently of dcpo_cli.core.algorithms."""
     n = len(rewards)
     mean_new = sum(rewards) / n
     std_new = math.sqrt(sum((r - mean_new) ** 2 for r in rewards) / (n - 1))
@@ -166,7 +166,7 @@ def test_crash_between_checkpoint_and_state_is_synced(first_step, random_model_d
 def test_crash_before_checkpoint_reruns_to_identical_files(first_step, random_model_dir,
                                                            tmp_path, monkeypatch):
     root, scored, state, ckpt, _, _ = first_step
-    import dcpo_cli.train_step as ts
+    import dcpo_cli.train.step as ts
 
     options = TrainOptions(lr=1e-3, micro_batch_tokens=256)
     real = ts.save_checkpoint
@@ -254,8 +254,8 @@ def test_continuing_from_a_checkpoint_needs_the_state_it_left(first_step, tokeni
     """ckpt-1 was trained from an absent state. Continuing from it with an absent state is
     the loop after a kill between checkpoint and state: the state update is finished first.
     A state from elsewhere is refused instead of silently skipping a step's statistics."""
-    from dcpo_cli.algorithms import PromptStats
-    from dcpo_cli.sas_state import SasState
+    from dcpo_cli.core.algorithms import PromptStats
+    from dcpo_cli.files.sas_state import SasState
 
     root, _, state, ckpt, _, _ = first_step
     scored_1 = write_scored(tmp_path / "scored-1.parquet", tokenizer, 1, REWARDS_1)
@@ -358,7 +358,7 @@ def test_dr_grpo_normalizes_by_the_rollouts_generation_limit(random_model_dir, t
 def test_the_policy_is_built_without_dropout(random_model_dir, tmp_path):
     """Old log-probs must be reproducible by the training forward (same weights, same
     numbers), so a model configured with dropout trains with it off."""
-    from dcpo_cli.checkpoint import build_policy
+    from dcpo_cli.files.checkpoint import build_policy
 
     model_dir = tmp_path / "model"
     shutil.copytree(random_model_dir, model_dir)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
 
-from dcpo_cli import contracts
+from dcpo_cli.files import contracts
 
 pytestmark = pytest.mark.vllm
 
@@ -36,7 +36,7 @@ LOGPROB_TOLERANCE = 1e-4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny task at test size: a briefly warm-started model and its test prompts."""
-    from dcpo_cli.tiny import init_tiny
+    from dcpo_cli.tiny.build import init_tiny
 
     directory = tmp_path_factory.mktemp("tiny") / "tiny"
     init_tiny(directory, seed=0, size="test")
@@ -45,8 +45,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    from dcpo_cli.engine_settings import EngineSettings
     from dcpo_cli.engines import load_engine
+    from dcpo_cli.engines.settings import EngineSettings
 
     settings = EngineSettings(dtype="float32", enforce_eager=True,
                               engine_args=(("kv_cache_memory_bytes", KV_CACHE_BYTES),))
@@ -61,7 +61,7 @@ def hf_model(tiny):
 
 
 def _prompt_ids(engine, tiny, count=8):
-    from dcpo_cli.prompting import encode_prompts
+    from dcpo_cli.engines.prompting import encode_prompts
 
     table = contracts.read_table(tiny / "test.parquet", "prompts")
     prompts = [[dict(m) for m in p] for p in table.column("prompt").to_pylist()[:count]]
@@ -69,14 +69,14 @@ def _prompt_ids(engine, tiny, count=8):
 
 
 def _rollout_options(**changes):
-    from dcpo_cli.rollout import RolloutOptions
+    from dcpo_cli.stages.rollout import RolloutOptions
 
     return RolloutOptions(**{"batch_size": 6, "n": 4, "max_new_tokens": MAX_NEW, "seed": 3,
                              "engine": "vllm", **changes})
 
 
 def test_rollout_writes_a_valid_file(engine, tiny, tmp_path):
-    from dcpo_cli.rollout import run_rollout
+    from dcpo_cli.stages.rollout import run_rollout
 
     out = tmp_path / "r.parquet"
     summary = run_rollout(tiny / "model", tiny / "train.parquet", 0, out, _rollout_options(),
@@ -167,8 +167,8 @@ def test_sampler_logprobs_are_the_trainers_at_the_rollout_temperature(engine, ti
     """The rollouts' response_logprobs are log-probs of the distribution sampled from: the
     trainer's teacher-forced logits divided by the rollout temperature, through the trainer's
     own chunked log-prob function."""
+    from dcpo_cli.core.logprobs import decoder_of, lm_head_of, token_logprobs
     from dcpo_cli.engines import SamplingSettings
-    from dcpo_cli.logprobs import decoder_of, lm_head_of, token_logprobs
 
     prompts = _prompt_ids(engine, tiny)
     settings = SamplingSettings(n=4, temperature=temperature, max_new_tokens=MAX_NEW, seed=5)
@@ -211,7 +211,7 @@ def test_sampler_logprobs_follow_top_k_and_top_p_like_the_hf_engine(engine, tiny
 def test_greedy_eval_matches_the_hf_engine(engine, tiny, tmp_path):
     """Greedy answers on the tiny test set, through vLLM and through the hf engine."""
     from dcpo_cli.engines import load_engine
-    from dcpo_cli.evaluate import EvalOptions, run_eval
+    from dcpo_cli.evaluate.stage import EvalOptions, run_eval
 
     options = EvalOptions(max_new_tokens=MAX_NEW, engine="vllm", instruction="")
     spec = [str(tiny / "test.parquet")]
@@ -236,7 +236,7 @@ def test_greedy_eval_matches_the_hf_engine(engine, tiny, tmp_path):
 
 
 def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp_path):
-    from dcpo_cli.rollout import run_rollout
+    from dcpo_cli.stages.rollout import run_rollout
 
     args = ["rollout", "--model", tiny / "model", "--prompts", tiny / "train.parquet",
             "--step", 1, "--batch-size", 6, "--n", 4, "--max-new-tokens", MAX_NEW,

@@ -28,7 +28,7 @@ VERBOSE = typer.Option(False, "--verbose", help="Show the engine's own INFO logs
 
 def engine_settings(values: dict):
     """The engine settings from a command's keyword values (its `locals()`), checked."""
-    from dcpo_cli.engine_settings import EngineSettings, parse_engine_args
+    from dcpo_cli.engines.settings import EngineSettings, parse_engine_args
 
     settings = EngineSettings(
         tensor_parallel_size=values["tensor_parallel_size"],

@@ -6,7 +6,7 @@ import typer
 
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.engines import ENGINES
-from dcpo_cli.eval_sets import REGISTRY
+from dcpo_cli.evaluate.sets import REGISTRY
 from dcpo_cli.options import EvalOptions, choices
 
 D = EvalOptions()  # the defaults
@@ -57,7 +57,7 @@ def evaluate(
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
     from dcpo_cli.console import out as console
-    from dcpo_cli.evaluate import run_eval, summary_table
+    from dcpo_cli.evaluate.stage import run_eval, summary_table
     from dcpo_cli.options import from_values
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))

@@ -18,8 +18,8 @@ def inspect(
     import json
 
     if metadata is not None:
-        from dcpo_cli import contracts
         from dcpo_cli.errors import DcpoError
+        from dcpo_cli.files import contracts
 
         values = contracts.read_metadata(file)
         if metadata not in values:
@@ -29,7 +29,7 @@ def inspect(
         return
 
     from dcpo_cli.console import out
-    from dcpo_cli.inspect import describe, render
+    from dcpo_cli.stages.inspect import describe, render
 
     wanted = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     info = describe(file, rows=rows, columns=wanted)

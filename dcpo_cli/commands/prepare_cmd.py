@@ -29,9 +29,9 @@ def prepare(
     config: str | None = typer.Option(None, help="Hub datasets: configuration name."),
 ) -> None:
     """Turn a problem set into the prompts contract (prompt_id, prompt, answer)."""
-    from dcpo_cli import contracts
     from dcpo_cli.console import out as console
-    from dcpo_cli.prepare import load_records, prepare_records, prompts_table
+    from dcpo_cli.files import contracts
+    from dcpo_cli.stages.prepare import load_records, prepare_records, prompts_table
 
     records = load_records(src, split=split, config=config)
     name = Path(src).name

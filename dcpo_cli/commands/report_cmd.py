@@ -21,7 +21,7 @@ def report(
     import json
 
     from dcpo_cli.console import err, out
-    from dcpo_cli.report import evals_table, gather, metrics_table, plot_runs
+    from dcpo_cli.stages.report import evals_table, gather, metrics_table, plot_runs
 
     # `A --compare B C` parses as run_dirs [A, C], compare [B]: put them back in typed order.
     runs = gather([run_dirs[0], *compare, *run_dirs[1:]])

@@ -49,7 +49,7 @@ def rollout(
     """Generate --n responses for each prompt of step N's batch."""
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values
-    from dcpo_cli.rollout import parse_shard, run_rollout
+    from dcpo_cli.stages.rollout import parse_shard, run_rollout
 
     options = from_values(RolloutOptions, locals(), shard=parse_shard(shard))
     settings = engine_flags.engine_settings(locals())

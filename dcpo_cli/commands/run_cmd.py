@@ -5,11 +5,11 @@ from pathlib import Path
 import typer
 
 from dcpo_cli.commands import engine_flags
+from dcpo_cli.core.presets import PRESETS
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.options import DEFAULT_REWARD, choices
-from dcpo_cli.presets import PRESETS
-from dcpo_cli.run_config import FLAGS, default_config
-from dcpo_cli.tiny import CONFIGS
+from dcpo_cli.run.config import FLAGS, default_config
+from dcpo_cli.tiny.build import CONFIGS
 
 # Every flag defaults to None, meaning "not given": the first run takes the shell loop's
 # default (shown in the help), a re-run the value in RUN_DIR/run.toml.
@@ -73,13 +73,13 @@ def run(
     from rich.table import Table
 
     from dcpo_cli.console import out
-    from dcpo_cli.run_config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
+    from dcpo_cli.run.config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
 
     values = locals()
     given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
     sets = parse_set(set_ or [])
     config, rewrite = resolve(run_dir, given, sets)
-    from dcpo_cli.run_loop import check_config, run_loop
+    from dcpo_cli.run.loop import check_config, run_loop
 
     check_config(run_dir, config, verbose)  # everything checked before the first file is written
     if rewrite:

@@ -41,7 +41,7 @@ def score(
 
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values
-    from dcpo_cli.score import run_score
+    from dcpo_cli.stages.score import run_score
 
     options = from_values(ScoreOptions, locals())
     s = run_score(rollouts, out, options)

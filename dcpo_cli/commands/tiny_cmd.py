@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from dcpo_cli.tiny import CONFIGS
+from dcpo_cli.tiny.build import CONFIGS
 
 SIZES = "; ".join(f"{name}: {config.about}" for name, config in CONFIGS.items())
 
@@ -25,7 +25,7 @@ def init(
     """Write a tiny Qwen2 model, warm-started on an arithmetic task, plus its train/test prompts
     (seed 0 at the default size is copied, prebuilt, in seconds)."""
     from dcpo_cli.console import out
-    from dcpo_cli.tiny import init_tiny
+    from dcpo_cli.tiny.build import init_tiny
 
     result = init_tiny(directory, seed=seed, size=size, rebuild=rebuild)
     out.print(summary_table(result))
@@ -35,7 +35,7 @@ def summary_table(result):
     """The initial policy, per family and overall, as a rich table."""
     from rich.table import Table
 
-    from dcpo_cli.tiny import TINY_MAX_NEW_TOKENS
+    from dcpo_cli.tiny.build import TINY_MAX_NEW_TOKENS
 
     policy = result.summary["initial_policy"]
     table = Table(title=f"tiny init -> {result.directory}: initial policy on "

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.core.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
 from dcpo_cli.options import ROLLOUT_CORRECTIONS, TrainOptions, choices
-from dcpo_cli.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
 
 D = TrainOptions()  # the defaults
 
@@ -98,7 +98,7 @@ def train_step(
     from dcpo_cli.console import err
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values
-    from dcpo_cli.train_step import metrics_table, run_train_step
+    from dcpo_cli.train.step import metrics_table, run_train_step
 
     overrides = {key: value for key, value in (
         ("clip", clip), ("advantage", advantage), ("loss_agg", loss_agg), ("eps_low", eps_low),
@@ -108,13 +108,12 @@ def train_step(
     options = from_values(TrainOptions, locals(), overrides=overrides)
     options.check()
     if nproc_per_node is not None:
-        from dcpo_cli import cli
-        from dcpo_cli.launch import relaunch, strip_option
+        from dcpo_cli.parallel.launch import current_argv, relaunch, strip_option
 
-        code = relaunch(strip_option(cli.current_argv(), "--nproc-per-node"), nproc_per_node)
+        code = relaunch(strip_option(current_argv(), "--nproc-per-node"), nproc_per_node)
         raise typer.Exit(code)
     outcome = run_train_step(model, scored, state, out, options)
-    from dcpo_cli.distributed import world
+    from dcpo_cli.parallel.distributed import world
 
     if not world().is_main:  # rank 0 prints the table
         return

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dcpo_cli.batching import pack_greedy
+from dcpo_cli.core.batching import pack_greedy
 from dcpo_cli.engines.base import (
     Completion,
     ProgressCallback,

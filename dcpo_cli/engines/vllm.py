@@ -98,7 +98,7 @@ class VllmEngine:
         import importlib.util
         import sys
 
-        from dcpo_cli.engine_settings import check_tensor_parallel
+        from dcpo_cli.engines.settings import check_tensor_parallel
 
         if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
             raise DcpoError("--engine vllm: vLLM is not installed here (pip install "

@@ -1,0 +1,1 @@
+"""dcpo eval: benchmarks, sampling, avg/pass/maj@k."""

@@ -1,0 +1,1 @@
+"""What dcpo writes and reads: Parquet contracts, checkpoints, the SAS state file, model sources."""

@@ -1,0 +1,356 @@
+"""Policy building, loading and saving: the one place that knows what a checkpoint holds.
+
+A train-step checkpoint is a Hugging Face model directory (safetensors, config, generation
+config, tokenizer; `from_pretrained` and vLLM load it as is), its weights in the model's own
+dtype (`config.json`'s dtype: bf16 for Qwen, fp32 for the tiny model), plus, beside them:
+
+- `training_state/`   what continuing needs and evaluating does not, written with
+                      torch.distributed.checkpoint (each rank its own shard; it loads onto
+                      any number of ranks): the fp32 master weights and the AdamW state under
+                      the model's parameter names, and `rng_state.pt` (rank 0's torch CPU and
+                      CUDA generators, Python's `random`). `--keep-training-state K` deletes
+                      it from older checkpoints of the run (`prune_training_states`).
+- `trainer_state.json` global step, optimizer updates, rollout step absorbed, lr schedule,
+                      algorithm config, the scored inputs' checksums (for idempotent re-runs)
+- `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train_step)
+
+The lr schedule is a pure function of the global step (see `scheduled_lr`), so it needs no
+state file of its own: `trainer_state.json` holds everything it depends on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.parallel import distributed
+
+TRAINER_STATE = "trainer_state.json"
+TRAINING_STATE = "training_state"
+RNG_STATE = "rng_state.pt"  # inside training_state/
+TRAINER_FORMAT = "dcpo-trainer-state"
+
+
+def is_checkpoint(directory: Path) -> bool:
+    return (Path(directory) / TRAINER_STATE).is_file()
+
+
+def read_trainer_state(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / TRAINER_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DcpoError(f"{path}: unreadable trainer state ({exc})") from None
+    if state.get("format") != TRAINER_FORMAT:
+        raise DcpoError(f"{path}: not a dcpo trainer state")
+    return state
+
+
+def check_model_dir(directory: Path) -> None:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DcpoError(f"{directory}: no such model directory")
+    if not (directory / "config.json").is_file():
+        raise DcpoError(f"{directory}: not a model directory (no config.json)")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise DcpoError(f"{directory}: not a model directory (no weights)")
+
+
+def device_and_dtype() -> tuple[torch.device, torch.dtype | None]:
+    """fp32 on CPU; on GPU fp32 master weights with bf16 autocast (the returned dtype).
+    Under torchrun each process uses its LOCAL_RANK's GPU, and FSDP2's mixed precision
+    casts to bf16 instead of autocast (fsdp.py)."""
+    world = distributed.world()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        return device, None if world.sharded else torch.bfloat16
+    return torch.device("cpu"), None
+
+
+def build_policy(directory: Path, device: torch.device, gradient_checkpointing: bool = False):
+    """Load model and tokenizer from a model directory (a base model or a checkpoint).
+
+    The weights are upcast to fp32 (master weights); the dtype they were stored in is kept
+    as `model.dcpo_save_dtype`, the dtype `save_checkpoint` writes them back in. Under
+    torchrun, `fsdp.shard_policy` then shards the model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
+    check_model_dir(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = first_line(exc)
+        raise DcpoError(f"{directory}: cannot load the model ({reason})") from None
+    model.dcpo_save_dtype = stored_dtype(directory)
+    model.to(device)
+    model.config.use_cache = False
+    disable_dropout(model)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """The dtype a model directory's config names for its weights (fp32 if none)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name).replace("torch.", ""), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point \
+        else torch.float32
+
+
+def disable_dropout(model) -> None:
+    """A deterministic forward in train mode: the old log-probs (and the first mini-batch's
+    reuse of its own forward as them) assume that the same weights give the same numbers.
+    The saved config keeps its values; only this process's modules change."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):  # transformers' functional dropouts
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def vocab_size(model) -> int:
+    return model.get_input_embeddings().weight.shape[0]
+
+
+def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # Decay on every parameter, as the paper's verl actor does.
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def scheduled_lr(base_lr: float, global_step: int, warmup_steps: int) -> float:
+    """Linear warm-up counted in train steps (rollout steps), as the paper's 10 warm-up steps:
+    train step k (0-based) uses base_lr * min(1, (k + 1) / warmup_steps), then constant.
+    Every optimizer update within one train step uses the same lr. (The first step trains
+    with base_lr / warmup_steps rather than 0.)"""
+    if warmup_steps <= 0:
+        return base_lr
+    return base_lr * min(1.0, (global_step + 1) / warmup_steps)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float
+                        ) -> None:
+    """This step's lr and --weight-decay; loading a checkpoint's optimizer state would
+    otherwise bring back the values it was saved with."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay
+
+
+def has_training_state(directory: Path) -> bool:
+    return (Path(directory) / TRAINING_STATE / ".metadata").is_file()
+
+
+def load_training_state(directory: Path, model, optimizer: torch.optim.Optimizer,
+                        with_optimizer: bool = True) -> None:
+    """Restore the fp32 master weights (over the weights loaded from the model directory,
+    which may be bf16-rounded), the AdamW state unless `with_optimizer` is false
+    (--reset-optimizer), and the RNG states, from a checkpoint's training_state/. Works on
+    any number of ranks, whatever number wrote it (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(directory) / TRAINING_STATE
+    try:
+        if with_optimizer:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optimizer": optim_sd}
+        else:
+            state = {"model": get_model_state_dict(model)}
+        with single_process_quiet():
+            dcp.load(state, checkpoint_id=path)
+        if with_optimizer:
+            set_state_dict(model, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optimizer"])
+        else:
+            set_model_state_dict(model, state["model"])
+        rng = torch.load(path / RNG_STATE, map_location="cpu", weights_only=False)
+    except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 (DCP raises many)
+        reason = first_line(exc).strip() or type(exc).__name__
+        if "size" in reason or "Missing key" in reason or "shape" in reason \
+                or "CheckpointException" in type(exc).__name__:
+            raise DcpoError(f"{path}: a training state written for another model, or broken "
+                            f"({reason[:200]})") from None
+        raise DcpoError(f"{path}: broken checkpoint training state ({reason[:200]})") from None
+    restore_rng(rng)
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Set the generators `rng_snapshot` captured (torch CPU, CUDA, Python's `random`)."""
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    random.setstate(rng["python"])
+
+
+def rng_snapshot() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+    }
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], write_extra=None) -> None:
+    """Write the whole checkpoint directory atomically: it appears complete or not at all.
+
+    `write_extra(tmp_dir)` adds the step's own files (records, metrics, SAS snapshot) inside
+    the same atomic directory. Under torchrun every rank calls this: all write into one
+    temporary directory (its name chosen on rank 0), rank 0 alone writes the model directory
+    (from a full state dict) and the small files, every rank its shard of training_state/;
+    rank 0 renames the directory into place once every rank is done.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    main = distributed.world().is_main
+    with shared_atomic_dir(out) as tmp:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+        if main:
+            save_weights(tmp, model, full)
+            tokenizer.save_pretrained(tmp)
+        del full
+        save_training_state(tmp / TRAINING_STATE, model, optimizer)
+        if main:
+            torch.save(rng_snapshot(), tmp / TRAINING_STATE / RNG_STATE)
+            if write_extra is not None:
+                write_extra(tmp)
+            # Last, so a directory with trainer_state.json is one this function finished.
+            state = {"format": TRAINER_FORMAT, "version": 2, **trainer_state}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def save_weights(directory: Path, model, full: dict[str, torch.Tensor]) -> None:
+    """The model directory rollout and eval load: weights in the model's own dtype."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    dtype = getattr(model, "dcpo_save_dtype", torch.float32)
+    copies = tied_copies(model)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()
+               if k not in copies}
+    saved_dtype = model.config.dtype
+    model.config.dtype = dtype
+    try:
+        model.save_pretrained(directory, state_dict=weights, safe_serialization=True)
+    finally:
+        model.config.dtype = saved_dtype
+
+
+def tied_copies(model) -> set[str]:
+    """Names of parameters that are another parameter under a second name (a tied lm-head):
+    a full state dict gathered from FSDP2 holds them as separate copies, which
+    `save_pretrained` would then write twice."""
+    seen: set[int] = set()
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            copies.add(name)
+        seen.add(id(param))
+    return copies
+
+
+def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer) -> None:
+    """fp32 master weights and optimizer state, each rank its own shard (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with single_process_quiet():
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory)
+
+
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns that it 'assumes the intent is to save in a single process' when there is
+    no process group; that is exactly the intent of a train-step without torchrun."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(out: Path):
+    """`contracts.atomic_path` for a directory that several ranks write: rank 0 makes the
+    temporary directory and tells the others its name; after a barrier (everyone's files
+    written) rank 0 renames it into place; a second barrier holds the others until then."""
+    from dcpo_cli.files.contracts import atomic_path
+
+    world = distributed.world()
+    if not world.sharded:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            yield tmp
+        return
+    if world.is_main:
+        with atomic_path(out) as tmp:
+            tmp.mkdir()
+            distributed.broadcast_object(str(tmp))
+            yield tmp
+            distributed.barrier()
+        distributed.barrier()
+    else:
+        tmp = Path(distributed.broadcast_object(None))
+        yield tmp
+        distributed.barrier()
+        distributed.barrier()
+
+
+def prune_training_states(out: Path, keep: int) -> list[Path]:
+    """Delete training_state/ from the older checkpoints of `out`'s own line beyond the
+    newest `keep` (`out` counts as the first).
+
+    The line is `out`, the checkpoint it continued from (`parent_checkpoint` in its trainer
+    state), that one's parent, and so on, as long as they sit in `out`'s folder (the loop's
+    --out folder): other runs and branches in the same folder are never touched. Called
+    after a step has committed (checkpoint renamed into place and STATE written), and again
+    by every later step, so a kill in between loses nothing and repeats the work. Weights,
+    records and metrics stay. Each state is renamed away before it is removed, so a
+    half-deleted state is never taken for a whole one."""
+    line, current = [], Path(out)
+    while current.is_dir() and len(line) < 1_000_000:
+        trainer = None
+        with contextlib.suppress(DcpoError):
+            trainer = read_trainer_state(current)
+        if trainer is None or current in line:
+            break
+        line.append(current)
+        parent = trainer.get("parent_checkpoint")
+        if not parent:
+            break
+        current = Path(out).parent / parent
+    removed = []
+    for ancestor in line[keep:]:
+        state = ancestor / TRAINING_STATE
+        if state.exists():
+            state.rename(ancestor / f".{TRAINING_STATE}.deleting")
+            removed.append(ancestor)
+        shutil.rmtree(ancestor / f".{TRAINING_STATE}.deleting", ignore_errors=True)
+    return removed

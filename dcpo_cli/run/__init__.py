@@ -1,0 +1,1 @@
+"""dcpo run: the whole loop in one process, settings in RUN_DIR/run.toml."""

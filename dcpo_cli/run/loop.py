@@ -1,0 +1,265 @@
+"""`dcpo run`: examples/tiny_loop.sh in one process, with the policy, its optimizer and the
+generation engine kept loaded between stages.
+
+Every stage is the same function the stage's command calls (`run_rollout`, `run_score`,
+`run_train_step`, `run_eval`), on the same paths, so the run directory holds exactly the
+files the shell loop writes and either can continue a run the other started. What the
+process keeps:
+
+- the policy: `run_train_step(..., resident=...)` continues from the policy it trained last
+  instead of loading the checkpoint it just wrote (only when it is exactly that checkpoint;
+  see `resident.py`), and hands the updated one back;
+- the engine: after a train-step the new weights go into it in memory
+  (`engine.load_weights`), instead of a fresh engine loading the checkpoint; while the
+  policy trains, the engine frees what it can (`engine.release`: vLLM's KV cache on GPUs).
+  A checkpoint this process did not write (after a resume) is loaded from disk as the shell
+  loop would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dcpo_cli.console import err, out
+from dcpo_cli.errors import DcpoError
+from dcpo_cli.run.config import Config, refills, stage_options
+
+
+@dataclass
+class StepTiming:
+    """One loop step's wall time and its stages' own work (None: the stage was skipped)."""
+
+    step: int
+    wall: float
+    generate: float | None = None
+    score: float | None = None
+    train: float | None = None  # compute_seconds of the update (no loading, no saving)
+
+    @property
+    def work(self) -> float:
+        return sum(x for x in (self.generate, self.score, self.train) if x is not None)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "steps" / f"{step:06d}"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "ckpt" / f"step-{step:06d}"
+
+
+class ResidentEngine:
+    """The one generation engine of the run, holding the weights of `model_dir`: the
+    rollouts' and evaluations' engine alike. Stages get a `LazyEngine`, so a stage that
+    finds its output already written never loads or syncs anything."""
+
+    def __init__(self, kind: str, settings: Any) -> None:
+        self.kind, self.settings = kind, settings
+        self.engine: Any = None
+        self.model_dir: Path | None = None
+        self.pushes = 0  # in-memory weight updates
+        self.loads = 0  # engines started from a model directory
+
+    def lazy(self, model_dir: Path, resident: Any) -> LazyEngine:
+        return LazyEngine(self, model_dir, resident)
+
+    def holding(self, model_dir: Path, resident: Any) -> Any:
+        from dcpo_cli.engines import load_engine
+
+        model_dir = Path(model_dir).resolve()
+        if self.engine is not None and self.model_dir == model_dir:
+            return self.engine
+        if (self.engine is not None and resident is not None and resident.holds(model_dir)
+                and callable(getattr(self.engine, "load_weights", None))):
+            self.engine.load_weights(resident.policy.model.state_dict().items())
+            self.model_dir = model_dir
+            self.pushes += 1
+            return self.engine
+        if self.engine is not None:
+            # after a resume, a new engine loads the checkpoint, as `dcpo rollout` would
+            self.close()
+            out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
+                      highlight=False)
+        options = self.settings.options_for(self.kind)
+        if self.kind == "vllm":
+            options["resident"] = True  # sleeps while the policy trains (GPUs)
+        self.engine = load_engine(self.kind, model_dir, **options)
+        self.model_dir = model_dir
+        self.loads += 1
+        return self.engine
+
+    def release(self) -> None:
+        """Before a train-step: let the engine free memory the training needs (`release`,
+        optional like `load_weights`: an engine without it keeps what it holds)."""
+        release = getattr(self.engine, "release", None)
+        if callable(release):
+            release()
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            close()
+        self.engine, self.model_dir = None, None
+        gc.collect()
+
+
+class LazyEngine:
+    """Stands for the engine holding `model_dir`; made real on first use."""
+
+    def __init__(self, owner: ResidentEngine, model_dir: Path, resident: Any) -> None:
+        self._owner, self._model_dir, self._resident = owner, model_dir, resident
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._owner.holding(self._model_dir, self._resident), name)
+
+
+def check_config(run_dir: Path, config: Config, verbose: bool = False) -> tuple:
+    """Every stage's options from `config`, checked (before anything is written)."""
+    from dcpo_cli.engines import pick_engine
+    from dcpo_cli.train.step import resolve_algo
+
+    options = (stage_options(config, "rollout"), stage_options(config, "score"),
+               stage_options(config, "train", metrics_log=Path(run_dir) / "metrics.jsonl"),
+               stage_options(config, "eval"), stage_options(config, "engine", verbose=verbose))
+    for item in options:
+        item.check()
+    resolve_algo(options[2])
+    options[4].options_for(pick_engine(options[0].engine))  # settings the engine cannot take
+    if config["loop"]["max_rounds"] < 1:
+        raise DcpoError("loop.max_rounds must be at least 1")
+    if config["loop"]["model"] is not None and config["loop"]["prompts"] is None:
+        raise DcpoError("--model needs --prompts (the training prompts file)")
+    return options
+
+
+def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
+             verbose: bool = False) -> list[StepTiming]:
+    """Run (or resume) the loop of `config` in `run_dir`; the steps' timings."""
+    from dcpo_cli.engines import pick_engine
+    from dcpo_cli.evaluate.stage import run_eval
+    from dcpo_cli.files.model_source import resolve_model
+    from dcpo_cli.stages.rollout import run_rollout
+    from dcpo_cli.stages.score import run_score
+    from dcpo_cli.train.step import run_train_step
+
+    run_dir = Path(run_dir)
+    loop = config["loop"]
+    rollout_options, score_options, train_options, eval_options, engine_settings = \
+        check_config(run_dir, config, verbose)
+    kind = pick_engine(rollout_options.engine)
+    base_model, prompts, benchmarks = _inputs(run_dir, loop, rollout_options.seed)
+    engines = ResidentEngine(kind, engine_settings)
+    eval_shares = pick_engine(eval_options.engine) == kind
+    resident = None
+
+    def evaluate(model: Any, label: str) -> None:
+        if not benchmarks:
+            return
+        local = resolve_model(model).path
+        engine = engines.lazy(local, resident) if eval_shares else None
+        run_eval(model, benchmarks, run_dir / "eval" / label, eval_options, engine=engine,
+                 engine_settings=engine_settings)
+
+    def sample(step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
+               timing: StepTiming) -> Path:
+        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
+        if not rollouts.is_file():
+            local = resolve_model(model).path
+            options = dataclasses.replace(rollout_options, round=round_index)
+            summary = run_rollout(model, prompts, step, rollouts, options,
+                                  engine=engines.lazy(local, resident),
+                                  engine_settings=engine_settings)
+            timing.generate = (timing.generate or 0.0) + summary.seconds
+        if not scored.is_file():
+            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
+                                                             score_options).seconds
+        return scored
+
+    def sample_rounds(step: int, folder: Path, model: Any, timing: StepTiming) -> list[Path]:
+        """DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
+        until --target-prompts groups have mixed outcomes, or loop.max_rounds are done."""
+        from dcpo_cli.files.contracts import read_metadata
+
+        scored, kept = [], 0
+        target = train_options.target_prompts or rollout_options.batch_size
+        for round_index in range(loop["max_rounds"]):
+            if kept >= target:
+                break
+            scored.append(sample(step, round_index, folder / f"rollouts-r{round_index}.parquet",
+                                 folder / f"scored-r{round_index}.parquet", model, timing))
+            kept += read_metadata(scored[-1])["mixed_groups"]
+        if kept < target:
+            err.print(f"warning: step {step} kept {kept} of {target} groups after "
+                      f"{loop['max_rounds']} rounds; training on those", highlight=False)
+        return scored
+
+    refill = refills(config)
+    steps, every = loop["steps"], loop["eval_every"]
+    evaluate(base_model, "step-000000")
+    model: Any = base_model
+    timings = []
+    try:
+        for step in range(steps):
+            started = time.perf_counter()
+            timing = StepTiming(step, 0.0)
+            folder = step_dir(run_dir, step)
+            folder.mkdir(parents=True, exist_ok=True)
+            following = checkpoint_dir(run_dir, step + 1)
+            if refill:
+                scored = sample_rounds(step, folder, model, timing)
+            else:
+                scored = [sample(step, 0, folder / "rollouts.parquet",
+                                 folder / "scored.parquet", model, timing)]
+            engines.release()
+            outcome = run_train_step(model, scored, run_dir / "state.json", following,
+                                     train_options, show_progress=show_progress,
+                                     resident=resident)
+            if outcome.policy is not None:
+                from dcpo_cli.run.resident import ResidentPolicy
+
+                resident = ResidentPolicy.after_save(outcome.policy, following)
+                timing.train = outcome.metrics["compute_seconds"]
+            model = following
+            timing.wall = time.perf_counter() - started
+            timings.append(timing)
+            out.print(_step_line(timing, outcome), highlight=False)
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                evaluate(model, f"step-{step + 1:06d}")
+        evaluate(model, f"step-{steps:06d}")
+        if engines.loads:
+            out.print(f"[dim]{kind} engine: {engines.loads} start(s), {engines.pushes} "
+                      "in-memory weight update(s)[/]", highlight=False)
+    finally:
+        engines.close()
+    return timings
+
+
+def _inputs(run_dir: Path, loop: dict[str, Any], seed: int) -> tuple[Any, Path, list[str]]:
+    """The base model, the prompts and the benchmarks: the tiny task built into
+    RUN_DIR/tiny (as the shell loop does) unless a model and prompts are given."""
+    if loop["model"] is None:
+        tiny = run_dir / "tiny"
+        if not (tiny / "model").is_dir():
+            from dcpo_cli.tiny.build import init_tiny
+
+            init_tiny(tiny, seed=seed, size=loop["tiny_size"])
+        return tiny / "model", tiny / "train.parquet", (list(loop["benchmark"]) or
+                                                        [str(tiny / "test.parquet")])
+    if loop["prompts"] is None:
+        raise DcpoError("--model needs --prompts (the training prompts file)")
+    return loop["model"], Path(loop["prompts"]), list(loop["benchmark"])
+
+
+def _step_line(timing: StepTiming, outcome: Any) -> str:
+    metrics = outcome.metrics
+    parts = [f"step {timing.step}: {outcome.status}", f"reward {metrics.get('reward_mean', 0):.3f}",
+             f"{timing.wall:.1f} s"]
+    if timing.work:
+        parts.append(f"(generate {timing.generate or 0:.1f} s, score {timing.score or 0:.1f} s, "
+                     f"update {timing.train or 0:.1f} s)")
+    return ", ".join(parts)

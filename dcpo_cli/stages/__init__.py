@@ -1,0 +1,1 @@
+"""The file-to-file stages: prepare, rollout, score, report, inspect."""

@@ -1,0 +1,1 @@
+"""dcpo train-step: one policy update from scored files (step.py orchestrates)."""
