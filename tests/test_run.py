@@ -259,6 +259,53 @@ def test_a_changed_flag_is_refused_and_nothing_is_written(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == [CONFIG_FILE]
 
 
+@pytest.mark.parametrize("table, line, fragments", [
+    ("train", 'lr = "fast"', ["[train] lr", "expected a number", '"fast"']),
+    ("rollout", "seed = true", ["[rollout] seed", "expected an integer"]),
+    ("loop", "benchmark = [1, 2]", ["[loop] benchmark", "expected a list of strings"]),
+    ("engine", 'engine_args = ["x"]', ["[engine] engine_args", "expected a table"]),
+    ("train", "lr = -1.0", ["[train] lr and warmup_steps must be >= 0"]),
+    ("loop", "max_rounds = 0", ["[loop] max_rounds must be at least 1"]),
+])
+def test_a_bad_value_in_run_toml_names_its_table_and_field(tmp_path, table, line, fragments):
+    """A value of the wrong type, or out of range, in run.toml: one line naming run.toml,
+    the table and the field (not a command-line flag, not a TypeError), exit 2, nothing
+    written."""
+    from dcpo_cli.run.config import CONFIG_FILE, default_config, write_config
+
+    run_dir = tmp_path / "run"
+    write_config(default_config(), run_dir / CONFIG_FILE)
+    path = run_dir / CONFIG_FILE
+    text = path.read_text()
+    name = line.split(" = ")[0]
+    start = text.index(f"[{table}]")
+    head, tail = text[:start], text[start:]
+    kept = [row for row in tail.splitlines() if not row.startswith(f"{name} = ")]
+    path.write_text(head + "\n".join([kept[0], line, *kept[1:]]) + "\n")
+    before = path.read_bytes()
+    result = run_dcpo("run", run_dir, "--steps", "1")
+    assert_one_line_error(result, str(path), *fragments)
+    assert "--" not in result.stderr.split(str(path))[1]  # no flag named
+    assert sorted(p.name for p in run_dir.iterdir()) == [CONFIG_FILE]
+    assert path.read_bytes() == before
+
+
+def test_a_set_value_of_the_wrong_type_is_one_line(tmp_path):
+    result = run_dcpo("run", tmp_path / "run", "--set", "train.lr=fast", "--steps", "1")
+    assert_one_line_error(result, "--set train.lr=fast", "expected a number")
+    result = run_dcpo("run", tmp_path / "run", "--set", "train.lr=-1", "--steps", "1")
+    assert_one_line_error(result, "--lr")  # from the command line: the flags' own words
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_default_setting_has_its_declared_type():
+    from dcpo_cli.run.config import default_config, type_error
+
+    config = default_config()
+    assert {(s, k): type_error(s, k, v) for s in config for k, v in config[s].items()
+            if type_error(s, k, v)} == {}
+
+
 def test_config_round_trips_every_stage_option(tmp_path):
     """run.toml holds every field of every stage's options (new fields included, read
     generically) and reads back to the same options."""

@@ -78,13 +78,18 @@ def run(
     values = locals()
     given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
     sets = parse_set(set_ or [])
+    stored = run_dir / CONFIG_FILE
+    source = stored if stored.is_file() else None
     config, rewrite = resolve(run_dir, given, sets)
     from dcpo_cli.run.loop import check_config, run_loop
 
-    check_config(run_dir, config, verbose)  # everything checked before the first file is written
-    if rewrite:
-        write_config(config, run_dir / CONFIG_FILE)
-    timings = run_loop(run_dir, config, verbose=verbose)
+    check_config(run_dir, config, verbose, source)  # all checked before a file is written
+    from dcpo_cli.files.locks import exclusive
+
+    with exclusive(run_dir):  # a second dcpo run on RUN_DIR is refused at once
+        if rewrite:
+            write_config(config, run_dir / CONFIG_FILE)
+        timings = run_loop(run_dir, config, verbose=verbose)
     table = Table(title=f"dcpo run {run_dir}", title_justify="left")
     for name in ("step", "wall s", "generate s", "score s", "update s", "wall / work"):
         table.add_column(name, justify="right")

@@ -107,12 +107,16 @@ def train_step(
         ("kl_type", kl_type)) if value is not None}
     options = from_values(TrainOptions, locals(), overrides=overrides)
     options.check()
+    from dcpo_cli.files.locks import exclusive
+
     if nproc_per_node is not None:
         from dcpo_cli.parallel.launch import current_argv, relaunch, strip_option
 
-        code = relaunch(strip_option(current_argv(), "--nproc-per-node"), nproc_per_node)
+        with exclusive(out, state):
+            code = relaunch(strip_option(current_argv(), "--nproc-per-node"), nproc_per_node)
         raise typer.Exit(code)
-    outcome = run_train_step(model, scored, state, out, options)
+    with exclusive(out, state):  # a second train-step on the same files is refused
+        outcome = run_train_step(model, scored, state, out, options)
     from dcpo_cli.parallel.distributed import world
 
     if not world().is_main:  # rank 0 prints the table

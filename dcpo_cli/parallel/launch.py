@@ -19,6 +19,8 @@ from dcpo_cli.errors import DcpoError
 ERROR_FILE_ENV = "DCPO_ERROR_FILE"  # the same name as distributed.ERROR_FILE_ENV
 
 
+# Set for the ranks: the launcher holds the output's locks (files/locks.py) for them.
+LOCKS_HELD_ENV = "DCPO_LOCKS_HELD"
 _argv: list[str] = []
 
 
@@ -55,7 +57,7 @@ def relaunch(argv: list[str], nproc: int) -> int:
         raise DcpoError("--nproc-per-node: already running under torchrun; drop the option")
     with tempfile.TemporaryDirectory(prefix="dcpo-launch-") as tmp:
         error_file = Path(tmp) / "error"
-        env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+        env = {**os.environ, ERROR_FILE_ENV: str(error_file), LOCKS_HELD_ENV: "1"}
         # torchrun warns unless this is set; share the cores out as it would
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",

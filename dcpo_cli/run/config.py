@@ -16,6 +16,8 @@ import dataclasses
 import json
 import math
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,10 @@ FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "engine": (("rollout", "engine"), ("eval", "engine")),
     "reward": (("score", "reward"),),
 }
+# The [loop] table's types (the stages' tables take their dataclass's annotations).
+LOOP_TYPES: dict[str, Any] = {"model": str | None, "prompts": str | None,
+                              "benchmark": list[str], "tiny_size": str, "steps": int,
+                              "eval_every": int, "max_rounds": int}
 Config = dict[str, dict[str, Any]]
 
 
@@ -94,8 +100,69 @@ def parse_set(items: list[str]) -> dict[tuple[str, str], Any]:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        wrong = type_error(section, name, value)
+        if wrong:
+            raise DcpoError(f"--set {key}={text}: {wrong}")
         settings[(section, name)] = value
     return settings
+
+
+def type_error(section: str, name: str, value: Any) -> str | None:
+    """What is wrong with the type of `value` for SECTION.FIELD, or None when it fits (so a
+    wrong type is one line naming the field, not a TypeError deep in a stage)."""
+    hint = LOOP_TYPES[name] if section == "loop" else \
+        typing.get_type_hints(SECTIONS[section])[name]
+    return None if _fits(value, hint) else f"expected {_describe(hint)}, got {_show(value)}"
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple:
+            return isinstance(value, dict) or value == []  # (key, value) pairs: a table
+        if isinstance(value, list):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return all(_fits(v, args[0]) for v in value)
+            return len(value) == len(args) and all(map(_fits, value, args))
+        return False
+    return True  # a type this check does not know: the stage's own check decides
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             Path: "a path (a string)"}
+    if hint in names:
+        return names[hint]
+    if origin is dict or (origin is tuple and len(args) == 2 and args[1] is Ellipsis
+                          and typing.get_origin(args[0]) is tuple):
+        return "a table"
+    plural = {int: "integers", float: "numbers", str: "strings"}
+    if origin is list:
+        return f"a list of {plural.get(args[0], 'values')}"
+    if origin is tuple:
+        return f"a list of {len(args)} {plural.get(args[0], 'values')}"
+    return str(hint)
 
 
 def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], Any]
@@ -157,6 +224,9 @@ def read_config(path: Path) -> Config:
         for name, value in values.items():
             if name not in config[section]:
                 raise DcpoError(f"{path}: [{section}] has no setting {name!r}")
+            wrong = type_error(section, name, value)
+            if wrong:
+                raise DcpoError(f"{path}: [{section}] {name}: {wrong}")
             config[section][name] = value
     return config
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,23 +119,40 @@ class LazyEngine:
         return getattr(self._owner.holding(self._model_dir, self._resident), name)
 
 
-def check_config(run_dir: Path, config: Config, verbose: bool = False) -> tuple:
-    """Every stage's options from `config`, checked (before anything is written)."""
+def check_config(run_dir: Path, config: Config, verbose: bool = False,
+                 source: Path | None = None) -> tuple:
+    """Every stage's options from `config`, checked (before anything is written). With
+    `source` (the run.toml the values were read from) an error names its table and field
+    rather than the command-line flag the stages' checks speak of."""
     from dcpo_cli.engines import pick_engine
     from dcpo_cli.train.step import resolve_algo
 
-    options = (stage_options(config, "rollout"), stage_options(config, "score"),
-               stage_options(config, "train", metrics_log=Path(run_dir) / "metrics.jsonl"),
-               stage_options(config, "eval"), stage_options(config, "engine", verbose=verbose))
-    for item in options:
-        item.check()
-    resolve_algo(options[2])
-    options[4].options_for(pick_engine(options[0].engine))  # settings the engine cannot take
-    if config["loop"]["max_rounds"] < 1:
-        raise DcpoError("loop.max_rounds must be at least 1")
-    if config["loop"]["model"] is not None and config["loop"]["prompts"] is None:
-        raise DcpoError("--model needs --prompts (the training prompts file)")
+    sections = ("rollout", "score", "train", "eval", "engine")
+    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
+             "engine": {"verbose": verbose}}
+    options = tuple(stage_options(config, name, **fixed.get(name, {})) for name in sections)
+    checks = [(name, item.check) for name, item in zip(sections, options, strict=True)]
+    checks += [("train", lambda: resolve_algo(options[2])),  # settings the engine cannot take:
+               ("engine", lambda: options[4].options_for(pick_engine(options[0].engine))),
+               ("loop", lambda: _check_loop(config["loop"]))]
+    for section, check in checks:
+        try:
+            check()
+        except DcpoError as exc:
+            if source is None:
+                raise
+            fields = str(exc).removeprefix(f"{section}.")
+            fields = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"),
+                            fields)
+            raise DcpoError(f"{source}: [{section}] {fields}") from None
     return options
+
+
+def _check_loop(loop: dict) -> None:
+    if loop["max_rounds"] < 1:
+        raise DcpoError("loop.max_rounds must be at least 1")
+    if loop["model"] is not None and loop["prompts"] is None:
+        raise DcpoError("--model needs --prompts (the training prompts file)")
 
 
 def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
