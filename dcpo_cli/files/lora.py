@@ -108,7 +108,15 @@ def wrap(model, rank: int, alpha: float, dropout: float, targets: str, base_name
                         task_type="CAUSAL_LM", base_model_name_or_path=base_name,
                         revision=base_revision)
     peft_model = get_peft_model(model, config)
+    # peft names the base by the path it was loaded from (maybe relative): ours is the
+    # resolved one (a Hub id and commit, or an absolute directory)
+    _name_base(peft_model, base_name, base_revision)
     return _attached(peft_model)
+
+
+def _name_base(peft_model, name: str, revision: str | None) -> None:
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path, config.revision = name, revision
 
 
 def load(model, directory: Path, trainable: bool):
@@ -120,6 +128,8 @@ def load(model, directory: Path, trainable: bool):
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DcpoError(f"{directory}: cannot load the LoRA adapter ({reason})") from None
+    recorded = adapter_config(directory)
+    _name_base(peft_model, recorded["base_model_name_or_path"], recorded.get("revision"))
     return _attached(peft_model)
 
 
