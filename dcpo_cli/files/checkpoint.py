@@ -156,6 +156,17 @@ def state_dict_options(model, **options):
     return StateDictOptions(ignore_frozen_params=lora.peft_of(model) is not None, **options)
 
 
+def trainable_only(model, state: dict[str, Any]) -> dict[str, Any]:
+    """With LoRA, a model state dict without the frozen base: `ignore_frozen_params` keeps
+    a tied lm-head (the embedding matrix under its second name), which would put
+    vocabulary x hidden floats into every checkpoint."""
+    if lora.peft_of(model) is None:
+        return state
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
+
+
 def scheduled_lr(base_lr: float, global_step: int, warmup_steps: int) -> float:
     """Linear warm-up counted in train steps (rollout steps), as the paper's 10 warm-up steps:
     train step k (0-based) uses base_lr * min(1, (k + 1) / warmup_steps), then constant.
@@ -201,9 +212,10 @@ def load_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
         set_options = state_dict_options(model, strict=not options.ignore_frozen_params)
         if with_optimizer:
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-            state = {"model": model_sd, "optimizer": optim_sd}
+            state = {"model": trainable_only(model, model_sd), "optimizer": optim_sd}
         else:
-            state = {"model": get_model_state_dict(model, options=options)}
+            state = {"model": trainable_only(model, get_model_state_dict(model,
+                                                                         options=options))}
         with single_process_quiet():
             dcp.load(state, checkpoint_id=path)
         if with_optimizer:
@@ -252,8 +264,8 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
 
     main = distributed.world().is_main
     with shared_atomic_dir(out) as tmp:
-        full = get_model_state_dict(model, options=state_dict_options(
-            model, full_state_dict=True, cpu_offload=True))
+        full = trainable_only(model, get_model_state_dict(model, options=state_dict_options(
+            model, full_state_dict=True, cpu_offload=True)))
         if main:
             if lora.peft_of(model) is not None:  # the adapter alone, in peft's layout
                 lora.save_adapter(tmp, model, full)
@@ -308,7 +320,8 @@ def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
     with single_process_quiet():
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory)
+        dcp.save({"model": trainable_only(model, model_sd), "optimizer": optim_sd},
+                 checkpoint_id=directory)
 
 
 @contextlib.contextmanager

@@ -105,8 +105,7 @@ def wrap(model, rank: int, alpha: float, dropout: float, targets: str, base_name
     check_targets(model, targets, base_name)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                         target_modules=target_list(targets), bias="none",
-                        task_type="CAUSAL_LM", base_model_name_or_path=base_name,
-                        revision=base_revision)
+                        task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     # peft names the base by the path it was loaded from (maybe relative): ours is the
     # resolved one (a Hub id and commit, or an absolute directory)
