@@ -12,6 +12,7 @@ import pytest
 import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
+from test_run import env  # noqa: F401  (the shell loop's environment, a fixture)
 
 from dcpo_cli.files import contracts
 from dcpo_cli.train.step import TrainOptions, run_train_step
@@ -361,3 +362,36 @@ def test_bad_lora_inputs_are_one_line_errors(lora_step, random_model_dir, scored
         result = run_dcpo("run", run_dir, "--steps", "1", "--tiny-size", "test", *flags)
         assert_one_line_error(result, fragment)
         assert not run_dir.exists()
+
+
+LORA_RUN = ["--lora-rank", "4", "--lora-dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def lora_shell_run(tmp_path_factory, env):
+    """examples/tiny_loop.sh with LoRA (TRAIN_ARGS), 2 steps: the reference."""
+    from test_run import finish, shell_loop
+
+    run_dir = tmp_path_factory.mktemp("lora-shell") / "run"
+    finish(shell_loop(run_dir, 2, env), {**env, "TRAIN_ARGS": " ".join(LORA_RUN)})
+    return run_dir
+
+
+@pytest.mark.slow
+def test_dcpo_run_with_lora_writes_the_shell_loops_files(lora_shell_run, env, tmp_path):
+    """`dcpo run --lora-rank` (adapters swapped into its one engine) gives the shell loop's
+    rollouts, adapters, training state, RNG and metrics; so does a run SIGKILLed at random
+    points and resumed."""
+    from conftest import kill_at_random_progress
+    from test_run import RUN_FLAGS, assert_same_run, dcpo_run, finish
+
+    run_dir = tmp_path / "run"
+    output = finish(dcpo_run(run_dir, 2, [*RUN_FLAGS, *LORA_RUN]), env)
+    assert "2 in-memory weight update(s)" in output  # both adapters went into the engine
+    assert_same_run(run_dir, lora_shell_run, steps=2)
+    killed = tmp_path / "killed"
+    kills = kill_at_random_progress(dcpo_run(killed, 2, [*RUN_FLAGS, *LORA_RUN]), env, killed,
+                                    lora_shell_run, attempts=3)
+    assert kills >= 2
+    finish(dcpo_run(killed, None, flags=[]), env)
+    assert_same_run(killed, lora_shell_run, steps=2)
