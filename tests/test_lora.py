@@ -5,6 +5,7 @@ adapter disabled, FSDP2, resuming, and the refusals."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,6 @@ import pytest
 import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
-from test_run import env  # noqa: F401  (the shell loop's environment, a fixture)
 
 from dcpo_cli.files import contracts
 from dcpo_cli.train.step import TrainOptions, run_train_step
@@ -139,8 +139,8 @@ def test_the_checkpoint_is_a_peft_adapter_naming_its_base(lora_step, random_mode
     assert config["revision"] is None and config["r"] == 4 and config["lora_alpha"] == 32
     assert config["lora_dropout"] == 0.05
     # peft writes all-linear out as the modules it adapted
-    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                             "gate_proj", "up_proj", "down_proj"}
+    assert {name.rsplit(".", 1)[-1] for name in config["target_modules"]} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     trainer = json.loads((ckpt / "trainer_state.json").read_text())
     assert trainer["base_model"] == str(random_model_dir.resolve())
     assert trainer["ref_model"] == str(random_model_dir.resolve())  # the base, adapter off
@@ -365,6 +365,17 @@ def test_bad_lora_inputs_are_one_line_errors(lora_step, random_model_dir, scored
 
 
 LORA_RUN = ["--lora-rank", "4", "--lora-dropout", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """tests/test_run.py's environment of the shell loop (the reduced tiny model)."""
+    from test_run import LOOP_ENV, PARITY_REWARD
+
+    directory = tmp_path_factory.mktemp("reward")
+    (directory / "loop_reward.py").write_text(PARITY_REWARD)
+    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **LOOP_ENV, "PYTHONPATH": path, "COLUMNS": "200"}
 
 
 @pytest.fixture(scope="module")

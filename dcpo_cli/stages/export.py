@@ -9,6 +9,7 @@ behind. The output is written atomically and never over an existing directory.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +49,8 @@ def run_export(model: str | Path, out: Path) -> Exported:
         network = lora.load(network, source.path, trainable=False)
         network = lora.peft_of(network).merge_and_unload()
     dtype = stored_dtype(base.path)
-    try:  # the base's own sampling defaults travel with it
+    with contextlib.suppress(OSError):  # the base's own sampling defaults travel with it
         network.generation_config = GenerationConfig.from_pretrained(base.path)
-    except OSError:
-        pass
     copies = tied_copies(network)
     weights = {k: v.to(dtype) for k, v in network.state_dict().items() if k not in copies}
     network.config.dtype = dtype
