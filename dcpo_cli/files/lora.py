@@ -225,13 +225,15 @@ def trainable_count(model) -> int:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of this process's optimizer state (AdamW: two moments per trainable element)."""
+    """Bytes of this process's optimizer state (AdamW: two moments per trainable element).
+    Scalar entries (the step counters, one per tensor on every rank) are left out, so the
+    sum over ranks does not depend on the world size."""
     import torch
 
     total = 0
     for state in optimizer.state.values():
         for value in state.values():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
                 local = value.to_local() if hasattr(value, "to_local") else value
                 total += local.numel() * local.element_size()
     return total
