@@ -12,12 +12,13 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 install: $(STAMP)
 
-# torch==2.13.0 first: the local CPU wheel, so no CUDA packages are pulled.
+# torch==2.13.0 first: the local CPU wheel, so no CUDA packages are pulled. The optional
+# extras the tests exercise (lora: peft) come with dev.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,lora]'
 	touch $(STAMP)
 
 # The real-engine tests need vLLM and run in their own venv (`make test-vllm`).

@@ -16,6 +16,7 @@ import typer
 from dcpo_cli import __version__
 from dcpo_cli.commands import (
     eval_cmd,
+    export_cmd,
     inspect_cmd,
     prepare_cmd,
     report_cmd,
@@ -66,6 +67,7 @@ app.command("score")(score_cmd.score)
 app.command("train-step")(train_step_cmd.train_step)
 app.command("eval")(eval_cmd.evaluate)
 app.command("report")(report_cmd.report)
+app.command("export")(export_cmd.export)
 app.command("run")(run_cmd.run)
 
 

@@ -29,6 +29,11 @@ ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
 # levels a reward function may return instead of a number (docs/design.md 1.4).
 DEFAULT_REWARD = "dcpo_cli.rewards:math_verify"
 REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \boxed{} answer
+# LoRA defaults (train-step --lora-rank): TRL's ModelConfig lora_alpha and lora_dropout;
+# verl's target_modules (all-linear: every linear layer but the output head).
+LORA_ALPHA = 32.0
+LORA_DROPOUT = 0.05
+LORA_TARGET_MODULES = "all-linear"
 
 
 def choices(names) -> str:
@@ -176,6 +181,12 @@ class TrainOptions:
     cpu_offload: bool = False  # FSDP2 offload of parameters, gradients, optimizer state
     keep_training_state: int = 1  # newest checkpoints of the run that keep training_state/
     reset_optimizer: bool = False  # continue a checkpoint with fresh optimizer moments
+    # LoRA (through peft): None trains every weight. Defaults: TRL's ModelConfig (alpha 32,
+    # dropout 0.05) and verl's target modules (every linear layer but the lm-head).
+    lora_rank: int | None = None
+    lora_alpha: float = LORA_ALPHA
+    lora_dropout: float = LORA_DROPOUT
+    lora_target_modules: str = LORA_TARGET_MODULES
 
     # How the step runs and what is kept, not what it computes: not in the record.
     UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state")
@@ -203,3 +214,17 @@ class TrainOptions:
                             f"not {self.rollout_correction!r}")
         if not self.rollout_correction_cap > 0:
             raise DcpoError("--rollout-correction-cap must be > 0")
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                   self.lora_target_modules)
+
+
+def check_lora(rank: int | None, alpha: float, dropout: float, targets: str) -> None:
+    if rank is not None and rank < 1:
+        raise DcpoError(f"--lora-rank must be at least 1 (got {rank}; leave it out to train "
+                        "every weight)")
+    if not alpha > 0:
+        raise DcpoError(f"--lora-alpha must be > 0 (got {alpha})")
+    if not 0 <= dropout < 1:
+        raise DcpoError(f"--lora-dropout must be in [0, 1) (got {dropout})")
+    if not [t for t in str(targets).split(",") if t.strip()]:
+        raise DcpoError("--lora-target-modules: name at least one module (or all-linear)")

@@ -12,7 +12,8 @@
 # DCPO recipe; the baselines score 1 / 0. ALGO=dapo refills each step as DAPO does: rollout
 # rounds (`dcpo rollout --round k`) sample further prompts until TARGET [BATCH] groups have
 # mixed outcomes, or MAX_ROUNDS [4] rounds are done (then it trains on what it has, with a
-# warning), and train-step trains on the first TARGET of them.
+# warning), and train-step trains on the first TARGET of them. TRAIN_ARGS [none]: more
+# train-step flags, e.g. TRAIN_ARGS="--lora-rank 8 --lr 2e-3" trains a LoRA adapter.
 # Copy this file as the starting point of your own runs.
 set -euo pipefail
 
@@ -87,7 +88,7 @@ for ((step = 0; step < STEPS; step++)); do
   for file in "${scored[@]}"; do scored_flags+=(--scored "$file"); done
   $DCPO train-step --model "$model" "${scored_flags[@]}" --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps 0 --seed "$SEED" \
-    --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}"
+    --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}" ${TRAIN_ARGS:-}
   model=$next
 done
 

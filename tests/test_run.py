@@ -129,7 +129,9 @@ def run_files(run_dir: Path, steps: int = STEPS) -> dict:
         for path in sorted(folder.glob("*.parquet")):  # rollouts, scored (-rK: refill rounds)
             files[f"{step}/{path.stem}"] = _parquet(path, run_dir)
         ckpt = run_dir / "ckpt" / f"step-{step + 1:06d}"
-        for name in ("model.safetensors", "sas_state.json"):
+        weights = "adapter_model.safetensors" if (ckpt / "adapter_model.safetensors").is_file() \
+            else "model.safetensors"  # a LoRA checkpoint holds the adapter alone
+        for name in (weights, "sas_state.json"):
             files[f"{step}/{name}"] = (ckpt / name).read_bytes()
         # --keep-training-state 1: only the newest checkpoint keeps it, in both runs
         files[f"{step}/training_state"] = _training_state(ckpt)

@@ -36,7 +36,7 @@ class FakeLLM:
     def __init__(self, model: str, **kwargs):
         from transformers import AutoTokenizer
 
-        self.model, self.kwargs, self.calls = model, kwargs, []
+        self.model, self.kwargs, self.calls, self.lora_requests = model, kwargs, [], []
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         FakeLLM.last = self
 
@@ -49,8 +49,9 @@ class FakeLLM:
     def wake_up(self, tags=None):
         self.calls.append(("wake_up", tags))
 
-    def generate(self, prompts, params, use_tqdm=True):
+    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
         self.calls.append((prompts, params))
+        self.lora_requests.append(lora_request)
         outputs = []
         for prompt, param in zip(prompts, params, strict=True):
             samples = []
@@ -75,6 +76,10 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    lora_request = types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_request)
     return vllm
 
 
@@ -185,3 +190,42 @@ def test_an_engine_that_fails_to_start_is_one_line(fake_vllm, random_model_dir, 
                                         "initialization failed.*log above") as caught:
         load_engine("vllm", random_model_dir)
     assert "\n" not in str(caught.value)
+
+
+def test_a_lora_checkpoint_is_served_as_base_plus_lora_request(fake_vllm, random_model_dir,
+                                                                tmp_path):
+    """vLLM gets the base model with LoRA on (a slot of vLLM's next rank up), and every
+    generate call names the checkpoint's adapter; `use_adapter` (dcpo run, each step) hands
+    out a new id, so vLLM loads the new adapter instead of its cached one."""
+    from builders import write_scored
+    from transformers import AutoTokenizer
+
+    from dcpo_cli.train.step import TrainOptions, run_train_step
+
+    tokenizer = AutoTokenizer.from_pretrained(random_model_dir)
+    scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0,
+                          {"p0": [1, 0, 0, 1], "p1": [0, 1, 1, 0]})
+    options = TrainOptions(lr=1e-2, warmup_steps=0, micro_batch_tokens=256, lora_rank=4)
+    run_train_step(random_model_dir, [scored], tmp_path / "state.json", tmp_path / "ckpt",
+                   options, show_progress=False)
+    engine = load_engine("vllm", tmp_path / "ckpt")
+    llm = FakeLLM.last
+    assert llm.model == str(random_model_dir)
+    assert (llm.kwargs["enable_lora"], llm.kwargs["max_lora_rank"], llm.kwargs["max_loras"]) \
+        == (True, 8, 1)
+    settings = SamplingSettings(n=1, max_new_tokens=2, seed=0)
+    engine.generate([[10, 11]], settings)
+    first = llm.lora_requests[-1]
+    assert first.lora_path == str((tmp_path / "ckpt").resolve()) and first.lora_int_id == 1
+    engine.use_adapter(tmp_path / "ckpt")
+    engine.generate([[10, 11]], settings)
+    assert llm.lora_requests[-1].lora_int_id == 2
+    plain = load_engine("vllm", random_model_dir)  # a base model: no LoRA asked for
+    assert "enable_lora" not in FakeLLM.last.kwargs
+    plain.generate([[10, 11]], settings)
+    assert FakeLLM.last.lora_requests == [None]
+    with pytest.raises(DcpoError, match="started without LoRA"):
+        plain.use_adapter(tmp_path / "ckpt")
+    # dcpo run starts its engine from the base with LoRA on, for the adapters to come
+    load_engine("vllm", random_model_dir, lora_rank=16)
+    assert FakeLLM.last.kwargs["max_lora_rank"] == 16

@@ -61,6 +61,16 @@ def run(
     reward: str | None = typer.Option(None, help="Your own reward, package.module:function "
                                       f"(default {DEFAULT_REWARD}; with the dcpo preset it "
                                       "scores 1 / 0 / -1)."),
+    lora_rank: int | None = typer.Option(None, help="Train a LoRA adapter of this rank "
+                                         "instead of every weight (train-step --lora-rank; "
+                                         "default: off)."),
+    lora_alpha: float | None = typer.Option(None, help="LoRA scaling alpha "
+                                            f"{default('lora_alpha')}."),
+    lora_dropout: float | None = typer.Option(None, help="LoRA dropout "
+                                              f"{default('lora_dropout')}."),
+    lora_target_modules: str | None = typer.Option(None, help="Modules LoRA adapts, "
+                                                   "comma-separated, or all-linear "
+                                                   f"{default('lora_target_modules')}."),
     set_: list[str] | None = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
                                           help="Any other setting of run.toml, e.g. "
                                           "train.weight_decay=0.0 or engine.enforce_eager="

@@ -89,6 +89,18 @@ def train_step(
                                             "state (fp32 master weights, optimizer) of the "
                                             "newest K checkpoints of the run; older ones keep "
                                             "their weights, records and metrics."),
+    lora_rank: int | None = typer.Option(D.lora_rank, help="Train a LoRA adapter of this "
+                                         "rank (through peft) instead of every weight; the "
+                                         "checkpoint is the adapter, naming its base model. "
+                                         "A LoRA checkpoint as --model continues its adapter."),
+    lora_alpha: float = typer.Option(D.lora_alpha, help="LoRA scaling alpha (the update is "
+                                     "alpha / rank * B A; default TRL's)."),
+    lora_dropout: float = typer.Option(D.lora_dropout, help="Dropout on the LoRA branch's "
+                                       "input in the training forwards (default TRL's)."),
+    lora_target_modules: str = typer.Option(D.lora_target_modules, help="Comma-separated "
+                                            "module names to adapt (q_proj,v_proj), or "
+                                            "all-linear: every linear layer but the lm-head "
+                                            "(verl's default)."),
     reset_optimizer: bool = typer.Option(D.reset_optimizer, "--reset-optimizer",
                                          help="Continue a checkpoint with fresh optimizer "
                                          "moments (needed when its training state was "

@@ -37,7 +37,10 @@ def pick_engine(kind: str) -> str:
 def load_engine(kind: str, model_path: str | Path, **options) -> Engine:
     kind = pick_engine(kind)
     model_path = Path(model_path)
-    if not model_path.is_dir() or not (model_path / "config.json").is_file():
+    from dcpo_cli.files.lora import is_adapter
+
+    if not model_path.is_dir() or not ((model_path / "config.json").is_file()
+                                       or is_adapter(model_path)):
         raise DcpoError(f"{model_path}: not a model directory (no config.json)")
     import importlib
 

@@ -18,6 +18,7 @@ from dcpo_cli.engines.base import (
     finish,
 )
 from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.files import lora
 
 
 def token_budget_batches(lengths: list[int], max_new_tokens: int, budget: int) -> list[list[int]]:
@@ -63,13 +64,17 @@ class HFEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = getattr(torch, dtype) if dtype else (
             torch.bfloat16 if self.device == "cuda" else torch.float32)
+        # A LoRA checkpoint: its base model, then the adapter on top (`use_adapter`)
+        adapter = Path(model_path) if lora.is_adapter(model_path) else None
+        self.base_path = lora.base_source(adapter).path if adapter else Path(model_path)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+            self.model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             reason = first_line(exc)
-            raise DcpoError(f"{model_path}: cannot load the model ({reason})") from None
+            raise DcpoError(f"{self.base_path}: cannot load the model ({reason})") from None
         self.model.to(self.device).eval()
+        self.adapter: Path | None = None
         self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config)
         # transformers merges the model's own generation_config.json (a Hub model's sampling
         # defaults: temperature, top-k, repetition penalty, ...) into every generate call;
@@ -78,6 +83,8 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         self.token_budget = token_budget or (262_144 if self.device == "cuda" else 16_384)
+        if adapter is not None:  # after the generation config is set on the base model
+            self.use_adapter(adapter)
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
@@ -139,6 +146,34 @@ class HFEngine:
         logprobs = recorder.finish(generated[:, -1]).cpu().tolist()
         return [finish(ids, lps, self.eos_ids, settings.max_new_tokens, self.tokenizer)
                 for ids, lps in zip(generated.cpu().tolist(), logprobs, strict=True)]
+
+    def use_adapter(self, directory: Path) -> None:
+        """Generate with the LoRA adapter of checkpoint `directory` (whose base this engine
+        holds), unmerged as the trainer computes it: base + alpha / r * B A, in fp32 on a CPU,
+        so the rollouts' log-probs are the trainer's up to summation order. A later adapter
+        of the same shape replaces the weights in place (`dcpo run`, once per step)."""
+        import torch
+        from peft import PeftModel
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        same_shape = self.adapter is not None and \
+            lora.checkpoint_settings(directory) == lora.checkpoint_settings(self.adapter)
+        if same_shape:
+            weights = load_file(directory / lora.ADAPTER_WEIGHTS)
+            with torch.no_grad():
+                set_peft_model_state_dict(self.model, weights)
+        else:
+            if self.adapter is not None:  # another rank or modules: back to the bare base
+                self.model = self.model.unload()
+            try:
+                self.model = PeftModel.from_pretrained(self.model, str(directory))
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise DcpoError(f"{directory}: cannot load the LoRA adapter "
+                                f"({first_line(exc)})") from None
+            self.model.to(self.device).eval()
+        self.adapter = directory
 
     def load_weights(self, named_tensors) -> None:
         """Replace the weights in memory (`dcpo run` after each train-step): the same values,

@@ -25,6 +25,7 @@ from typing import Any
 from dcpo_cli.engines import base
 from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings
 from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.files import lora
 
 
 def quiet_vllm(verbose: bool) -> None:
@@ -94,7 +95,7 @@ class VllmEngine:
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", enforce_eager: bool = False,
                  engine_args: dict[str, Any] | None = None, verbose: bool = False,
-                 resident: bool = False) -> None:
+                 resident: bool = False, lora_rank: int | None = None) -> None:
         import importlib.util
         import sys
 
@@ -123,6 +124,18 @@ class VllmEngine:
         options["worker_extension_cls"] = "dcpo_cli.engines.vllm_worker.WeightUpdates"
         from vllm.platforms import current_platform
 
+        # A LoRA checkpoint: vLLM serves its base with LoRA on, and each generate call names
+        # the adapter (a LoRARequest); `dcpo run` passes `lora_rank` to start that way from
+        # the base model already
+        adapter = Path(model_path) if lora.is_adapter(model_path) else None
+        base_path = lora.base_source(adapter).path if adapter else Path(model_path)
+        if adapter is not None:
+            lora_rank = max(lora_rank or 0, lora.checkpoint_settings(adapter)["lora_rank"])
+        if lora_rank:
+            options.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
+        self.lora_request: Any = None
+        self.lora_enabled = bool(lora_rank)
+        self.adapters = 0  # LoRARequest ids handed out (vLLM caches adapters by id)
         options.update(cpu_defaults(engine_args, gpu_memory_utilization))
         self.sleeps, self.asleep = False, False
         if resident:
@@ -131,7 +144,7 @@ class VllmEngine:
             if self.sleeps:
                 options["enable_sleep_mode"] = True
         try:
-            self.llm = LLM(model=str(model_path), logprobs_mode="processed_logprobs",
+            self.llm = LLM(model=str(base_path), logprobs_mode="processed_logprobs",
                            **{**options, **engine_args})
         except (TypeError, ValueError) as exc:  # a bad setting: vLLM's message, on one line
             reason = " ".join(str(exc).split())
@@ -140,7 +153,23 @@ class VllmEngine:
             raise DcpoError(f"{model_path}: the vLLM engine failed to start ({first_line(exc)}"
                             "); vLLM's log above gives the cause") from None
         self.tokenizer = self.llm.get_tokenizer()
-        self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(model_path))
+        self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(base_path))
+        self.base_path = base_path
+        if adapter is not None:
+            self.use_adapter(adapter)
+
+    def use_adapter(self, directory: Path) -> None:
+        """Generate with the LoRA adapter of checkpoint `directory` from now on: a new
+        LoRARequest (a new id, so vLLM loads it rather than reusing a cached older one)."""
+        from vllm.lora.request import LoRARequest
+
+        if not self.lora_enabled:
+            raise DcpoError(f"{directory}: a LoRA checkpoint, and this vLLM engine was "
+                            "started without LoRA")
+        self.adapters += 1
+        self.lora_request = LoRARequest(lora_name=f"dcpo-{self.adapters}",
+                                        lora_int_id=self.adapters,
+                                        lora_path=str(Path(directory).resolve()))
 
     def load_weights(self, named_tensors) -> None:
         """Replace the weights in memory with the trainer's (`dcpo run` after each
@@ -197,7 +226,8 @@ class VllmEngine:
             seed=base.batch_seed(settings.seed, [(index, 0)]), skip_special_tokens=True,
         ) for index in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        adapter = {} if self.lora_request is None else {"lora_request": self.lora_request}
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, **adapter)
         results, responses, tokens = [], 0, 0
         for output in outputs:
             group = []
@@ -213,6 +243,19 @@ class VllmEngine:
         if on_progress:
             on_progress(responses, tokens)
         return results
+
+
+# vLLM's LoRA slots come in these ranks (its LoRAConfig.max_lora_rank)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM allocates that holds an adapter of `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise DcpoError(f"--lora-rank {rank}: vLLM serves LoRA adapters up to rank "
+                    f"{VLLM_LORA_RANKS[-1]}")
 
 
 def _generation_config(model_path: str | Path):

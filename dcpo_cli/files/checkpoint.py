@@ -2,7 +2,8 @@
 
 A train-step checkpoint is a Hugging Face model directory (safetensors, config, generation
 config, tokenizer; `from_pretrained` and vLLM load it as is), its weights in the model's own
-dtype (`config.json`'s dtype: bf16 for Qwen, fp32 for the tiny model), plus, beside them:
+dtype (`config.json`'s dtype: bf16 for Qwen, fp32 for the tiny model), or with LoRA a peft
+adapter directory naming its base (`lora.py`), plus, beside them:
 
 - `training_state/`   what continuing needs and evaluating does not, written with
                       torch.distributed.checkpoint (each rank its own shard; it loads onto
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.files import lora
 from dcpo_cli.parallel import distributed
 
 TRAINER_STATE = "trainer_state.json"
@@ -57,6 +59,8 @@ def read_trainer_state(directory: Path) -> dict[str, Any] | None:
 
 def check_model_dir(directory: Path) -> None:
     directory = Path(directory)
+    if directory.is_dir() and lora.is_adapter(directory):
+        return
     if not directory.is_dir():
         raise DcpoError(f"{directory}: no such model directory")
     if not (directory / "config.json").is_file():
@@ -86,6 +90,10 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    if lora.is_adapter(directory):  # a LoRA checkpoint: its base, with the adapter trainable
+        model, tokenizer = build_policy(lora.base_source(directory).path, device,
+                                        gradient_checkpointing)
+        return lora.load(model, directory, trainable=True), tokenizer
     hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
     check_model_dir(directory)
     try:
@@ -105,6 +113,8 @@ def build_policy(directory: Path, device: torch.device, gradient_checkpointing: 
 
 def stored_dtype(directory: Path) -> torch.dtype:
     """The dtype a model directory's config names for its weights (fp32 if none)."""
+    if lora.is_adapter(directory):
+        return stored_dtype(lora.base_source(directory).path)
     try:
         config = json.loads((Path(directory) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -132,9 +142,29 @@ def vocab_size(model) -> int:
 
 
 def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # Decay on every parameter, as the paper's verl actor does.
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8)
+    # Decay on every trained parameter, as the paper's verl actor does (with LoRA: the
+    # adapter's; the frozen base has no optimizer state).
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                             weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+
+
+def state_dict_options(model, **options):
+    """DCP state-dict options: with LoRA only the trainable (adapter) parameters, so the
+    training state holds no copy of the frozen base."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=lora.peft_of(model) is not None, **options)
+
+
+def trainable_only(model, state: dict[str, Any]) -> dict[str, Any]:
+    """With LoRA, a model state dict without the frozen base: `ignore_frozen_params` keeps
+    a tied lm-head (the embedding matrix under its second name), which would put
+    vocabulary x hidden floats into every checkpoint."""
+    if lora.peft_of(model) is None:
+        return state
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
 def scheduled_lr(base_lr: float, global_step: int, warmup_steps: int) -> float:
@@ -176,18 +206,23 @@ def load_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
 
     path = Path(directory) / TRAINING_STATE
     try:
+        options = state_dict_options(model)
+        # With LoRA the frozen base is not in the state (dcp.load has already refused a
+        # state that lacks any trainable key): set the adapter's tensors alone
+        set_options = state_dict_options(model, strict=not options.ignore_frozen_params)
         if with_optimizer:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optimizer": optim_sd}
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
+            state = {"model": trainable_only(model, model_sd), "optimizer": optim_sd}
         else:
-            state = {"model": get_model_state_dict(model)}
+            state = {"model": trainable_only(model, get_model_state_dict(model,
+                                                                         options=options))}
         with single_process_quiet():
             dcp.load(state, checkpoint_id=path)
         if with_optimizer:
             set_state_dict(model, optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optimizer"])
+                           optim_state_dict=state["optimizer"], options=set_options)
         else:
-            set_model_state_dict(model, state["model"])
+            set_model_state_dict(model, state["model"], options=set_options)
         rng = torch.load(path / RNG_STATE, map_location="cpu", weights_only=False)
     except (Exception, dcp.api.CheckpointException) as exc:  # noqa: BLE001 (DCP raises many)
         reason = first_line(exc).strip() or type(exc).__name__
@@ -225,14 +260,17 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
     (from a full state dict) and the small files, every rank its shard of training_state/;
     rank 0 renames the directory into place once every rank is done.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     main = distributed.world().is_main
     with shared_atomic_dir(out) as tmp:
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=True))
+        full = trainable_only(model, get_model_state_dict(model, options=state_dict_options(
+            model, full_state_dict=True, cpu_offload=True)))
         if main:
-            save_weights(tmp, model, full)
+            if lora.peft_of(model) is not None:  # the adapter alone, in peft's layout
+                lora.save_adapter(tmp, model, full)
+            else:
+                save_weights(tmp, model, full)
             tokenizer.save_pretrained(tmp)
         del full
         save_training_state(tmp / TRAINING_STATE, model, optimizer)
@@ -280,9 +318,10 @@ def save_training_state(directory: Path, model, optimizer: torch.optim.Optimizer
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=state_dict_options(model))
     with single_process_quiet():
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=directory)
+        dcp.save({"model": trainable_only(model, model_sd), "optimizer": optim_sd},
+                 checkpoint_id=directory)
 
 
 @contextlib.contextmanager

@@ -66,6 +66,10 @@ FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "eval_at": (("eval", "avg_at"),),
     "engine": (("rollout", "engine"), ("eval", "engine")),
     "reward": (("score", "reward"),),
+    "lora_rank": (("train", "lora_rank"),),
+    "lora_alpha": (("train", "lora_alpha"),),
+    "lora_dropout": (("train", "lora_dropout"),),
+    "lora_target_modules": (("train", "lora_target_modules"),),
 }
 # The [loop] table's types (the stages' tables take their dataclass's annotations).
 LOOP_TYPES: dict[str, Any] = {"model": str | None, "prompts": str | None,

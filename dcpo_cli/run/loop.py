@@ -59,8 +59,9 @@ class ResidentEngine:
     rollouts' and evaluations' engine alike. Stages get a `LazyEngine`, so a stage that
     finds its output already written never loads or syncs anything."""
 
-    def __init__(self, kind: str, settings: Any) -> None:
+    def __init__(self, kind: str, settings: Any, lora_rank: int | None = None) -> None:
         self.kind, self.settings = kind, settings
+        self.lora_rank = lora_rank  # LoRA training: vLLM must start with LoRA on
         self.engine: Any = None
         self.model_dir: Path | None = None
         self.pushes = 0  # in-memory weight updates
@@ -74,6 +75,12 @@ class ResidentEngine:
 
         model_dir = Path(model_dir).resolve()
         if self.engine is not None and self.model_dir == model_dir:
+            return self.engine
+        if self.engine is not None and self._takes_adapter(model_dir):
+            # LoRA: the engine keeps its base and takes the new adapter from the checkpoint
+            self.engine.use_adapter(model_dir)
+            self.model_dir = model_dir
+            self.pushes += 1
             return self.engine
         if (self.engine is not None and resident is not None and resident.holds(model_dir)
                 and callable(getattr(self.engine, "load_weights", None))):
@@ -89,10 +96,21 @@ class ResidentEngine:
         options = self.settings.options_for(self.kind)
         if self.kind == "vllm":
             options["resident"] = True  # sleeps while the policy trains (GPUs)
+            if self.lora_rank:
+                options["lora_rank"] = self.lora_rank
         self.engine = load_engine(self.kind, model_dir, **options)
         self.model_dir = model_dir
         self.loads += 1
         return self.engine
+
+    def _takes_adapter(self, model_dir: Path) -> bool:
+        """`model_dir` is a LoRA checkpoint of the base the engine holds."""
+        from dcpo_cli.files import lora
+
+        if not lora.is_adapter(model_dir) or not callable(getattr(self.engine, "use_adapter",
+                                                                  None)):
+            return False
+        return Path(self.engine.base_path).resolve() == lora.base_source(model_dir).path.resolve()
 
     def release(self) -> None:
         """Before a train-step: let the engine free memory the training needs (`release`,
@@ -135,6 +153,9 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False,
     checks += [("train", lambda: resolve_algo(options[2])),  # settings the engine cannot take:
                ("engine", lambda: options[4].options_for(pick_engine(options[0].engine))),
                ("loop", lambda: _check_loop(config["loop"]))]
+    if options[2].lora_rank is not None:
+        checks.append(("train", lambda: check_lora_targets(config["loop"],
+                                                           options[2].lora_target_modules)))
     for section, check in checks:
         try:
             check()
@@ -155,6 +176,35 @@ def _check_loop(loop: dict) -> None:
         raise DcpoError("--model needs --prompts (the training prompts file)")
 
 
+def check_lora_targets(loop: dict[str, Any], targets: str) -> None:
+    """--lora-target-modules against the run's model, before anything is written: its
+    architecture built on the meta device (no weights read; the tiny one from its size)."""
+    import torch
+
+    from dcpo_cli.files import lora
+
+    if lora.target_list(targets) == lora.ALL_LINEAR:
+        return
+    with torch.device("meta"):
+        if loop["model"] is None:
+            from dcpo_cli.tiny.build import CONFIGS
+            from dcpo_cli.tiny.model import build_model, build_tokenizer
+
+            model, name = build_model(build_tokenizer(), CONFIGS[loop["tiny_size"]].model), \
+                "the tiny model"
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            from dcpo_cli.files.model_source import resolve_model
+
+            source = resolve_model(loop["model"])
+            path = lora.base_source(source.path).path if lora.is_adapter(source.path) \
+                else source.path
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+            name = loop["model"]
+    lora.check_targets(model, targets, name)
+
+
 def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
              verbose: bool = False) -> list[StepTiming]:
     """Run (or resume) the loop of `config` in `run_dir`; the steps' timings."""
@@ -171,7 +221,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         check_config(run_dir, config, verbose)
     kind = pick_engine(rollout_options.engine)
     base_model, prompts, benchmarks = _inputs(run_dir, loop, rollout_options.seed)
-    engines = ResidentEngine(kind, engine_settings)
+    engines = ResidentEngine(kind, engine_settings, train_options.lora_rank)
     eval_shares = pick_engine(eval_options.engine) == kind
     resident = None
 

@@ -122,6 +122,15 @@ def step_reference_logprobs(source: ModelSource, ctx, plans, policy_vocab: int, 
             torch.cuda.empty_cache()
 
 
+def base_logprobs(model, ctx, plans, bar=None) -> dict[int, torch.Tensor]:
+    """With LoRA: the reference is the base model, which is the policy with its adapter
+    disabled (peft's `disable_adapter`): no second copy of the weights is loaded."""
+    from dcpo_cli.files import lora
+
+    with lora.adapter_disabled(model):
+        return reference_logprobs(ctx.model, ctx, plans[0] if plans else [], bar)
+
+
 def kl_ref(old: dict[int, torch.Tensor], ref: dict[int, torch.Tensor], kl_type: str
            ) -> float | None:
     """The metric `kl_ref`: the mean over the step's trained tokens of the `kl_type`

@@ -28,7 +28,7 @@ from dcpo_cli.core import algorithms
 from dcpo_cli.core.logprobs import check_plain_lm_head
 from dcpo_cli.core.presets import AlgoConfig
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.files import contracts
+from dcpo_cli.files import contracts, lora
 from dcpo_cli.files.checkpoint import (
     build_optimizer,
     build_policy,
@@ -140,6 +140,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
         return _finish_resumed(decision, out, state_path, options)
     source = resolve_model(model)  # before anything is written: a bad id leaves no trace
     model_dir = source.path
+    options = lora_options(source, options)
 
     def aligned() -> tuple[SasState, str | None]:
         aligned_state = align_state_with_model(model_dir, state_path, state) \
@@ -155,8 +156,11 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     load_seconds = time.perf_counter() - load_started
 
     advantages = compute_advantages(data, config, state, state_path)
+    # LoRA's dropout makes the training forward random: the old log-probs then get their
+    # own (dropout-free) pass instead of reusing the first mini-batch's forward
     ctx = StepContext(policy.forward_model, data, config, options, advantages.values,
-                      policy.device, policy.autocast_dtype)
+                      policy.device, policy.autocast_dtype,
+                      stochastic=bool(lora.dropout_modules(policy.model)))
     update = UpdateState()
     compute_started = time.perf_counter()
     plans = plan_updates(ctx, advantages.groups)
@@ -165,9 +169,13 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
         if ref.source is not None:  # loaded, used and freed before the policy's passes
             ctx.ref = reference.step_reference_logprobs(ref.source, ctx, plans,
                                                         vocab_size(policy.model), bar)
-        old_logprobs(ctx, plans, update, bar)
+        elif ref.adapter_off:  # LoRA: the base model is the policy with its adapter off
+            ctx.ref = reference.base_logprobs(policy.model, ctx, plans, bar)
+        with lora.dropout_off(policy.model):
+            old_logprobs(ctx, plans, update, bar)
         run_updates(ctx, policy.optimizer, plans, update, bar)
     reduce_across_ranks(update)
+    trained = trained_figures(policy)
     if ctx.ref is not None:  # each rank computed its own rows'; the metric reads them all
         ctx.ref = _merged_on_main(ctx.ref)
     compute_seconds = distributed.all_reduce_max(time.perf_counter() - compute_started)
@@ -182,7 +190,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
                    tokens_per_second=update.tokens / max(compute_seconds, 1e-9),
                    compute_seconds=compute_seconds, load_seconds=load_seconds,
                    seconds=time.perf_counter() - started,  # up to here; saving follows
-                   world_size=world.world_size, **_peak_memory())
+                   world_size=world.world_size, **trained, **_peak_memory())
     trainer_state = _trainer_state(policy, data, config, options, update.updates, state_before)
     if ref.chosen is not None:
         trainer_state.update(ref.chosen.record())
@@ -234,6 +242,45 @@ def _peak_memory() -> dict[str, Any]:
     return result
 
 
+def trained_figures(policy: Policy) -> dict[str, Any]:
+    """What the step trained and what that costs in optimizer memory (all ranks' state)."""
+    state_bytes = distributed.all_reduce_sum([lora.optimizer_state_bytes(policy.optimizer)])
+    return {"trainable_parameters": lora.trainable_count(policy.model),
+            "parameters": sum(p.numel() for p in policy.model.parameters()),
+            "optimizer_state_bytes": int(state_bytes[0]),
+            "lora_rank": (lora.settings_of(policy.model) or {}).get("lora_rank")}
+
+
+def lora_options(source: ModelSource, options: TrainOptions) -> TrainOptions:
+    """The LoRA settings of this step, checked before anything is loaded: a LoRA checkpoint
+    continues with its own (given ones must match it), and with LoRA the KL reference is the
+    base model (the adapter disabled), so another --ref-model is refused."""
+    base = reference.Reference(source.name, source.commit)
+    if lora.is_adapter(source.path):
+        recorded = lora.checkpoint_settings(source.path)
+        config = lora.adapter_config(source.path)
+        base = reference.Reference(config["base_model_name_or_path"], config.get("revision"))
+        if options.lora_rank is None:
+            options = dataclasses.replace(options, **recorded)
+        else:
+            for key, value in recorded.items():
+                given = getattr(options, key)
+                same = lora.same_targets(given, value) if key == "lora_target_modules" \
+                    else float(given) == float(value)
+                if not same:
+                    raise DcpoError(f"--{key.replace('_', '-')} {given}: {source.spec} is a LoRA "
+                                    f"checkpoint with {key} = {value} "
+                                    f"({lora.ADAPTER_CONFIG}); every step of a run uses the "
+                                    "same LoRA settings")
+    if options.lora_rank is not None and options.ref_model is not None:
+        given = resolve_model(options.ref_model)
+        if reference.Reference(given.name, given.commit) != base:
+            raise DcpoError(f"--ref-model {options.ref_model}: with LoRA the KL reference is "
+                            f"the policy's base model {base.spec} with the adapter disabled; "
+                            "leave --ref-model out or name that base")
+    return options
+
+
 def resolve_algo(options: TrainOptions) -> AlgoConfig:
     try:
         return algorithms.resolve_config(options.algo, **options.overrides)
@@ -250,16 +297,20 @@ def check_rollout_correction(data: StepData, options: TrainOptions) -> None:
 @dataclass
 class StepReference:
     chosen: reference.Reference | None  # recorded in the trainer state (None: nothing yet)
-    source: ModelSource | None  # to load this step (None: kl_coef is 0)
+    source: ModelSource | None  # to load this step (None: kl_coef is 0, or LoRA)
+    adapter_off: bool = False  # LoRA with the KL on: the policy with its adapter disabled
 
 
 def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoConfig,
                      policy: Policy) -> StepReference:
     """The KL reference: resolved only when kl_coef > 0; otherwise the one a checkpoint
-    recorded (if any) is carried on, so a later step with the KL finds the same one."""
+    recorded (if any) is carried on, so a later step with the KL finds the same one. With
+    LoRA it is the base model (checked in `lora_options`), computed by the policy itself."""
     if not config.kl_coef:
         return StepReference(reference.recorded_reference(source.path), None)
     base = reference.Reference(policy.base_model, policy.base_model_revision)
+    if lora.peft_of(policy.model) is not None:
+        return StepReference(base, None, adapter_off=True)
     chosen, ref_source = reference.choose_reference(options.ref_model, source.path, base,
                                                     source)
     return StepReference(chosen, ref_source)
@@ -305,6 +356,13 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
                                     else device, options.gradient_checkpointing)
     check_plain_lm_head(model)
     check_vocab(data, vocab_size(model))
+    if options.lora_rank is not None and lora.peft_of(model) is None:
+        if trainer is not None:
+            raise DcpoError(f"{model_dir}: a full fine-tuning checkpoint; --lora-rank starts "
+                            "LoRA from a base model (or continues a LoRA checkpoint)")
+        torch.manual_seed(options.seed)  # the adapter's A matrices (B starts at zero)
+        model = lora.wrap(model, options.lora_rank, options.lora_alpha, options.lora_dropout,
+                          options.lora_target_modules, source.name, source.commit)
     runner = None
     if world.sharded:
         from dcpo_cli.parallel.fsdp import shard_policy

@@ -48,6 +48,8 @@ class StepContext:
     autocast_dtype: torch.dtype | None
     # Row -> the reference policy's log-probs (the KL loss; None when kl_coef is 0).
     ref: dict[int, torch.Tensor] | None = None
+    # The training forward is random (LoRA dropout): it cannot stand in for the old one.
+    stochastic: bool = False
     lengths: list[int] = field(init=False)  # prompt + response tokens of each row
     max_length: int | None = field(init=False)  # Dr. GRPO's constant normalizer, if used
 
@@ -176,7 +178,7 @@ def old_logprobs(ctx: StepContext, plans: Plans, state: UpdateState, bar=None) -
     which saves one forward pass over a quarter of the step; see `run_updates`. The others
     are packed exactly as their training forward will be, so under bf16 the ratio starts at
     exactly 1 there too."""
-    later = plans[0][1:] if plans else []
+    later = (plans[0] if ctx.stochastic else plans[0][1:]) if plans else []
     batches = [batch for rows in later for batch in ctx.micro_plan(rows)]
     ticker = Ticker(bar, "old log-probs", len(batches))
     with torch.no_grad(), ctx.autocast():
@@ -201,7 +203,7 @@ def run_updates(ctx: StepContext, optimizer, plans: Plans, state: UpdateState, b
     tick = time.perf_counter()
     for epoch, plan in enumerate(plans):
         for index, rows in enumerate(plan):
-            reuse = epoch == 0 and index == 0
+            reuse = epoch == 0 and index == 0 and not ctx.stochastic
             num_responses = len(rows)
             num_tokens = sum(len(data.response_tokens[r]) for r in rows)
             loss_total = 0.0
