@@ -17,6 +17,7 @@ from dcpo_cli import __version__
 from dcpo_cli.commands import (
     eval_cmd,
     export_cmd,
+    help_format,
     inspect_cmd,
     prepare_cmd,
     report_cmd,
@@ -36,6 +37,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=help_format.DcpoGroup,
 )
 
 
@@ -59,16 +61,16 @@ def _root(
     quiet.configure(verbose=verbose or None)  # before any command imports a library
 
 
-app.command("prepare")(prepare_cmd.prepare)
-app.command("inspect")(inspect_cmd.inspect)
+app.command("prepare", cls=help_format.DcpoCommand)(prepare_cmd.prepare)
+app.command("inspect", cls=help_format.DcpoCommand)(inspect_cmd.inspect)
 app.add_typer(tiny_cmd.app, name="tiny")
-app.command("rollout")(rollout_cmd.rollout)
-app.command("score")(score_cmd.score)
-app.command("train-step")(train_step_cmd.train_step)
-app.command("eval")(eval_cmd.evaluate)
-app.command("report")(report_cmd.report)
-app.command("export")(export_cmd.export)
-app.command("run")(run_cmd.run)
+app.command("rollout", cls=help_format.DcpoCommand)(rollout_cmd.rollout)
+app.command("score", cls=help_format.DcpoCommand)(score_cmd.score)
+app.command("train-step", cls=help_format.DcpoCommand)(train_step_cmd.train_step)
+app.command("eval", cls=help_format.DcpoCommand)(eval_cmd.evaluate)
+app.command("report", cls=help_format.DcpoCommand)(report_cmd.report)
+app.command("export", cls=help_format.DcpoCommand)(export_cmd.export)
+app.command("run", cls=help_format.DcpoCommand)(run_cmd.run)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -5,26 +5,35 @@ the signature), which `duplicates` reports as a pair; the declarations live here
 
 import typer
 
-TENSOR_PARALLEL_SIZE = typer.Option(
-    1, "--tensor-parallel-size", help="vLLM: GPUs one engine spans (tensor parallel). For "
-    "data-parallel rollouts run one process per GPU group with --shard i/n.")
-GPU_MEMORY_UTILIZATION = typer.Option(
-    None, "--gpu-memory-utilization", help="vLLM: share of each GPU's memory the engine may "
-    "take (default: vLLM's own); on vLLM's CPU build, the share of CPU memory.")
-MAX_MODEL_LEN = typer.Option(
-    None, "--max-model-len", help="vLLM: longest prompt + response it reserves room for "
-    "(default: the model's context length).")
-DTYPE = typer.Option("auto", "--dtype", help="Weights' dtype: auto, bfloat16, float16 or "
-                     "float32 (auto: bfloat16 on GPU, float32 on CPU for hf; the model's own "
-                     "for vLLM).")
-ENFORCE_EAGER = typer.Option(False, "--enforce-eager", help="vLLM: no CUDA graphs or "
-                             "torch.compile (starts faster, generates slower).")
-ENGINE_ARG = typer.Option([], "--engine-arg", metavar="KEY=VALUE", help="vLLM: any other "
-                          "engine argument, e.g. max_num_seqs=256 or enable_prefix_caching="
-                          "false (VALUE read as JSON where it parses). Repeatable.")
-VERBOSE = typer.Option(False, "--verbose", help="Show the engine's own INFO logs and load "
-                       "progress bars (by default only its warnings and errors).")
+PANEL = "Engine"
 
+TENSOR_PARALLEL_SIZE = typer.Option(
+    1, "--tensor-parallel-size", rich_help_panel=PANEL,
+    help="vLLM: GPUs one engine spans (tensor parallel). For data-parallel rollouts run one "
+    "process per GPU group with --shard i/n.")
+GPU_MEMORY_UTILIZATION = typer.Option(
+    None, "--gpu-memory-utilization", rich_help_panel=PANEL,
+    help="vLLM: share of each GPU's memory the engine may take (default: vLLM's own); on "
+    "vLLM's CPU build, the share of CPU memory.")
+MAX_MODEL_LEN = typer.Option(
+    None, "--max-model-len", rich_help_panel=PANEL,
+    help="vLLM: longest prompt + response it reserves room for (default: the model's "
+    "context length).")
+DTYPE = typer.Option(
+    "auto", "--dtype", rich_help_panel=PANEL,
+    help="Weights' dtype: auto, bfloat16, float16 or float32 (auto: bfloat16 on GPU, "
+    "float32 on CPU for hf; the model's own for vLLM).")
+ENFORCE_EAGER = typer.Option(
+    False, "--enforce-eager", rich_help_panel=PANEL,
+    help="vLLM: no CUDA graphs or torch.compile (starts faster, generates slower).")
+ENGINE_ARG = typer.Option(
+    [], "--engine-arg", metavar="KEY=VALUE", rich_help_panel=PANEL,
+    help="vLLM: any other engine argument, e.g. max_num_seqs=256 or "
+    "enable_prefix_caching=false (VALUE read as JSON where it parses). Repeatable.")
+VERBOSE = typer.Option(
+    False, "--verbose", rich_help_panel=PANEL,
+    help="Show the engine's own INFO logs and load progress bars (by default only its "
+    "warnings and errors).")
 
 def engine_settings(values: dict):
     """The engine settings from a command's keyword values (its `locals()`), checked."""

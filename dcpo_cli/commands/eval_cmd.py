@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from dcpo_cli.commands import engine_flags
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.evaluate.sets import REGISTRY
 from dcpo_cli.options import EvalOptions, choices
@@ -65,3 +66,12 @@ def evaluate(
     results = run_eval(model, benchmark, out, options, data_dir=data_dir,
                        engine_settings=settings)
     console.print(summary_table(results, out / "summary.json"))
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(evaluate, {
+    "Metrics": ("avg_at", "greedy", "pass_at"),
+    "Sampling": ("temperature", "top_p", "top_k", "max_new_tokens", "seed"),
+    "Prompts": ("instruction", "instruction_in", "chat_template"),
+    "Engine": ("engine",),
+})

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.options import PAPER_INSTRUCTION
 
 
@@ -48,3 +49,11 @@ def prepare(
     contracts.write_table(prompts_table(prepared.rows), out, metadata)
     console.print(f"wrote {out}: {len(prepared.rows)} prompts from {prepared.read} records "
                   f"({prepared.merged} repeated rows merged)", highlight=False)
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(prepare, {
+    "Fields": ("problem_field", "answer_field", "id_field"),
+    "Prompts": ("instruction", "instruction_in", "system"),
+    "Hub datasets": ("split", "config"),
+})

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from dcpo_cli.commands import engine_flags
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.options import RolloutOptions, choices
 
@@ -60,3 +61,11 @@ def rollout(
         f"wrote {s.out}: {s.responses} responses to {s.prompts} prompts{skipped}; "
         f"{start}{s.tokens} tokens in {s.seconds:.1f} s ({s.tokens_per_second:,.0f} tok/s), "
         f"{s.truncated / s.responses:.0%} hit --max-new-tokens", highlight=False)
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(rollout, {
+    "Sampling": ("n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens",
+        "chat_template"),
+    "Engine": ("engine",),
+})

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from dcpo_cli.commands import engine_flags
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import PRESETS
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.options import DEFAULT_REWARD, choices
@@ -110,3 +111,12 @@ def run(
                                                                    t.train) else ""
         table.add_row(str(t.step), f"{t.wall:.2f}", *cells, ratio)
     out.print(table)
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(run, {
+    "Sampling": ("batch_size", "n", "max_new_tokens", "temperature"),
+    "Training": ("algo", "lr", "warmup_steps", "seed", "reward"),
+    "Evaluation": ("benchmark", "eval_at", "eval_every"),
+    "Engine": ("engine",),
+})

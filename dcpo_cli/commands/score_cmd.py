@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.options import DEFAULT_REWARD, REWARD_LEVELS, ScoreOptions
 
 D = ScoreOptions()  # the defaults
@@ -52,3 +53,9 @@ def score(
     table.add_row(str(s.responses), f"{s.accuracy:.1%}", f"{s.mean_reward:.4f}",
                   str(s.timeouts), str(s.errors), f"{s.responses_per_second:,.0f}")
     console.print(table)
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(score, {
+    "Rewards": ("wrong_reward", "no_answer_reward", "overlong_buffer", "max_length", "reward"),
+})

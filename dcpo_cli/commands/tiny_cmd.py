@@ -4,15 +4,16 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands.help_format import DcpoCommand, DcpoGroup
 from dcpo_cli.tiny.build import CONFIGS
 
 SIZES = "; ".join(f"{name}: {config.about}" for name, config in CONFIGS.items())
 
 app = typer.Typer(help="The built-in tiny model and arithmetic task (no downloads needed).",
-                  no_args_is_help=True)
+                  no_args_is_help=True, cls=DcpoGroup)
 
 
-@app.command("init")
+@app.command("init", cls=DcpoCommand)
 def init(
     directory: Path = typer.Argument(..., help="New directory for model/, train.parquet, "
                                      "test.parquet and summary.json."),

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
 from dcpo_cli.options import ROLLOUT_CORRECTIONS, TrainOptions, choices
 
@@ -138,3 +139,16 @@ def train_step(
     elif outcome.status == "done":
         err.print(f"{out}: already done")
     console.print(metrics_table(outcome.metrics, f"train-step {outcome.metrics['step']} -> {out}"))
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(train_step, {
+    "Algorithm": ("algo", "clip", "advantage", "loss_agg", "eps_low", "eps_high", "ratio_max",
+        "dual_clip", "drop_uniform_groups", "target_prompts"),
+    "KL and sampler mismatch": ("kl_coef", "kl_type", "ref_model", "rollout_correction",
+        "rollout_correction_cap"),
+    "Optimization": ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "mini_batch_size",
+        "micro_batch_tokens", "epochs", "seed", "gradient_checkpointing"),
+    "Checkpointing": ("keep_training_state", "reset_optimizer"),
+    "Distributed": ("nproc_per_node", "cpu_offload"),
+})
