@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from dcpo_cli import __version__
@@ -81,10 +80,11 @@ def run(argv: list[str] | None = None) -> int:
 
     launch.remember_argv(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=argv, prog_name="dcpo", standalone_mode=False)
+        # not standalone, click returns the code of a `typer.Exit(code)` instead of exiting
+        code = app(args=argv, prog_name="dcpo", standalone_mode=False)
     except DcpoError as exc:
         return _report_error(exc)
-    except click.exceptions.Exit as exc:
+    except EXIT as exc:
         return exc.exit_code
     except CLICK_ERRORS as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already on screen
@@ -92,7 +92,7 @@ def run(argv: list[str] | None = None) -> int:
         # a bad option value or usage: one line, exit 2, before any work was done
         _print_error(exc.format_message().strip().splitlines()[0])
         return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (ABORT, KeyboardInterrupt):
         err.print("aborted")
         return 130
     except Exception as exc:  # a bug or an unforeseen input: still one line, unless debugging
@@ -106,7 +106,7 @@ def run(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _end_process_group()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _report_error(exc: DcpoError) -> int:
@@ -129,17 +129,19 @@ def _end_process_group() -> None:
         sys.modules["dcpo_cli.parallel.distributed"].shutdown()
 
 
-def _click_errors() -> tuple[type[Exception], ...]:
-    """click's error class, and the copy of it that typer >= 0.2x vendors (typer._click),
-    which is what typer raises there for a bad option value or a missing option."""
+def _click_exceptions() -> tuple[tuple[type[Exception], ...], type[Exception], type[Exception]]:
+    """(usage errors, Exit, Abort) of the click typer runs on: the copy typer >= 0.2x vendors
+    (typer._click; then `import click`, 20 ms of `dcpo --help`, is not needed), else click."""
     try:
-        from typer._click.exceptions import ClickException as TyperClickException
-    except ImportError:
-        return (click.ClickException,)
-    return (click.ClickException, TyperClickException)
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer, on click itself (already imported by typer)
+        import click
+
+        return (click.ClickException,), click.exceptions.Exit, click.exceptions.Abort
+    return (ClickException,), typer.Exit, typer.Abort
 
 
-CLICK_ERRORS = _click_errors()
+CLICK_ERRORS, EXIT, ABORT = _click_exceptions()
 
 
 def _print_error(message: str) -> None:

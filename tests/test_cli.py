@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO, assert_one_line_error
 
 SUBCOMMANDS = ("prepare", "inspect", "tiny", "rollout", "score", "train-step", "eval", "report",
@@ -97,3 +98,27 @@ def test_an_output_path_that_is_a_directory_is_refused_before_any_work(dcpo, ben
     result = dcpo("prepare", benchmarks / "aime24.jsonl", "--out", tmp_path / "out")
     assert_one_line_error(result, "out", "is an existing directory")
     assert keep.read_text() == "precious"
+
+
+def test_the_exit_code_of_a_relaunch_is_the_commands(monkeypatch, tmp_path):
+    """`train-step --nproc-per-node N` ends with typer.Exit(code of torchrun): a failed job
+    must not exit 0 (click returns that code, not standalone, instead of raising)."""
+    from dcpo_cli import cli
+    from dcpo_cli.parallel import launch
+
+    monkeypatch.setattr(launch, "relaunch", lambda argv, nproc: 7)
+    code = cli.run(["train-step", "--model", "m", "--scored", str(tmp_path / "s.parquet"),
+                    "--state", str(tmp_path / "s.json"), "--out", str(tmp_path / "c"),
+                    "--nproc-per-node", "2"])
+    assert code == 7
+
+
+def test_help_does_not_import_click_beside_typers_own_copy():
+    import importlib.util
+
+    if importlib.util.find_spec("typer._click") is None:
+        pytest.skip("this typer runs on click itself")
+    code = ("import sys; from dcpo_cli.cli import run; run(['--help']);"
+            "import typer._click; print('click' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stdout + proc.stderr
