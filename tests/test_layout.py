@@ -107,3 +107,17 @@ def test_help_loads_only_light_modules():
              for lib in imports_of(name, top_level_only=True) & HEAVY}
     assert heavy == set()
     assert "dcpo_cli.train.step" not in loaded and "dcpo_cli.stages.rollout" not in loaded
+
+
+def test_no_function_takes_more_than_six_positional_parameters():
+    """The code map's rule: past six, parameters are keyword-only (`*,`), so a call reads
+    what each value is and a new parameter cannot shift the others."""
+    crowded = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args
+                              if a.arg not in ("self", "cls")]
+                if len(positional) > 6:
+                    crowded.append(f"{name}.{node.name}: {len(positional)}")
+    assert crowded == []

@@ -125,7 +125,8 @@ def _reward_function(spec: str) -> Callable[..., Any]:
 
 
 def judge(spec: str, responses: Sequence[str], answers: Sequence[str],
-          rows: Sequence[dict] | None = None, workers: int | None = None, timeout: float = 5.0,
+          rows: Sequence[dict] | None = None, *, workers: int | None = None,
+          timeout: float = 5.0,
           on_progress: Callable[[int], None] | None = None) -> list[Judgement]:
     """The reward function `spec` on every (response, gold answer, row), in the killable pool;
     never longer than `timeout` seconds per response. `on_progress(k)`: k more are done."""
