@@ -143,6 +143,50 @@ def validate(table: pa.Table, kind: str, path: str | Path,
         if len(ids.unique()) != table.num_rows:
             raise DcpoError(f"{name}: column 'prompt_id' has duplicate values")
     check_unique_responses(table, name)
+    check_token_lists(table, name)
+
+
+# The response's token ids, the reference every per-token list is checked against.
+TOKEN_IDS = "response_token_ids"
+RESPONSE_LENGTH = "response_length"  # an optional count of those tokens (verl, other tools)
+
+
+def per_token_columns(table: pa.Table) -> list[str]:
+    """The per-token lists beside the token ids: `response_logprobs`, and any other list
+    column named `response_*` (a mask, entropies or log-probs other tools add)."""
+    return [field.name for field in table.schema
+            if field.name.startswith("response_") and field.name != TOKEN_IDS
+            and (pa.types.is_list(field.type) or pa.types.is_large_list(field.type))]
+
+
+def check_token_lists(table: pa.Table, name: str) -> None:
+    """Every per-token list holds one value per response token, and `response_length`, when
+    present, is that count: else one line naming the file, the first bad row (0-based) and
+    the column. Vectorised (list lengths); a per-token column with no value at all is left
+    alone (a tool that did not record it), one with gaps is not."""
+    if TOKEN_IDS not in table.column_names:
+        return
+    tokens = pa.compute.list_value_length(table.column(TOKEN_IDS))
+    for column in per_token_columns(table):
+        values = table.column(column)
+        if values.null_count == table.num_rows:
+            continue
+        _first_mismatch(pa.compute.list_value_length(values), tokens, name, column, "values")
+    if RESPONSE_LENGTH in table.column_names \
+            and pa.types.is_integer(table.schema.field(RESPONSE_LENGTH).type):
+        _first_mismatch(table.column(RESPONSE_LENGTH), tokens, name, RESPONSE_LENGTH, None)
+
+
+def _first_mismatch(lengths, tokens, name: str, column: str, unit: str | None) -> None:
+    agree = pa.compute.fill_null(pa.compute.equal(lengths, tokens), False)
+    if pa.compute.all(agree).as_py():
+        return
+    row = pa.compute.index(agree, False).as_py()
+    count, expected = lengths[row].as_py(), tokens[row].as_py()
+    found = "no value" if count is None else (f"{count} {unit}" if unit else f"{count}")
+    against = "no value" if expected is None else f"{expected} tokens"
+    raise DcpoError(f"{name}: row {row}: column '{column}' has {found}, but "
+                    f"'{TOKEN_IDS}' has {against}")
 
 
 RESPONSE_KEY = ("step", "prompt_id", "sample_index")
