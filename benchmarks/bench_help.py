@@ -71,7 +71,7 @@ def dcpo_command() -> list[str]:
 
 def wall(command: list[str], env: dict[str, str]) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.run(command, env=env, capture_output=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed: {proc.stderr.decode()[-500:]}")

@@ -34,6 +34,20 @@ VERBOSE = typer.Option(
     False, "--verbose", rich_help_panel=PANEL,
     help="Show the engine's own INFO logs and load progress bars (by default only its "
     "warnings and errors).")
+# Not an engine flag: shared by every command that loads a checkpoint (rollout, eval,
+# train-step, run); files/weights_checksum.py.
+NO_VERIFY = typer.Option(
+    False, "--no-verify", rich_help_panel="Checkpointing",
+    help="Load checkpoints without checking their weights against the checksums recorded "
+    "when they were written.")
+
+
+def apply_no_verify(no_verify: bool) -> None:
+    if no_verify:
+        from dcpo_cli.files import weights_checksum
+
+        weights_checksum.set_verify(False)
+
 
 def engine_settings(values: dict):
     """The engine settings from a command's keyword values (its `locals()`), checked."""

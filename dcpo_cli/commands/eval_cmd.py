@@ -54,9 +54,11 @@ def evaluate(
     enforce_eager: bool = engine_flags.ENFORCE_EAGER,
     engine_arg: list[str] = engine_flags.ENGINE_ARG,
     verbose: bool = engine_flags.VERBOSE,
+    no_verify: bool = engine_flags.NO_VERIFY,
 ) -> None:
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
+    engine_flags.apply_no_verify(no_verify)
     from dcpo_cli.console import out as console
     from dcpo_cli.evaluate.stage import run_eval, summary_table
     from dcpo_cli.options import from_values

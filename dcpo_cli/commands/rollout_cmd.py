@@ -46,8 +46,10 @@ def rollout(
     enforce_eager: bool = engine_flags.ENFORCE_EAGER,
     engine_arg: list[str] = engine_flags.ENGINE_ARG,
     verbose: bool = engine_flags.VERBOSE,
+    no_verify: bool = engine_flags.NO_VERIFY,
 ) -> None:
     """Generate --n responses for each prompt of step N's batch."""
+    engine_flags.apply_no_verify(no_verify)
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values
     from dcpo_cli.stages.rollout import parse_shard, run_rollout

@@ -78,6 +78,7 @@ def run(
                                           "true (VALUE read as JSON where it parses). "
                                           "Repeatable."),
     verbose: bool = engine_flags.VERBOSE,
+    no_verify: bool = engine_flags.NO_VERIFY,
 ) -> None:
     """Run rollout -> score -> train-step for each step (and eval) in one process, with the
     same files as examples/tiny_loop.sh; re-run the same command to resume."""
@@ -86,6 +87,7 @@ def run(
     from dcpo_cli.console import out
     from dcpo_cli.run.config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
 
+    engine_flags.apply_no_verify(no_verify)
     values = locals()
     given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
     sets = parse_set(set_ or [])

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
 from dcpo_cli.options import ROLLOUT_CORRECTIONS, TrainOptions, choices
@@ -106,8 +107,10 @@ def train_step(
                                          help="Continue a checkpoint with fresh optimizer "
                                          "moments (needed when its training state was "
                                          "deleted)."),
+    no_verify: bool = engine_flags.NO_VERIFY,
 ) -> None:
     """Apply one DCPO (or GRPO/DAPO/GSPO) update and write a checkpoint."""
+    engine_flags.apply_no_verify(no_verify)
     from dcpo_cli.console import err
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values

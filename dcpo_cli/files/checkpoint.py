@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from dcpo_cli.errors import DcpoError, first_line
-from dcpo_cli.files import lora
+from dcpo_cli.files import lora, weights_checksum
 from dcpo_cli.parallel import distributed
 
 TRAINER_STATE = "trainer_state.json"
@@ -278,8 +278,10 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
             torch.save(rng_snapshot(), tmp / TRAINING_STATE / RNG_STATE)
             if write_extra is not None:
                 write_extra(tmp)
-            # Last, so a directory with trainer_state.json is one this function finished.
-            state = {"format": TRAINER_FORMAT, "version": 2, **trainer_state}
+            # Last, so a directory with trainer_state.json is one this function finished;
+            # with the weights' checksums, which every later load verifies.
+            state = {"format": TRAINER_FORMAT, "version": 2, **trainer_state,
+                     weights_checksum.RECORD_KEY: weights_checksum.record(tmp)}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import weights_checksum
 
 SMALL_FILE = 1 << 20  # files up to this size are identified by their bytes
 TRAINER_STATE = "trainer_state.json"  # as checkpoint.TRAINER_STATE (kept torch-free here)
@@ -76,6 +77,7 @@ def resolve_model(spec: str | Path | ModelSource) -> ModelSource:
     if path.exists():
         if not path.is_dir():
             raise DcpoError(f"{text}: not a model directory")
+        weights_checksum.verify(path)  # a checkpoint's weights as written (unless --no-verify)
         return ModelSource(text, path)
     parsed = parse_hub_spec(text)
     if parsed is None:

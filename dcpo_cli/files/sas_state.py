@@ -3,7 +3,13 @@
 A small JSON document, human-readable and shown by `dcpo inspect`:
 
     {"format": "dcpo-sas-state", "version": 1, "last_step": 3,
-     "prompts": {"<prompt_id>": {"times": 2, "mean": 0.5, "std": 0.51}, ...}}
+     "prompts": {"<prompt_id>": {"times": 2, "mean": 0.5, "std": 0.51}, ...},
+     "checksum": "sha256:..."}
+
+`checksum` is the sha256 of the rest of the document in canonical JSON (sorted keys, no
+spaces): a state changed after it was written (a flipped byte, an edit) is refused on load,
+as are a truncated one (not JSON) and a document that breaks the format. A state without a
+checksum (written by an older dcpo, or by hand) is loaded as before.
 
 A state is immutable once loaded: `absorb` returns the next state, and refuses a step it
 (or a later one) has already absorbed, so no rollout step is ever counted twice.
@@ -11,6 +17,7 @@ A state is immutable once loaded: `absorb` returns the next state, and refuses a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -23,6 +30,7 @@ from dcpo_cli.files import contracts
 
 FORMAT = "dcpo-sas-state"
 VERSION = 1
+FIELDS = {"format", "version", "last_step", "prompts", "checksum"}
 
 
 @dataclass(frozen=True)
@@ -44,13 +52,14 @@ class SasState:
         return SasState({**self.prompts, **updates}, step)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "format": FORMAT,
             "version": VERSION,
             "last_step": self.last_step,
             "prompts": {pid: {"times": s.times, "mean": s.mean, "std": s.std}
                         for pid, s in self.prompts.items()},
         }
+        return {**data, "checksum": checksum(data)}
 
     def save(self, path: str | Path) -> None:
         """Atomic write; keys sorted so equal states are equal bytes."""
@@ -72,6 +81,14 @@ class SasState:
     def from_json(cls, data: Any, path: str | Path) -> SasState:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DcpoError(f"{path}: not a SAS state file (expected \"format\": \"{FORMAT}\")")
+        unknown = sorted(set(data) - FIELDS)
+        if unknown:  # also a damaged "checksum" key, which would otherwise go unchecked
+            raise DcpoError(f"{path}: unknown field {unknown[0]!r} in the SAS state")
+        if "checksum" in data:
+            data = dict(data)
+            if data.pop("checksum") != checksum(data):
+                raise DcpoError(f"{path}: checksum mismatch: the SAS state changed after it "
+                                "was written")
         if data.get("version") != VERSION:
             raise DcpoError(f"{path}: SAS state version {data.get('version')!r} is not "
                             f"supported (expected {VERSION})")
@@ -102,3 +119,9 @@ def _parse_entry(entry: Any, prompt_id: str, path: str | Path) -> PromptStats:
         raise DcpoError(f"{where}: std must be >= 0")
     return PromptStats(times=times, mean=float(mean), std=float(std))
 
+
+
+def checksum(data: dict[str, Any]) -> str:
+    """sha256 of the document in canonical JSON: independent of indentation and key order."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
