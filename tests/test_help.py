@@ -102,7 +102,8 @@ def test_options_are_grouped_into_panels():
     assert titles == ["Options", "Algorithm", "KL and sampler mismatch", "Optimization",
                       "Checkpointing", "Distributed"]
     engine = help_text(("rollout",), 80)
-    assert re.findall(r"^╭─ (.+?) ─", engine, flags=re.M) == ["Options", "Sampling", "Engine"]
+    assert re.findall(r"^╭─ (.+?) ─", engine, flags=re.M) == ["Options", "Sampling", "Engine",
+                                                                "Checkpointing"]
 
 
 def test_help_text_is_plain_text_not_markup():

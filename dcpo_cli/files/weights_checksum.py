@@ -7,10 +7,11 @@ A weights file changed on disk after it was written (a flipped byte, a truncated
 digest). A directory without that record (a Hub snapshot, the tiny model, a checkpoint of an
 older dcpo) loads as before. The hash is xxhash's xxh3_128: not cryptographic (this guards
 against accidents, not against an attacker, who could rewrite the record too), and 4-7x
-faster than sha256 or blake2b (`benchmarks/bench_checksum.py`: 4.2 GB/s on 1 GB). `--no-verify` on the loading commands
-skips the check (`set_verify(False)`, once per process). A directory verified once is not
-hashed again in the same process while its files keep their sizes and modification times
-(`dcpo run` names each checkpoint to several stages).
+faster than sha256 or blake2b (`benchmarks/bench_checksum.py`: 4.2 GB/s on 1 GB).
+`--no-verify` on the loading commands skips the check (`set_verify(False)`, once per
+process). A directory verified once is not hashed again in the same process while its files
+keep their sizes and modification times (`dcpo run` names each checkpoint to several
+stages).
 """
 
 from __future__ import annotations
