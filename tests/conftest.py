@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# CI must not flake: the same examples on every run. HYPOTHESIS_PROFILE=explore searches anew.
-settings.register_profile("ci", derandomize=True)
-settings.register_profile("explore", derandomize=False)
+# CI must not flake: the same examples on every run, and no per-example deadline (a busy
+# machine stretches any example past hypothesis's default 200 ms). HYPOTHESIS_PROFILE=explore
+# searches anew.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -173,8 +172,11 @@ def test_identity_of_a_plain_directory(tmp_path, tiny):
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
-    time.sleep(0.01)
+    before = weights.stat().st_mtime_ns
     weights.write_bytes(bytes(data))  # same size, other bytes: a new mtime
+    # (a coarse file-system clock can give the rewrite the same stamp; a real rewrite is
+    # later than the first write, so set it apart explicitly rather than sleep)
+    os.utime(weights, ns=(before + 1_000_000, before + 1_000_000))
     assert model_identity(model) != first
     changed = model_identity(model)
     (model / "config.json").write_text((model / "config.json").read_text() + " ")

@@ -91,15 +91,16 @@ def test_amc_float_answers_and_aime_leading_zeros_match_integers(benchmarks):
 
 
 def test_power_tower_times_out_with_a_flag_and_the_batch_still_finishes():
-    started = time.monotonic()
+    """The tower never finishes, so any deadline flags it; the others take milliseconds of
+    their own (the deadline counts from a ready worker, not from the pool's start), so
+    2 s holds on a busy machine too. No wall-clock bound on the whole batch: that the call
+    returns, with the tower flagged, is what shows it was not waited for."""
     verdicts = verify_batch(["\\boxed{9^{9^{9^{9^{9}}}}}", "\\boxed{4}", "no box", "\\boxed{5}"],
-                            ["3", "4", "4", "4"], workers=2, timeout=1.0)
-    elapsed = time.monotonic() - started
+                            ["3", "4", "4", "4"], workers=2, timeout=2.0)
     assert verdicts[0] == Verdict(False, "9^{9^{9^{9^{9}}}}", timed_out=True, error=False)
     assert verdicts[1] == Verdict(True, "4")
     assert verdicts[2] == Verdict(False, None)
     assert verdicts[3] == Verdict(False, "5")
-    assert elapsed < 4.0, elapsed
 
 
 def test_verify_batch_reports_progress_for_every_response():
@@ -132,11 +133,11 @@ def test_call_reward_takes_numbers_and_level_names_only(tmp_path, monkeypatch):
 
 
 def test_the_pool_kills_an_overrunning_job_and_reports_a_raising_one():
-    started = time.monotonic()
-    outcomes = run_jobs(time.sleep, {0: (30,), 1: (0,), 2: (0,)}, workers=2, timeout=1.0)
+    # sleep(600) flagged as timed out: it was killed (had the pool waited, it would have
+    # finished, unflagged); no wall-clock bound needed.
+    outcomes = run_jobs(time.sleep, {0: (600,), 1: (0,), 2: (0,)}, workers=2, timeout=1.0)
     assert outcomes[0] == JobOutcome(None, timed_out=True)
     assert outcomes[1] == outcomes[2] == JobOutcome(None)  # time.sleep returns None
-    assert time.monotonic() - started < 10
     failed = run_jobs(load_reward_function, {0: ("nocolon",)}, workers=1, timeout=5.0)
     assert "package.module:function" in failed[0].error and not failed[0].timed_out
 
@@ -182,3 +183,25 @@ def test_load_reward_function_errors():
                            ("json:no_such_function", "has no function")]:
         with pytest.raises(DcpoError, match=fragment):
             load_reward_function(spec)
+
+
+def slow_start_then_identity(value):
+    return value
+
+
+def test_a_workers_start_is_not_charged_to_its_job(monkeypatch):
+    """A worker that takes longer to start than the deadline (a busy machine, the fork
+    server's first start) still runs its job in full: the deadline counts from ready."""
+    from dcpo_cli.rewards import pool
+
+    real = pool._worker_main
+
+    def late_ready(conn, function):
+        time.sleep(2.0)  # starting, slower than the 1 s deadline below
+        real(conn, function)
+
+    monkeypatch.setattr(pool, "_worker_main", late_ready)
+    monkeypatch.setattr(pool, "_context", lambda: __import__("multiprocessing").get_context(
+        "fork"))
+    outcomes = run_jobs(slow_start_then_identity, {0: (7,), 1: (8,)}, workers=2, timeout=1.0)
+    assert outcomes == {0: JobOutcome(7), 1: JobOutcome(8)}

@@ -99,7 +99,7 @@ def test_a_user_reward_that_hangs_or_raises_never_stalls_the_stage(tmp_path, dcp
         "    return 1.0\n")
     path = write_rollouts(tmp_path / "r.parquet", ["fine", "hang", "fine"], ["7", "7", "7"])
     result = dcpo("score", path, "--out", tmp_path / "s.parquet", "--reward",
-                  "slow_reward:reward", "--timeout", "2", "--wrong-reward", "-1",
+                  "slow_reward:reward", "--timeout", "5", "--wrong-reward", "-1",
                   cwd=tmp_path, timeout=120)
     assert result.code == 0, result.stderr
     scored = contracts.read_table(tmp_path / "s.parquet", "scored")

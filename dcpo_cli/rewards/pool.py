@@ -30,6 +30,7 @@ def _worker_main(conn, function: Callable[..., Any]) -> None:
     """Answer (index, args) requests with function(*args) until told to stop (None)."""
     # math-verify warns that its own timeouts are off: deliberate, the parent enforces them.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    conn.send(READY)  # the parent starts a job's deadline only from here
     while True:
         try:
             message = conn.recv()
@@ -45,6 +46,7 @@ def _worker_main(conn, function: Callable[..., Any]) -> None:
         conn.send(result)
 
 
+READY = "ready"
 # What the pool's fork server imports once; verifier_warmup also runs one check there.
 FORKSERVER_PRELOAD = ["math_verify", "dcpo_cli.rewards", "dcpo_cli.rewards.warmup"]
 
@@ -65,6 +67,7 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(child, function), daemon=True)
         self.process.start()
         child.close()
+        self.ready = False  # until it says so: starting is not part of any job's time
         self.index: int | None = None
         self.deadline = 0.0
 
@@ -98,7 +101,11 @@ def run_jobs(function: Callable[..., Any], jobs: dict[int, tuple], workers: int 
              timeout: float,
              on_progress: Callable[[int], None] | None = None) -> dict[int, JobOutcome]:
     """`function(*jobs[i])` for every i, in worker processes, none longer than `timeout`
-    seconds. `function` must be importable by name (a module-level function)."""
+    seconds. `function` must be importable by name (a module-level function).
+
+    A job's `timeout` counts from when it is handed to a worker that is ready: a worker's
+    start (the fork server's first start imports and warms math-verify, seconds on a busy
+    machine) is never charged to the job it then runs."""
     if not jobs:
         return {}
     ctx = _context()
@@ -109,13 +116,19 @@ def run_jobs(function: Callable[..., Any], jobs: dict[int, tuple], workers: int 
     try:
         while queue or any(w.index is not None for w in pool):
             for worker in pool:
-                if worker.index is None and queue:
+                if worker.ready and worker.index is None and queue:
                     i = queue.pop()
                     worker.submit(i, jobs[i], timeout)
             busy = [w for w in pool if w.index is not None]
-            wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = wait([w.conn for w in busy], timeout=wait_for)
+            starting = [w for w in pool if not w.ready]
+            wait_for = max(0.0, min(w.deadline for w in busy) - time.monotonic()) if busy \
+                else None
+            ready = wait([w.conn for w in busy + starting], timeout=wait_for)
             for position, worker in enumerate(pool):
+                if not worker.ready:
+                    if worker.conn in ready:
+                        _started(worker)
+                    continue
                 if worker.index is None:
                     continue
                 if worker.conn in ready:
@@ -142,3 +155,14 @@ def run_jobs(function: Callable[..., Any], jobs: dict[int, tuple], workers: int 
             else:
                 worker.stop()
     return outcomes
+
+
+def _started(worker: _Worker) -> None:
+    """Take a starting worker's ready message."""
+    try:
+        message = worker.conn.recv()
+    except EOFError:
+        raise RuntimeError("a reward worker process died while starting") from None
+    if message != READY:
+        raise RuntimeError(f"a reward worker process said {message!r} instead of starting")
+    worker.ready = True
