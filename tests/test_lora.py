@@ -89,7 +89,8 @@ def test_zero_b_adapter_gives_the_base_logprobs_exactly(random_model_dir, tokeni
     base, _ = build_policy(random_model_dir, torch.device("cpu"))
     wrapped, _ = build_policy(random_model_dir, torch.device("cpu"))
     torch.manual_seed(0)
-    wrapped = lora.wrap(wrapped, 4, 32.0, 0.05, "all-linear", "base", None)
+    wrapped = lora.wrap(wrapped, 4, 32.0, 0.05, "all-linear", base_name="base",
+                        base_revision=None)
     named = dict(wrapped.named_parameters())
     assert all(not p.any() for n, p in named.items() if "lora_B" in n)
     assert all(p.any() for n, p in named.items() if "lora_A" in n)  # only B is zero

@@ -96,7 +96,7 @@ def check_targets(model, targets: str, where: str) -> None:
                             f"that name (it has {', '.join(kinds)})")
 
 
-def wrap(model, rank: int, alpha: float, dropout: float, targets: str, base_name: str,
+def wrap(model, rank: int, alpha: float, dropout: float, targets: str, *, base_name: str,
          base_revision: str | None):
     """Inject a fresh LoRA adapter (B = 0, so the model computes exactly what it did) and
     freeze everything else; returns the injected model, its `PeftModel` attached."""

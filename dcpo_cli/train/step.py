@@ -362,7 +362,8 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
                             "LoRA from a base model (or continues a LoRA checkpoint)")
         torch.manual_seed(options.seed)  # the adapter's A matrices (B starts at zero)
         model = lora.wrap(model, options.lora_rank, options.lora_alpha, options.lora_dropout,
-                          options.lora_target_modules, source.name, source.commit)
+                          options.lora_target_modules, base_name=source.name,
+                          base_revision=source.commit)
     runner = None
     if world.sharded:
         from dcpo_cli.parallel.fsdp import shard_policy
