@@ -61,3 +61,21 @@ def engine_settings(values: dict):
         engine_args=parse_engine_args(values["engine_arg"]), verbose=values["verbose"])
     settings.check()
     return settings
+
+
+SERVER_URL = typer.Option(None, "--server-url", help="With --engine server: the address of a "
+                          "running `dcpo serve` (e.g. http://127.0.0.1:8765).")
+SERVER_TOKEN = typer.Option(None, "--server-token", envvar="DCPO_SERVER_TOKEN",
+                            help="With --engine server: the token the server was started "
+                            "with (--token).")
+
+
+def server_address(values: dict):
+    """The `--server-url` / `--server-token` of a command's keyword values, or None."""
+    from dcpo_cli.engines.settings import ServerAddress
+
+    if values["server_url"] is None:
+        return None
+    address = ServerAddress(values["server_url"], values["server_token"])
+    address.check()
+    return address

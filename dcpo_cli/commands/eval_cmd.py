@@ -31,7 +31,8 @@ def evaluate(
     data_dir: Path | None = typer.Option(None, help="Folder with the benchmark files (aime24.jsonl"
                                          " ... or verl/aime_2024.parquet ...); default "
                                          "$DCPO_DATA_DIR, else the copies bundled with dcpo."),
-    engine: str = typer.Option(D.engine, help=f"Generation engine: {choices(ENGINES)}."),
+    engine: str = typer.Option(D.engine, help=f"Generation engine: {choices(ENGINES)} "
+                               "(server: a running `dcpo serve`, see --server-url)."),
     temperature: float = typer.Option(D.temperature, help="Sampling temperature for avg@K."),
     top_p: float = typer.Option(D.top_p, help="Nucleus sampling for avg@K."),
     top_k: int = typer.Option(D.top_k, help="Top-k sampling for avg@K (0 = off)."),
@@ -55,6 +56,8 @@ def evaluate(
     engine_arg: list[str] = engine_flags.ENGINE_ARG,
     verbose: bool = engine_flags.VERBOSE,
     no_verify: bool = engine_flags.NO_VERIFY,
+    server_url: str | None = engine_flags.SERVER_URL,
+    server_token: str | None = engine_flags.SERVER_TOKEN,
 ) -> None:
     """Evaluate a model on benchmarks the way the paper does (percent; re-runs with the same
     options skip finished benchmarks)."""
@@ -65,8 +68,9 @@ def evaluate(
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
     settings = engine_flags.engine_settings(locals())
+    server = engine_flags.server_address(locals())
     results = run_eval(model, benchmark, out, options, data_dir=data_dir,
-                       engine_settings=settings)
+                       engine_settings=settings, server=server)
     console.print(summary_table(results, out / "summary.json"))
 
 

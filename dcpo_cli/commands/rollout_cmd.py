@@ -36,7 +36,8 @@ def rollout(
     shard: str = typer.Option("0/1", help="i/n: generate only part i of n of the step's "
                               "prompts (data-parallel rollout, one file per shard)."),
     engine: str = typer.Option(D.engine, help=f"{choices(ENGINES)} (auto: vllm when "
-                               "importable and a GPU is present, else hf)."),
+                               "importable and a GPU is present, else hf; server: a running "
+                               "`dcpo serve`, see --server-url)."),
     chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Apply the tokenizer's chat template."),
     tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
@@ -47,6 +48,8 @@ def rollout(
     engine_arg: list[str] = engine_flags.ENGINE_ARG,
     verbose: bool = engine_flags.VERBOSE,
     no_verify: bool = engine_flags.NO_VERIFY,
+    server_url: str | None = engine_flags.SERVER_URL,
+    server_token: str | None = engine_flags.SERVER_TOKEN,
 ) -> None:
     """Generate --n responses for each prompt of step N's batch."""
     engine_flags.apply_no_verify(no_verify)
@@ -56,7 +59,8 @@ def rollout(
 
     options = from_values(RolloutOptions, locals(), shard=parse_shard(shard))
     settings = engine_flags.engine_settings(locals())
-    s = run_rollout(model, prompts, step, out, options, engine_settings=settings)
+    server = engine_flags.server_address(locals())
+    s = run_rollout(model, prompts, step, out, options, engine_settings=settings, server=server)
     skipped = f", {s.skipped} skipped as too long" if s.skipped else ""
     start = f"engine start {s.load_seconds:.1f} s, " if s.load_seconds is not None else ""
     console.print(

@@ -7,7 +7,7 @@ import typer
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import PRESETS
-from dcpo_cli.engines import ENGINES
+from dcpo_cli.engines import SERVABLE
 from dcpo_cli.options import DEFAULT_REWARD, choices
 from dcpo_cli.run.config import FLAGS, default_config
 from dcpo_cli.tiny.build import CONFIGS
@@ -57,7 +57,7 @@ def run(
     eval_every: int | None = typer.Option(None, help="Also evaluate every K steps (0: only "
                                           "before the first and after the last) "
                                           f"{default('eval_every')}."),
-    engine: str | None = typer.Option(None, help=f"Generation engine: {choices(ENGINES)} "
+    engine: str | None = typer.Option(None, help=f"Generation engine: {choices(SERVABLE)} "
                                       f"{default('engine')}."),
     reward: str | None = typer.Option(None, help="Your own reward, package.module:function "
                                       f"(default {DEFAULT_REWARD}; with the dcpo preset it "

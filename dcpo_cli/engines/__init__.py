@@ -12,11 +12,15 @@ from dcpo_cli.errors import DcpoError
 REGISTRY = {
     "hf": "dcpo_cli.engines.hf:HFEngine",
     "vllm": "dcpo_cli.engines.vllm:VllmEngine",
+    "server": "dcpo_cli.engines.server:ServerEngine",  # a running `dcpo serve`, over HTTP
 }
 ENGINES = ("auto", *REGISTRY)
 
-__all__ = ["ENGINES", "REGISTRY", "Completion", "Engine", "SamplingSettings", "load_engine",
-           "pick_engine"]
+# The engines `dcpo serve` can hold (not itself).
+SERVABLE = tuple(name for name in ENGINES if name != "server")
+
+__all__ = ["ENGINES", "REGISTRY", "SERVABLE", "Completion", "Engine", "SamplingSettings",
+           "engine_options", "load_engine", "pick_engine"]
 
 
 def pick_engine(kind: str) -> str:
@@ -32,6 +36,21 @@ def pick_engine(kind: str) -> str:
     import torch
 
     return "vllm" if torch.cuda.is_available() else "hf"
+
+
+def engine_options(kind: str, settings, server=None, source=None) -> dict:
+    """`load_engine`'s keyword arguments for engine `kind` (already picked): the engine
+    settings it takes (`EngineSettings.options_for`), and for the server engine its address
+    (`ServerAddress`) and the model it is asked to serve (`ModelSource`)."""
+    if kind == "server":
+        if server is None:
+            raise DcpoError("--engine server needs --server-url URL (the address `dcpo serve` "
+                            "prints)")
+        settings.options_for(kind)  # engine flags belong to the server
+        return {"address": server, "source": source}
+    if server is not None:
+        raise DcpoError(f"--server-url is for --engine server, not --engine {kind}")
+    return settings.options_for(kind)
 
 
 def load_engine(kind: str, model_path: str | Path, **options) -> Engine:

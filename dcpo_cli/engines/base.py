@@ -86,3 +86,13 @@ def eos_token_ids(tokenizer, generation_config) -> set[int]:
         elif value:
             ids.update(int(v) for v in value)
     return ids
+
+
+def generation_config(model_path):
+    """The model directory's generation config (its eos ids), or None without one."""
+    from transformers import GenerationConfig  # here: `dcpo --help` imports this module
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        return None

@@ -176,9 +176,27 @@ class HFEngine:
         self.adapter = directory
 
     def load_weights(self, named_tensors) -> None:
-        """Replace the weights in memory (`dcpo run` after each train-step): the same values,
-        cast to this engine's dtype, as loading the checkpoint those tensors were saved to."""
+        """Replace the weights in memory (`dcpo run` after each train-step, `dcpo serve`'s
+        load-weights): the same values, cast to this engine's dtype, as loading the
+        checkpoint those tensors were saved to. A saved checkpoint leaves out a tied copy
+        (the lm-head of tied embeddings); it is the same parameter, loaded with its twin."""
         import torch
 
         with torch.no_grad():
-            self.model.load_state_dict(dict(named_tensors), strict=True)
+            missing, unexpected = self.model.load_state_dict(dict(named_tensors),
+                                                             strict=False)
+        untied = set(missing) - _loaded_twins(self.model, set(missing))
+        if unexpected or untied:
+            names = sorted(unexpected) or sorted(untied)
+            what = "unexpected" if unexpected else "missing"
+            raise DcpoError(f"the new weights do not fit the model: {len(names)} {what} "
+                            f"tensors ({names[0]}, ...)")
+
+
+def _loaded_twins(model, missing: set[str]) -> set[str]:
+    """The missing names whose parameter was loaded under another name (a tied lm-head)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {name for group in names.values() if set(group) - missing
+            for name in group if name in missing}

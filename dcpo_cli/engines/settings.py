@@ -11,7 +11,7 @@ verl's `rollout.tensor_model_parallel_size`); `--engine-arg KEY=VALUE` passes an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,22 @@ class EngineSettings:
                 "enforce_eager": self.enforce_eager, "engine_args": dict(self.engine_args)}
 
     def options_for(self, engine: str) -> dict[str, Any]:
-        """Keyword arguments for the engine class `engine` ("hf" or "vllm"). The hf engine
-        takes only --dtype; a vLLM setting given to it is an error, not silently dropped."""
+        """Keyword arguments for the engine class `engine` ("hf", "vllm" or "server"). The hf
+        engine takes only --dtype; a vLLM setting given to it is an error, not silently
+        dropped; the server engine takes none (its server's engine has them)."""
         self.check()
+        if engine == "server":
+            given = [flag for flag, value in (
+                ("--tensor-parallel-size", self.tensor_parallel_size != 1),
+                ("--gpu-memory-utilization", self.gpu_memory_utilization is not None),
+                ("--max-model-len", self.max_model_len is not None),
+                ("--dtype", self.dtype != "auto"), ("--enforce-eager", self.enforce_eager),
+                ("--engine-arg", bool(self.engine_args)),
+            ) if value]
+            if given:
+                raise DcpoError(f"{given[0]} is a setting of the server's engine: pass it to "
+                                "`dcpo serve`, not to a command with --engine server")
+            return {}
         if engine == "vllm":
             return {"tensor_parallel_size": self.tensor_parallel_size,
                     "gpu_memory_utilization": self.gpu_memory_utilization,
@@ -131,3 +144,29 @@ def check_tensor_parallel(size: int) -> None:
         raise DcpoError(f"--tensor-parallel-size {size}: only {count} {kind}{plural} visible "
                         "here (one rank per device; use --shard i/n for data-parallel "
                         "rollouts)")
+
+
+@dataclass(frozen=True)
+class ServerAddress:
+    """Where a `dcpo serve` listens (`--server-url`) and its token (`--server-token`), for
+    `--engine server`. The token is never recorded or shown."""
+
+    url: str
+    token: str | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if parts.scheme != "http" or not parts.hostname or port is None \
+                or parts.path not in ("", "/") or parts.query:
+            raise DcpoError(f"--server-url {self.url!r}: expected http://HOST:PORT, e.g. "
+                            "http://127.0.0.1:8765 (as `dcpo serve` prints it)")
+
+    @property
+    def base(self) -> str:
+        return self.url.rstrip("/")

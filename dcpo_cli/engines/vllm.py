@@ -153,7 +153,7 @@ class VllmEngine:
             raise DcpoError(f"{model_path}: the vLLM engine failed to start ({first_line(exc)}"
                             "); vLLM's log above gives the cause") from None
         self.tokenizer = self.llm.get_tokenizer()
-        self.eos_ids = base.eos_token_ids(self.tokenizer, _generation_config(base_path))
+        self.eos_ids = base.eos_token_ids(self.tokenizer, base.generation_config(base_path))
         self.base_path = base_path
         if adapter is not None:
             self.use_adapter(adapter)
@@ -256,12 +256,3 @@ def vllm_lora_rank(rank: int) -> int:
             return allowed
     raise DcpoError(f"--lora-rank {rank}: vLLM serves LoRA adapters up to rank "
                     f"{VLLM_LORA_RANKS[-1]}")
-
-
-def _generation_config(model_path: str | Path):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(model_path)
-    except OSError:  # no generation_config.json: the tokenizer's eos alone
-        return None

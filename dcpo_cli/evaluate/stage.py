@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dcpo_cli.engines.settings import EngineSettings
+from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.evaluate import sets as eval_sets
 from dcpo_cli.evaluate.metrics import Sample, average_metrics, benchmark_metrics
@@ -59,19 +59,23 @@ def model_fingerprint(model: str | Path | ModelSource) -> str:
 
 def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, options: EvalOptions,
              data_dir: Path | None = None, *, engine: Any = None,
-             engine_settings: EngineSettings | None = None) -> dict[str, BenchmarkResult]:
+             engine_settings: EngineSettings | None = None,
+             server: ServerAddress | None = None) -> dict[str, BenchmarkResult]:
     """Evaluate `model` (a directory or a Hub id[@revision]) on each benchmark spec, write the
     outputs, return the results.
 
     `engine` replaces the real one (tests pass a scripted engine); otherwise the engine is
-    loaded once, with `engine_settings`, only when some benchmark is not already done.
+    loaded once, with `engine_settings`, only when some benchmark is not already done. With
+    `--engine server` the `dcpo serve` at `server` generates: the samples record its engine
+    and settings, so they are interchangeable with that engine's in-process samples.
     """
     options.check()
     engine_settings = engine_settings or EngineSettings()
-    from dcpo_cli.engines import pick_engine
+    from dcpo_cli.engines import engine_options, pick_engine
 
     kind = pick_engine(options.engine)
-    engine_options = engine_settings.options_for(kind)  # a bad setting stops the run here
+    engine_options(kind, engine_settings, server)  # a bad setting stops the run here
+    generating_kind, settings_record = kind, engine_settings.record()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DcpoError(f"{out}: exists and is not a directory (--out names a folder)")
@@ -86,13 +90,18 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
         raise DcpoError(f"benchmark name '{duplicates[0]}' is given twice or is reserved")
     source = resolve_model(model)
     fingerprint = model_fingerprint(source)
+    if kind == "server" and engine is None:
+        from dcpo_cli.engines.server import server_identity
+
+        identity = server_identity(server)  # cheap: what would generate, nothing loaded
+        generating_kind, settings_record = identity["engine"], identity["engine_settings"]
     results: dict[str, BenchmarkResult] = {}
     for data in datasets:
         path = out / data.name / SAMPLES_FILE
         # the model is identified by its fingerprint, not its path, so a moved copy is reused;
         # the engine and its settings (dtype, ...) are part of what makes the samples
         run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint,
-                       "engine_kind": kind, "engine_settings": engine_settings.record()}
+                       "engine_kind": generating_kind, "engine_settings": settings_record}
         started = time.perf_counter()
         table = _finished_samples(path, run_options, fingerprint)
         reused = table is not None
@@ -100,13 +109,15 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
             if engine is None:
                 from dcpo_cli.engines import load_engine
 
-                engine = load_engine(kind, source.path, **engine_options)
+                engine = load_engine(kind, source.path,
+                                     **engine_options(kind, engine_settings, server, source))
             table = generate_samples(engine, data, options)
             inputs = [data.source] if Path(data.source).is_file() else []
             metadata = contracts.make_metadata(
                 "eval_samples", "eval", options=run_options, inputs=inputs,
                 extra={"benchmark": data.name, "source": data.source, **source.record(),
-                       "model_fingerprint": fingerprint, "problems": len(data.rows)})
+                       "model_fingerprint": fingerprint, "problems": len(data.rows),
+                       "generation_server": getattr(engine, "server_record", None)})
             contracts.write_table(table, path, metadata)
         results[data.name] = _result(data, table, options, path, reused,
                                      time.perf_counter() - started)

@@ -137,6 +137,14 @@ class LazyEngine:
         return getattr(self._owner.holding(self._model_dir, self._resident), name)
 
 
+def _refuse_server(engine: str) -> None:
+    from dcpo_cli.engines import pick_engine
+
+    if pick_engine(engine) == "server":
+        raise DcpoError("engine = server: dcpo run keeps its own engine loaded (--engine "
+                        "server is for dcpo rollout and dcpo eval)")
+
+
 def check_config(run_dir: Path, config: Config, verbose: bool = False,
                  source: Path | None = None) -> tuple:
     """Every stage's options from `config`, checked (before anything is written). With
@@ -152,6 +160,8 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False,
     checks = [(name, item.check) for name, item in zip(sections, options, strict=True)]
     checks += [("train", lambda: resolve_algo(options[2])),  # settings the engine cannot take:
                ("engine", lambda: options[4].options_for(pick_engine(options[0].engine))),
+               ("rollout", lambda: _refuse_server(options[0].engine)),
+               ("eval", lambda: _refuse_server(options[3].engine)),
                ("loop", lambda: _check_loop(config["loop"]))]
     if options[2].lora_rank is not None:
         checks.append(("train", lambda: check_lora_targets(config["loop"],

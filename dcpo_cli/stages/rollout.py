@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from dcpo_cli.engines.base import derive_seed
-from dcpo_cli.engines.settings import EngineSettings
+from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.files import contracts
 from dcpo_cli.files.model_source import ModelSource, model_identity, resolve_model
@@ -136,24 +136,34 @@ def shard_part(items: list, shard: tuple[int, int]) -> list:
     return items[start:start + size + (1 if index < extra else 0)]
 
 
+def engine_record(engine: Any, settings: EngineSettings) -> dict[str, Any]:
+    """The metadata naming how the tokens were generated. Through `dcpo serve`: the served
+    engine's settings (the client's flags are not what generated) and the server (its URL,
+    and the fingerprint of the weights it generated with); in process, no server."""
+    return {"engine_settings": getattr(engine, "settings_record", None) or settings.record(),
+            "generation_server": getattr(engine, "server_record", None)}
+
+
 def _prompt_value(value: Any) -> str | list[dict]:
     return value if isinstance(value, str) else [dict(m) for m in value]
 
 
 def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step: int,
                 out: str | Path, options: RolloutOptions, *, engine: Any = None,
-                engine_settings: EngineSettings | None = None) -> RolloutSummary:
+                engine_settings: EngineSettings | None = None,
+                server: ServerAddress | None = None) -> RolloutSummary:
     """Generate step `step`'s rollouts and write them to `out`. `model` is a directory or a
     Hub id[@revision]. `engine` replaces the real one (benchmarks and tests pass a loaded
-    engine); otherwise it is loaded from `model` with `engine_settings`."""
+    engine); otherwise it is loaded from `model` with `engine_settings` (with `--engine
+    server`, a client of the `dcpo serve` at `server`, which then serves `model`)."""
     from dcpo_cli.console import progress
-    from dcpo_cli.engines import SamplingSettings, load_engine, pick_engine
+    from dcpo_cli.engines import SamplingSettings, engine_options, load_engine, pick_engine
     from dcpo_cli.engines.prompting import encode_prompts
 
     options.check()
     engine_settings = engine_settings or EngineSettings()
     kind = pick_engine(options.engine)
-    engine_options = engine_settings.options_for(kind)
+    engine_options(kind, engine_settings, server)  # a bad setting stops the run here
     if step < 0:
         raise DcpoError("--step must be >= 0")
     contracts.check_output_path(out)
@@ -161,10 +171,11 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
     check_batch_size(table.num_rows, options.batch_size, prompts_path)
     source = resolve_model(model)
     fingerprint = model_identity(source)  # cheap: no weight byte is read
-    load_seconds = None  # the engine's cold start, when this run paid it
+    load_seconds = None  # the engine's cold start (or the server's weight switch), if paid
     if engine is None:
         started = time.perf_counter()
-        engine = load_engine(kind, source.path, **engine_options)
+        engine = load_engine(kind, source.path,
+                             **engine_options(kind, engine_settings, server, source))
         load_seconds = time.perf_counter() - started
 
     chosen = shard_part(select_round(table.num_rows, options.batch_size, step, options.seed,
@@ -220,7 +231,7 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
                "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
-               "skipped_prompts": skipped, "engine_settings": engine_settings.record(),
+               "skipped_prompts": skipped, **engine_record(engine, engine_settings),
                "engine_load_seconds": None if load_seconds is None else round(load_seconds, 2),
                "generate_seconds": round(seconds, 2)},
     )

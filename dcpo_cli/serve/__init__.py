@@ -1,0 +1,1 @@
+"""`dcpo serve`: a resident generation server (see server.py) and its start-up (run.py)."""
