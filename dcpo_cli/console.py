@@ -17,7 +17,13 @@ def progress(transient: bool = False):
         TimeRemainingColumn,
     )
 
-    return Progress(
+    class _Progress(Progress):
+        def __exit__(self, kind, value, traceback) -> None:
+            if kind is not None:  # a failure leaves its one error line, not the bar
+                self.live.transient = True
+            super().__exit__(kind, value, traceback)
+
+    return _Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),

@@ -100,8 +100,11 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
         path = out / data.name / SAMPLES_FILE
         # the model is identified by its fingerprint, not its path, so a moved copy is reused;
         # the engine and its settings (dtype, ...) are part of what makes the samples
+        # (through a server, the engine that generates there: its samples and the in-process
+        # engine's are the same, so each reuses the other's; generation_server tells them apart)
         run_options = {**asdict(options), "benchmark": data.name, "data": data.fingerprint,
-                       "engine_kind": generating_kind, "engine_settings": settings_record}
+                       "engine_kind": generating_kind, "engine_settings": settings_record,
+                       **({"engine": generating_kind} if kind == "server" else {})}
         started = time.perf_counter()
         table = _finished_samples(path, run_options, fingerprint)
         reused = table is not None
