@@ -1,6 +1,8 @@
-"""Benchmark one loop step three ways (a script, not a test): the shell loop (a process per
-stage, as examples/tiny_loop.sh runs them), `dcpo run` (one process, models resident), and
-TRL's GRPOTrainer on the same tiny model, prompts, group size and token budget.
+"""Benchmark one loop step four ways (a script, not a test): the shell loop (a process per
+stage, as examples/tiny_loop.sh runs them), the shell loop against one resident `dcpo serve`
+(SERVER=1: rollouts through the server, no engine start per step), `dcpo run` (one process,
+models resident), and TRL's GRPOTrainer on the same tiny model, prompts, group size and
+token budget.
 
 Prints per-step wall times side by side with their ratios, `dcpo run`'s step time against
 its own stages' work (generation + scoring + update seconds), target <= 1.3x, and where a
@@ -63,7 +65,8 @@ def tiny_dir(work: Path, size: str) -> Path:
     return tiny
 
 
-def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
+def shell_steps(run: Path, tiny: Path, steps: int, engine: tuple[str, ...] = ("--engine", "hf")
+                ) -> list[float]:
     """The three stage commands of tiny_loop.sh per step, each its own process."""
     model, times = str(tiny / "model"), []
     for step in range(steps):
@@ -74,8 +77,8 @@ def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
         for command in (
             dcpo("rollout", "--model", model, "--prompts", str(tiny / "train.parquet"),
                  "--step", str(step), "--batch-size", str(BATCH), "--n", str(N),
-                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", str(SEED), "--engine",
-                 "hf", "--out", str(folder / "rollouts.parquet")),
+                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", str(SEED), *engine,
+                 "--out", str(folder / "rollouts.parquet")),
             dcpo("score", str(folder / "rollouts.parquet"), "--out",
                  str(folder / "scored.parquet")),
             dcpo("train-step", "--model", model, "--scored", str(folder / "scored.parquet"),
@@ -88,6 +91,31 @@ def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
         times.append(time.perf_counter() - started)
         model = str(following)
     return times
+
+
+def served_shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
+    """tiny_loop.sh with SERVER=1: the same stage commands, rollouts through one `dcpo serve`
+    started before the first step (its start is outside the step times, as `dcpo run`'s
+    engine load is inside step 0's: the server's start is printed apart)."""
+    import signal
+
+    run.mkdir(parents=True)
+    url_file = run / "server.url"
+    started = time.perf_counter()
+    server = subprocess.Popen(dcpo("serve", "--model", str(tiny / "model"), "--engine", "hf",
+                                   "--port", "0", "--url-file", str(url_file)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not url_file.is_file():
+            if server.poll() is not None:
+                raise SystemExit("dcpo serve did not start")
+            time.sleep(0.05)
+        print(f"dcpo serve: ready in {time.perf_counter() - started:.2f} s")
+        url = url_file.read_text().strip()
+        return shell_steps(run, tiny, steps, ("--engine", "server", "--server-url", url))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait()
 
 
 def run_steps(run: Path, tiny: Path, steps: int):
@@ -272,7 +300,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dcpo-bench-loop"))
     parser.add_argument("--trl-path", type=Path, default=None,
                         help="A folder with TRL installed (pip install --target ...).")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["shell", "run", "trl"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["shell", "served", "run", "trl"])
     parser.add_argument("--repeat", type=int, default=1,
                         help="Measure each R times (alternating the order) and show each one's "
                         "fastest: on a shared machine, the closest to what the code costs.")
@@ -284,6 +312,8 @@ def main() -> None:
     measures = {"run": ("dcpo run", lambda stamp: measure_run(args.work, tiny, args.steps)),
                 "shell": ("shell loop", lambda stamp: Measured(
                     shell_steps(args.work / f"shell-{stamp}", tiny, args.steps))),
+                "served": ("shell loop + dcpo serve", lambda stamp: Measured(
+                    served_shell_steps(args.work / f"served-{stamp}", tiny, args.steps))),
                 "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work))}
     order = [key for key in measures if key not in args.skip]
     every: dict[str, list[Measured]] = {}

@@ -53,6 +53,11 @@ TP=${TP:-1}
 TRAIN_PROCS=${TRAIN_PROCS:-1}
 KEEP_TRAINING_STATE=${KEEP_TRAINING_STATE:-1}
 DP=${DP:-1}
+# SERVER=1: start DP `dcpo serve` processes once (one per group of TP GPUs, vLLM freeing
+# its KV cache between requests so train-step gets the GPUs), point rollout shard i and the
+# evaluations at them, and stop them at the end, on an error or on Ctrl-C: no engine cold
+# start per stage; each step's checkpoint is loaded into the servers in place.
+SERVER=${SERVER:-0}
 ENGINE_FLAGS=(--engine "$ENGINE")
 SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
@@ -65,10 +70,38 @@ prompts=$RUN/train.parquet
 benchmark_args=()
 for benchmark in $EVAL_BENCHMARKS; do benchmark_args+=(--benchmark "$benchmark"); done
 
+# The engine flags of shard i (the first shard's serve the evaluations too).
+shard_flags() { if [ "$SERVER" = 1 ]; then echo --engine server --server-url "${URLS[$1]}";
+                else echo "${ENGINE_FLAGS[@]}"; fi; }
+
 evaluate() {  # evaluate MODEL LABEL (a re-run reuses finished benchmarks)
   $DCPO eval --model "$1" "${benchmark_args[@]}" --avg-at "$EVAL_AT" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${ENGINE_FLAGS[@]}" \
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" $(shard_flags 0) \
     ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --out "$RUN/eval/$2"
+}
+
+start_servers() {  # start_servers MODEL: DP servers, each on its own TP GPUs and free port
+  local pids=() release=()
+  [ "$ENGINE" = hf ] || release=(--release-between-requests)
+  URLS=()
+  for ((i = 0; i < DP; i++)); do
+    rm -f "$RUN/server-$i.url"
+    CUDA_VISIBLE_DEVICES=$(seq -s, $((i * TP)) $((i * TP + TP - 1))) \
+      $DCPO serve --model "$1" "${ENGINE_FLAGS[@]}" "${release[@]}" --port 0 \
+      --url-file "$RUN/server-$i.url" &
+    pids+=($!)
+  done
+  SERVER_PIDS="${pids[*]}"
+  trap 'kill $SERVER_PIDS 2>/dev/null || true; wait $SERVER_PIDS 2>/dev/null || true' EXIT
+  trap 'exit 130' INT TERM
+  for ((i = 0; i < DP; i++)); do
+    until [ -s "$RUN/server-$i.url" ]; do
+      kill -0 "${pids[$i]}" 2>/dev/null || { echo "error: dcpo serve $i did not start" >&2
+                                             exit 2; }
+      sleep 1
+    done
+    URLS+=("$(cat "$RUN/server-$i.url")")
+  done
 }
 
 rollout() {  # rollout MODEL STEP DIR: DP shards in parallel, one per group of TP GPUs
@@ -80,7 +113,7 @@ rollout() {  # rollout MODEL STEP DIR: DP shards in parallel, one per group of T
     CUDA_VISIBLE_DEVICES=$(seq -s, $((i * TP)) $((i * TP + TP - 1))) \
       $DCPO rollout --model "$1" --prompts "$prompts" --step "$2" --batch-size "$BATCH" \
       --n "$N" --temperature 1.0 --top-p 1.0 --max-new-tokens "$MAX_NEW_TOKENS" \
-      --seed "$SEED" --shard "$i/$DP" "${ENGINE_FLAGS[@]}" --out "$out" &
+      --seed "$SEED" --shard "$i/$DP" $(shard_flags "$i") --out "$out" &
     pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid"; done  # set -e: a failed shard stops the run
@@ -94,6 +127,7 @@ last=$(ls -d "$RUN"/ckpt/step-* 2>/dev/null | sort | tail -n 1 || true)
 [ -z "$last" ] || start=$((10#${last##*step-} - 1))
 model=$MODEL
 [ "$start" -eq 0 ] || model=$RUN/ckpt/step-$(printf '%06d' "$start")
+[ "$SERVER" != 1 ] || start_servers "$model"
 [ -n "$last" ] || evaluate "$model" step-000000
 
 for ((step = start; step < STEPS; step++)); do

@@ -14,6 +14,10 @@
 # mixed outcomes, or MAX_ROUNDS [4] rounds are done (then it trains on what it has, with a
 # warning), and train-step trains on the first TARGET of them. TRAIN_ARGS [none]: more
 # train-step flags, e.g. TRAIN_ARGS="--lora-rank 8 --lr 2e-3" trains a LoRA adapter.
+# SERVER=1 starts one
+# `dcpo serve` (hf engine, any free loopback port) before the loop, generates every rollout
+# and evaluation through it (each step's checkpoint is loaded into it in place), and stops
+# it at the end, on an error and on Ctrl-C: the same files, without an engine start per stage.
 # Copy this file as the starting point of your own runs.
 set -euo pipefail
 
@@ -31,6 +35,7 @@ REWARD=${REWARD:-}
 TARGET=${TARGET:-$BATCH}
 MAX_ROUNDS=${MAX_ROUNDS:-4}
 DCPO=${DCPO:-dcpo}
+SERVER=${SERVER:-0}
 
 score_flags=()
 if [ -n "$REWARD" ]; then
@@ -44,15 +49,32 @@ if [ ! -d "$tiny/model" ]; then
   $DCPO tiny init "$tiny" --seed "$SEED" --size "$TINY_SIZE"
 fi
 
+engine_flags=(--engine hf)
+if [ "$SERVER" = 1 ]; then
+  # one resident engine for the whole loop; the trap stops it however the script ends
+  url_file=$RUN/server.url
+  rm -f "$url_file"
+  $DCPO serve --model "$tiny/model" --engine hf --port 0 --url-file "$url_file" &
+  server_pid=$!
+  trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
+  trap 'exit 130' INT TERM
+  until [ -s "$url_file" ]; do
+    kill -0 "$server_pid" 2>/dev/null || { echo "error: dcpo serve did not start" >&2; exit 2; }
+    sleep 0.2
+  done
+  engine_flags=(--engine server --server-url "$(cat "$url_file")")
+fi
+
 evaluate() {  # evaluate MODEL LABEL
   $DCPO eval --model "$1" --benchmark "$tiny/test.parquet" --avg-at "$EVAL_AT" \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$RUN/eval/$2"
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${engine_flags[@]}" \
+    --out "$RUN/eval/$2"
 }
 
 sample() {  # sample MODEL STEP ROUND ROLLOUTS SCORED: one rollout round, scored
   [ -f "$4" ] || $DCPO rollout --model "$1" --prompts "$tiny/train.parquet" \
     --step "$2" --round "$3" --batch-size "$BATCH" --n "$N" --temperature 1.0 \
-    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" --engine hf --out "$4"
+    --max-new-tokens "$MAX_NEW_TOKENS" --seed "$SEED" "${engine_flags[@]}" --out "$4"
   [ -f "$5" ] || $DCPO score "$4" --out "$5" "${score_flags[@]}"
 }
 

@@ -18,7 +18,7 @@ LAYERS = [
     {"parallel"},
     {"files"},
     {"engines", "rewards"},
-    {"stages", "train", "evaluate", "tiny"},
+    {"stages", "train", "evaluate", "tiny", "serve"},
     {"run"},
     {"commands"},
     {"cli", "__main__"},

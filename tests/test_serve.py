@@ -156,10 +156,10 @@ def assert_same_rollouts(served: Path, local: Path, url: str) -> None:
     assert pq.read_table(served).equals(pq.read_table(local))
     ours, theirs = metadata(served)["dcpo"], metadata(local)["dcpo"]
     assert ours["options"].pop("engine") == "server"
-    assert theirs["options"].pop("engine") == "hf"
+    assert theirs["options"].pop("engine") == theirs["engine"]
     assert ours["generation_server"]["url"] == url
     assert ours["generation_server"]["fingerprint"] == ours["model_fingerprint"]
-    assert ours["generation_server"]["engine"] == "hf" == ours["engine"]
+    assert ours["generation_server"]["engine"] == ours["engine"] == theirs["engine"]
     assert theirs["generation_server"] is None
     for key in IDENTITY:
         ours.pop(key), theirs.pop(key)

@@ -39,8 +39,9 @@ from dcpo_cli.files.model_source import ModelSource, model_identity
 
 HEARTBEAT = 5.0  # seconds between lines on an open generate request
 MAX_BODY = 1 << 30  # bytes of a request body
-# config.json fields an in-place load may change: they say how the file was written
-CONFIG_FREE = {"dtype", "torch_dtype", "transformers_version", "_name_or_path"}
+# config.json fields an in-place load may change: how the file was written, and use_cache
+# (train-step saves it off; generation takes it from the engine's own generation config)
+CONFIG_FREE = {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

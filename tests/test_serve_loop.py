@@ -1,0 +1,49 @@
+"""The acceptance test of `dcpo serve`: examples/tiny_loop.sh with SERVER=1 (one server for
+the whole loop, every rollout and evaluation through it, each checkpoint loaded in place)
+writes the shell loop's files: the same rollouts (rows, and metadata but for the engine
+identity), scores, records, metrics, evaluations, final weights and SAS state."""
+
+from __future__ import annotations
+
+import pytest
+from test_run import STEPS, finish, run_files, shell_loop
+from test_run import env as env  # noqa: F401 (the fixture: the loop's settings and reward
+
+# What a served loop records differently, by design: the engine the user named for the
+# rollouts (options.engine), and the server (generation_server: its URL and the weights'
+# fingerprint). Wall-clock fields are dropped by run_files for every pair of runs.
+
+
+def _without_server(files: dict) -> dict:
+    for value in files.values():
+        if isinstance(value, dict) and "metadata" in value:
+            meta = value["metadata"].get("dcpo", {})
+            server = meta.pop("generation_server", "absent")
+            if isinstance(server, dict):
+                assert set(server) == {"url", "fingerprint", "engine", "dcpo_version"}
+                assert server["engine"] == "hf"
+            if meta.get("stage") == "rollout":
+                assert meta["options"].pop("engine") in ("hf", "server")
+    for key in [k for k in files if k.endswith("/rng")]:
+        files[key].pop("python")  # the process's own Python RNG at step 0 (test_run)
+    return files
+
+
+@pytest.mark.slow
+def test_the_served_shell_loop_writes_the_shell_loops_files(env, tmp_path):
+    finish(shell_loop(tmp_path / "local", STEPS, env), env)
+    served_env = {**env, "SERVER": "1"}
+    finish(shell_loop(tmp_path / "served", STEPS, served_env), served_env)
+    assert not (tmp_path / "served" / "server.url").exists()  # the server was stopped
+    import pyarrow.parquet as pq
+
+    rollouts = pq.read_schema(tmp_path / "served" / "steps" / "000002" / "rollouts.parquet")
+    assert b"generation_server\": {" in rollouts.metadata[b"dcpo"]
+    ours, theirs = (_without_server(run_files(tmp_path / name)) for name in ("served", "local"))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key] == theirs[key], key
+    for name in ("state.json", "ckpt/step-000003/model.safetensors",
+                 "ckpt/step-000003/sas_state.json"):
+        assert (tmp_path / "served" / name).read_bytes() == (tmp_path / "local" /
+                                                              name).read_bytes()
