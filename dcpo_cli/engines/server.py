@@ -174,6 +174,11 @@ class ServerEngine:
                  source: ModelSource | None = None) -> None:
         from transformers import AutoTokenizer
 
+        from dcpo_cli.files.lora import is_adapter
+
+        if is_adapter(model_path):
+            raise DcpoError(f"{model_path}: a LoRA checkpoint; dcpo serve loads full weights "
+                            "only (use --engine hf or vllm, or `dcpo export` it first)")
         self.client = ServerClient(address)
         self.source = source or ModelSource(str(model_path), Path(model_path))
         self.fingerprint = model_identity(self.source)

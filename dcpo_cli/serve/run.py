@@ -35,6 +35,11 @@ def serve(model: str, engine: str, settings: EngineSettings, *, host: str = "127
     if url_file is not None:
         contracts.check_output_path(url_file)
     source = resolve_model(model)
+    from dcpo_cli.files.lora import is_adapter
+
+    if is_adapter(source.path):
+        raise DcpoError(f"{model}: a LoRA checkpoint; dcpo serve holds full weights only "
+                        "(serve its base model or `dcpo export` it)")
     if host not in LOOPBACK:
         err.print(f"[yellow]warning:[/] listening on {host}, not loopback: whoever reaches "
                   "this port can generate and make the server read model directories on "

@@ -152,6 +152,11 @@ class GenerationService:
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
             raise ProtocolError("model: expected {spec, path, repo_id, revision, commit}")
         path = Path(record["path"])
+        from dcpo_cli.files.lora import is_adapter
+
+        if is_adapter(path):
+            raise Conflict(f"{path}: a LoRA checkpoint; the server loads full weights only "
+                           "(`dcpo export` it first)", "other_model")
         if not path.is_dir() or not (path / "config.json").is_file():
             raise Conflict(f"{path}: not a model directory on the server (no config.json)")
         fields = {key: record.get(key) for key in ("repo_id", "revision", "commit")}
