@@ -63,9 +63,11 @@ def engine_settings(values: dict):
     return settings
 
 
-SERVER_URL = typer.Option(None, "--server-url", help="With --engine server: the address of a "
+SERVER_URL = typer.Option(None, "--server-url", rich_help_panel=PANEL,
+                          help="With --engine server: the address of a "
                           "running `dcpo serve` (e.g. http://127.0.0.1:8765).")
 SERVER_TOKEN = typer.Option(None, "--server-token", envvar="DCPO_SERVER_TOKEN",
+                            rich_help_panel=PANEL,
                             help="With --engine server: the token the server was started "
                             "with (--token).")
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from dcpo_cli.commands import engine_flags
+from dcpo_cli.commands.help_format import group
 from dcpo_cli.engines import SERVABLE
 from dcpo_cli.options import choices
 
@@ -44,3 +45,10 @@ def serve(
     settings = engine_flags.engine_settings(locals())
     run_server(model, engine, settings, host=host, port=port, token=token, url_file=url_file,
                release_between=release_between_requests)
+
+
+# The panels of the command's --help (commands/help_format.py).
+group(serve, {
+    "Server": ("port", "host", "token", "url_file", "release_between_requests"),
+    "Engine": ("engine",),
+})
