@@ -316,3 +316,50 @@ def test_mlflow_continues_one_run(tmp_path, monkeypatch):
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2)]
     assert [m.step for m in client.get_metric_history(run_id, "eval/aime24/avg_at_8")] == [1, 2]
     assert client.get_run(run_id).data.params["train.lr"] == "0.1"
+
+
+def test_eval_logs_its_summary_at_the_checkpoints_step_in_the_runs_tracker(recorder,
+                                                                           tmp_path):
+    from test_eval import ScriptedEngine
+
+    from dcpo_cli.evaluate.stage import EvalOptions, run_eval
+    from dcpo_cli.files.checkpoint import TRAINER_FORMAT, TRAINER_STATE
+    from dcpo_cli.files.trackers import tracker_home_for_eval
+
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "ckpt" / "step-000007"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text('{"model_type": "scripted"}')
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"format": TRAINER_FORMAT,
+                                                        "global_step": 7}))
+    (run_dir / TRACKERS_FILE).write_text(json.dumps({"recorder": {"run_id": "abc"}}))
+    out = run_dir / "eval" / "step-000007"
+    home = tracker_home_for_eval(out)
+    assert home == run_dir.resolve()  # the run's tracker run, found from --out
+    assert tracker_home_for_eval(tmp_path / "elsewhere") == (tmp_path / "elsewhere").resolve()
+    engine = ScriptedEngine(lambda prompt, i, j, greedy: "\\boxed{0}")
+    options = EvalOptions(avg_at=2, limit=3, max_new_tokens=8)
+    for _ in range(2):  # the re-run reuses the samples and logs nothing again
+        trackers = Trackers(["recorder"], home, "run", {"eval": {}})
+        run_eval(checkpoint, ["aime24"], out, options, engine=engine, trackers=trackers)
+        trackers.close()
+    summary = json.loads((out / "summary.json").read_text())
+    assert recorder.starts == [{"run_id": "abc"}]
+    assert recorder.sent == [({f"eval/aime24/{k}": v for k, v in summary["aime24"].items()}, 7),
+                             ({f"eval/average/{k}": v for k, v in summary["average"].items()},
+                              7)]
+
+
+def test_dcpo_eval_command_reports_to_tensorboard(random_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "eval"
+    code = run(["eval", "--model", str(random_model_dir), "--benchmark", "aime24", "--limit",
+                "2", "--max-new-tokens", "4", "--engine", "hf", "--out", str(out),
+                "--report-to", "tensorboard"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scalars = tensorboard_scalars(out / "tensorboard")  # no run around it: --out keeps it
+    assert scalars == {f"eval/{b}/{k}": [(0, v)] for b in ("aime24", "average")
+                       for k, v in summary[b].items()}
+    assert json.loads((out / TRACKERS_FILE).read_text())["tensorboard"]["logged"] == {
+        "eval/aime24": [0], "eval/average": [0]}

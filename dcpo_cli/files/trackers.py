@@ -110,7 +110,7 @@ class Wandb(Backend):
     def start(self, home, run_name, kept, config):
         import wandb
 
-        run_id = kept.get("run_id") or wandb.util.generate_id()
+        run_id = kept.get("run_id") or _new_id()
         settings = {"console": "off", "silent": True}
         if "WANDB_INIT_TIMEOUT" not in os.environ:
             settings["init_timeout"] = 30.0
@@ -308,6 +308,14 @@ def _already(logged: dict[str, Any], stream: str, step: int) -> bool:
     if done is None:
         return False
     return step <= done if stream == TRAIN else step in done
+
+
+def _new_id() -> str:
+    """A W&B-style run id: 8 lowercase letters and digits."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _digest(settings: Any) -> str:
