@@ -4,8 +4,8 @@ fails costing a warning, never the step."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -298,13 +298,13 @@ def test_dcpo_run_logs_every_metric_and_evaluation_to_tensorboard(tmp_path):
     assert 'report_to = ["none"]' in (run_dir / "run.toml").read_text()
 
 
-@pytest.mark.skipif(os.environ.get("DCPO_TEST_MLFLOW") is None and
-                    __import__("importlib").util.find_spec("mlflow") is None,
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
                     reason="mlflow is an optional extra (pip install 'dcpo-cli[mlflow]')")
 def test_mlflow_continues_one_run(tmp_path, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no sqlite store
     for step in (1, 2):
         trackers = Trackers(["mlflow"], tmp_path, "run", {"train": {"lr": 0.1}})
         trackers.log("train", {"train/loss": step / 10}, step)
