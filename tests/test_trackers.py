@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -363,3 +364,36 @@ def test_dcpo_eval_command_reports_to_tensorboard(random_model_dir, tmp_path):
                        for k, v in summary[b].items()}
     assert json.loads((out / TRACKERS_FILE).read_text())["tensorboard"]["logged"] == {
         "eval/aime24": [0], "eval/average": [0]}
+
+
+TRACKIO_CHECK = """
+import json, sys
+from pathlib import Path
+from dcpo_cli.files.trackers import Trackers
+home = Path(sys.argv[1])
+for step in (1, 2):  # two processes' worth: the second resumes the run by name
+    trackers = Trackers(["trackio"], home, "run", {"train": {"lr": 0.1}})
+    trackers.log("train", {"train/loss": step / 10}, step)
+    trackers.log("train", {"train/loss": 9.0}, step)  # again: not logged
+    trackers.log_eval({"aime24": {"avg@8": 12.5}}, step)
+    trackers.close()
+from trackio.sqlite_storage import SQLiteStorage
+print(json.dumps([SQLiteStorage.get_runs("dcpo"), SQLiteStorage.get_logs("dcpo", "run")]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trackio") is None,
+                    reason="trackio is an optional extra (pip install 'dcpo-cli[trackio]')")
+def test_trackio_continues_one_run(tmp_path):
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}  # read at its import
+    result = subprocess.run([sys.executable, "-c", TRACKIO_CHECK, str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout  # trackio's banners kept off stdout
+    runs, logs = json.loads(lines[0])
+    assert runs == ["run"]
+    assert [(row["step"], {k: v for k, v in row.items() if "/" in k}) for row in logs] == [
+        (1, {"train/loss": 0.1}), (1, {"eval/aime24/avg@8": 12.5}),
+        (2, {"train/loss": 0.2}), (2, {"eval/aime24/avg@8": 12.5})]

@@ -132,27 +132,27 @@ class Wandb(Backend):
 
 class Trackio(Backend):
     """A Trackio run (its wandb-like API), resumed by name; project from TRACKIO_PROJECT
-    (default "dcpo")."""
+    (default "dcpo"), its files where TRACKIO_DIR says. Its banners would go to dcpo's
+    stdout (the tables): they are dropped."""
 
     name = "trackio"
 
     def start(self, home, run_name, kept, config):
         import trackio
 
+        self.trackio = trackio
         name = kept.get("run_name") or run_name
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "dcpo"), name=name,
-                                config=config, resume="allow")
+        with _quiet_stdout():
+            trackio.init(project=os.environ.get("TRACKIO_PROJECT", "dcpo"), name=name,
+                         config=config, resume="allow")
         return {"run_name": name}
 
     def log(self, values, step):
-        import trackio
-
-        trackio.log(values, step=step)
+        self.trackio.log(values, step=step)
 
     def finish(self):
-        import trackio
-
-        trackio.finish()
+        with _quiet_stdout():
+            self.trackio.finish()
 
 
 class Mlflow(Backend):
@@ -308,6 +308,13 @@ def _already(logged: dict[str, Any], stream: str, step: int) -> bool:
     if done is None:
         return False
     return step <= done if stream == TRAIN else step in done
+
+
+def _quiet_stdout():
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _new_id() -> str:
