@@ -397,3 +397,20 @@ def test_trackio_continues_one_run(tmp_path):
     assert [(row["step"], {k: v for k, v in row.items() if "/" in k}) for row in logs] == [
         (1, {"train/loss": 0.1}), (1, {"eval/aime24/avg@8": 12.5}),
         (2, {"train/loss": 0.2}), (2, {"eval/aime24/avg@8": 12.5})]
+
+
+def test_wandb_not_logged_in_is_one_warning(tmp_path, monkeypatch, capsys, recorder):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    trackers = Trackers(["wandb", "recorder"], tmp_path / "run", "run", {})
+    trackers.log("train", {"train/loss": 1.0}, 1)
+    trackers.log("train", {"train/loss": 2.0}, 2)  # given up after the first failure
+    trackers.close()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("warning: --report-to wandb: "), err
+    assert [step for _, step in recorder.sent] == [1, 2]
+    assert "logged" not in json.loads((tmp_path / "run" / TRACKERS_FILE).read_text())["wandb"]

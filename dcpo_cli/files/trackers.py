@@ -111,6 +111,7 @@ class Wandb(Backend):
         import wandb
 
         run_id = kept.get("run_id") or _new_id()
+        home.mkdir(parents=True, exist_ok=True)
         settings = {"console": "off", "silent": True}
         if "WANDB_INIT_TIMEOUT" not in os.environ:
             settings["init_timeout"] = 30.0
