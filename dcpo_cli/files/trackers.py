@@ -171,11 +171,10 @@ class Mlflow(Backend):
                                run_name=None if kept.get("run_id") else run_name)
         logged = dict(kept.get("config", {}))
         for section, settings in config.items():
-            digest = _digest(settings)
-            if logged.get(section) is None:  # params cannot change once logged
+            if section not in logged:  # MLflow params cannot change once logged
                 mlflow.log_params({f"{section}.{k}": str(v)[:6000]
                                    for k, v in settings.items()})
-                logged[section] = digest
+                logged[section] = _digest(settings)
         return {"run_id": run.info.run_id, "config": logged}
 
     def log(self, values, step):
@@ -188,8 +187,6 @@ class Mlflow(Backend):
 
 BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TensorBoard, Wandb, Trackio, Mlflow)}
 assert set(BACKENDS) == set(TRACKERS) - {"none"}
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio",
-          "mlflow": "mlflow"}
 
 
 class Trackers:
@@ -253,8 +250,8 @@ class Trackers:
             kept = {k: v for k, v in entry.items() if k != "logged"}
             entry.update(backend.start(self.home, self.run_name, kept, self.config))
         except ImportError:
-            self._warn(name, f"{name} is not installed (pip install "
-                       f"'dcpo-cli[{EXTRAS[name]}]')")
+            # each backend is the extra of its name (pyproject.toml)
+            self._warn(name, f"{name} is not installed (pip install 'dcpo-cli[{name}]')")
             return None
         except Exception as exc:  # noqa: BLE001  (a tracker never stops a step)
             self._warn(name, _describe(exc))
