@@ -13,12 +13,13 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 install: $(STAMP)
 
 # torch==2.13.0 first: the local CPU wheel, so no CUDA packages are pulled. The optional
-# extras the tests exercise (lora: peft) come with dev.
+# extras the tests exercise come along: lora (peft), tensorboard and wandb
+# (tests/test_lora.py, tests/test_trackers.py).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,lora]'
+	$(BIN)/pip install -e '.[dev,lora,tensorboard,wandb]'
 	touch $(STAMP)
 
 # The real-engine tests need vLLM and run in their own venv (`make test-vllm`).

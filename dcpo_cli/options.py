@@ -34,6 +34,8 @@ REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \bo
 LORA_ALPHA = 32.0
 LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = "all-linear"
+# Experiment trackers of --report-to (dcpo_cli.files.trackers), each an optional extra.
+TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
 
 
 def choices(names) -> str:
@@ -53,6 +55,15 @@ def check_sampling(temperature: float, top_p: float, top_k: int, max_new_tokens:
     for failed, message in problems:
         if failed:
             raise DcpoError(message)
+
+
+def report_to(values: list[str] | tuple[str, ...] | None) -> list[str]:
+    """--report-to's trackers: repeatable or comma-separated, "none" for none, in order."""
+    names = [n.strip() for value in values or [] for n in str(value).split(",") if n.strip()]
+    for name in names:
+        if name not in TRACKERS:
+            raise DcpoError(f"--report-to {name!r}: expected {choices(TRACKERS)}")
+    return [n for n in dict.fromkeys(names) if n != "none"]
 
 
 def check_instruction_in(place: str) -> None:

@@ -8,7 +8,7 @@ from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.engines import ENGINES
 from dcpo_cli.evaluate.sets import REGISTRY
-from dcpo_cli.options import EvalOptions, choices
+from dcpo_cli.options import TRACKERS, EvalOptions, choices
 
 D = EvalOptions()  # the defaults
 
@@ -48,6 +48,13 @@ def evaluate(
     limit: int | None = typer.Option(None, help="Only the first N problems of each benchmark."),
     chat_template: bool = typer.Option(D.chat_template, "--chat-template/--no-chat-template",
                                        help="Render prompts with the model's chat template."),
+    report_to: list[str] = typer.Option([], "--report-to", help="Also log the summary to "
+                                        f"{choices(TRACKERS)}, at the checkpoint's global "
+                                        "step (repeatable)."),
+    tracker_dir: Path | None = typer.Option(None, help="Where --report-to keeps its run ids "
+                                            "(trackers.json): the run directory to join "
+                                            "(default: the nearest folder at or above --out "
+                                            "that has one, else --out)."),
     tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
     gpu_memory_utilization: float | None = engine_flags.GPU_MEMORY_UTILIZATION,
     max_model_len: int | None = engine_flags.MAX_MODEL_LEN,
@@ -64,13 +71,23 @@ def evaluate(
     engine_flags.apply_no_verify(no_verify)
     from dcpo_cli.console import out as console
     from dcpo_cli.evaluate.stage import run_eval, summary_table
+    from dcpo_cli.files.trackers import Trackers, tracker_home_for_eval
     from dcpo_cli.options import from_values
+    from dcpo_cli.options import report_to as tracker_names
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
     settings = engine_flags.engine_settings(locals())
     server = engine_flags.server_address(locals())
-    results = run_eval(model, benchmark, out, options, data_dir=data_dir,
-                       engine_settings=settings, server=server)
+    names = tracker_names(report_to)
+    home = tracker_dir or tracker_home_for_eval(out)
+    trackers = Trackers(names, home, Path(home).resolve().name,
+                        {"eval": {**options.__dict__, "model": model, "benchmark": benchmark}})
+    try:
+        results = run_eval(model, benchmark, out, options, data_dir=data_dir,
+                           engine_settings=settings, server=server,
+                           trackers=trackers)
+    finally:
+        trackers.close()
     console.print(summary_table(results, out / "summary.json"))
 
 

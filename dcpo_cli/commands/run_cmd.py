@@ -8,7 +8,7 @@ from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import PRESETS
 from dcpo_cli.engines import SERVABLE
-from dcpo_cli.options import DEFAULT_REWARD, choices
+from dcpo_cli.options import DEFAULT_REWARD, TRACKERS, choices
 from dcpo_cli.run.config import FLAGS, default_config
 from dcpo_cli.tiny.build import CONFIGS
 
@@ -72,6 +72,10 @@ def run(
     lora_target_modules: str | None = typer.Option(None, help="Modules LoRA adapts, "
                                                    "comma-separated, or all-linear "
                                                    f"{default('lora_target_modules')}."),
+    report_to: list[str] | None = typer.Option(None, "--report-to", help="Also log the "
+                                               f"metrics and evaluations to {choices(TRACKERS)}"
+                                               " (repeatable; a re-run may change it; "
+                                               "default: none)."),
     set_: list[str] | None = typer.Option(None, "--set", metavar="SECTION.FIELD=VALUE",
                                           help="Any other setting of run.toml, e.g. "
                                           "train.weight_decay=0.0 or engine.enforce_eager="
@@ -85,10 +89,13 @@ def run(
     from rich.table import Table
 
     from dcpo_cli.console import out
+    from dcpo_cli.options import report_to as tracker_names
     from dcpo_cli.run.config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
 
     engine_flags.apply_no_verify(no_verify)
     values = locals()
+    if report_to:
+        values["report_to"] = tracker_names(report_to) or ["none"]
     given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
     sets = parse_set(set_ or [])
     stored = run_dir / CONFIG_FILE

@@ -7,7 +7,7 @@ import typer
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
-from dcpo_cli.options import ROLLOUT_CORRECTIONS, TrainOptions, choices
+from dcpo_cli.options import ROLLOUT_CORRECTIONS, TRACKERS, TrainOptions, choices
 
 D = TrainOptions()  # the defaults
 
@@ -80,6 +80,13 @@ def train_step(
                                                 help="Recompute activations in backward."),
     metrics_log: Path | None = typer.Option(None, help="Append the step's metrics to this "
                                             "JSONL file."),
+    report_to: list[str] = typer.Option([], "--report-to", help="Also log the metrics to "
+                                        f"{choices(TRACKERS)} (repeatable; each an extra: "
+                                        "pip install 'dcpo-cli[wandb]'). One tracker run "
+                                        "for the whole loop (README, Trackers)."),
+    tracker_dir: Path | None = typer.Option(None, help="Where --report-to keeps its run ids "
+                                            "(trackers.json) and tensorboard/, wandb/ "
+                                            "(default: the folder of --state)."),
     nproc_per_node: int | None = typer.Option(None, help="Run on N processes of this node "
                                               "(FSDP2; re-launches itself through "
                                               "torch.distributed.run). Several nodes: run "
@@ -114,6 +121,7 @@ def train_step(
     from dcpo_cli.console import err
     from dcpo_cli.console import out as console
     from dcpo_cli.options import from_values
+    from dcpo_cli.options import report_to as tracker_names
     from dcpo_cli.train.step import metrics_table, run_train_step
 
     overrides = {key: value for key, value in (
@@ -123,6 +131,7 @@ def train_step(
         ("kl_type", kl_type)) if value is not None}
     options = from_values(TrainOptions, locals(), overrides=overrides)
     options.check()
+    names = tracker_names(report_to)
     from dcpo_cli.files.locks import exclusive
 
     if nproc_per_node is not None:
@@ -131,8 +140,15 @@ def train_step(
         with exclusive(out, state):
             code = relaunch(strip_option(current_argv(), "--nproc-per-node"), nproc_per_node)
         raise typer.Exit(code)
-    with exclusive(out, state):  # a second train-step on the same files is refused
-        outcome = run_train_step(model, scored, state, out, options)
+    from dcpo_cli.files.trackers import Trackers
+
+    home = tracker_dir or state.resolve().parent
+    trackers = Trackers(names, home, home.name, {"train": options.record()})
+    try:
+        with exclusive(out, state):  # a second train-step on the same files is refused
+            outcome = run_train_step(model, scored, state, out, options, trackers=trackers)
+    finally:
+        trackers.close()
     from dcpo_cli.parallel.distributed import world
 
     if not world().is_main:  # rank 0 prints the table

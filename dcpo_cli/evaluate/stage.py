@@ -60,7 +60,8 @@ def model_fingerprint(model: str | Path | ModelSource) -> str:
 def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, options: EvalOptions,
              data_dir: Path | None = None, *, engine: Any = None,
              engine_settings: EngineSettings | None = None,
-             server: ServerAddress | None = None) -> dict[str, BenchmarkResult]:
+             server: ServerAddress | None = None, trackers: Any = None
+             ) -> dict[str, BenchmarkResult]:
     """Evaluate `model` (a directory or a Hub id[@revision]) on each benchmark spec, write the
     outputs, return the results.
 
@@ -68,6 +69,8 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
     loaded once, with `engine_settings`, only when some benchmark is not already done. With
     `--engine server` the `dcpo serve` at `server` generates: the samples record its engine
     and settings, so they are interchangeable with that engine's in-process samples.
+    `trackers` (`files.trackers.Trackers`) get the summary once written, at the global step
+    of the checkpoint measured (0 for a model that is not a train-step checkpoint).
     """
     options.check()
     engine_settings = engine_settings or EngineSettings()
@@ -124,8 +127,19 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
             contracts.write_table(table, path, metadata)
         results[data.name] = _result(data, table, options, path, reused,
                                      time.perf_counter() - started)
-    write_summary(results, out, options, source)
+    summary = write_summary(results, out, options, source)
+    if trackers:
+        trackers.log_eval(summary, checkpoint_step(source.path))
     return results
+
+
+def checkpoint_step(model_dir: Path) -> int:
+    """The global step of a train-step checkpoint (the train steps behind it); 0 else."""
+    from dcpo_cli.files.checkpoint import is_checkpoint, read_trainer_state
+
+    if not is_checkpoint(model_dir):
+        return 0
+    return int((read_trainer_state(model_dir) or {}).get("global_step", 0))
 
 
 def _finished_samples(path: Path, run_options: dict, fingerprint: str) -> pa.Table | None:

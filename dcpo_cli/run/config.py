@@ -40,7 +40,10 @@ LOOP_DEFAULTS: dict[str, Any] = {
     "steps": 20,
     "eval_every": 0,  # also evaluate every K steps (0: only before and after, as the script)
     "max_rounds": 4,  # DAPO's refill: rollout rounds per step at most (the script's MAX_ROUNDS)
+    "report_to": [],  # experiment trackers (--report-to); a re-run may change them
 }
+# [loop] settings a re-run may change (the others must stay as the run was made).
+CHANGEABLE = {("loop", "steps"), ("loop", "report_to")}
 # examples/tiny_loop.sh's settings where they differ from the stages' own defaults.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "rollout": {"batch_size": 32, "n": 8, "max_new_tokens": 48, "engine": "hf"},
@@ -70,11 +73,12 @@ FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
     "lora_alpha": (("train", "lora_alpha"),),
     "lora_dropout": (("train", "lora_dropout"),),
     "lora_target_modules": (("train", "lora_target_modules"),),
+    "report_to": (("loop", "report_to"),),
 }
 # The [loop] table's types (the stages' tables take their dataclass's annotations).
 LOOP_TYPES: dict[str, Any] = {"model": str | None, "prompts": str | None,
                               "benchmark": list[str], "tiny_size": str, "steps": int,
-                              "eval_every": int, "max_rounds": int}
+                              "eval_every": int, "max_rounds": int, "report_to": list[str]}
 Config = dict[str, dict[str, Any]]
 
 
@@ -191,7 +195,7 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
         return config, True
     stored = read_config(path)
     for (section, name), value in requested.items():
-        if (section, name) == ("loop", "steps"):
+        if (section, name) in CHANGEABLE:
             continue
         if not _same(stored[section].get(name), _plain(value)):
             flag = next((f"--{flag.replace('_', '-')}" for flag, targets in FLAGS.items()
@@ -200,10 +204,12 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
             raise DcpoError(f"{path}: this run was made with {section}.{name} = "
                             f"{_show(stored[section].get(name))}, not {_show(_plain(value))} "
                             f"({flag}); use the same settings or another RUN_DIR")
-    steps = requested.get(("loop", "steps"))
-    rewrite = steps is not None and steps != stored["loop"]["steps"]
-    if rewrite:
-        stored["loop"]["steps"] = steps
+    rewrite = False
+    for section, name in sorted(CHANGEABLE):
+        value = requested.get((section, name))
+        if value is not None and not _same(stored[section][name], _plain(value)):
+            stored[section][name] = _plain(value)
+            rewrite = True
     return stored, rewrite
 
 

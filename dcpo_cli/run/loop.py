@@ -180,6 +180,9 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False,
 
 
 def _check_loop(loop: dict) -> None:
+    from dcpo_cli.options import report_to
+
+    report_to(loop["report_to"])
     if loop["max_rounds"] < 1:
         raise DcpoError("loop.max_rounds must be at least 1")
     if loop["model"] is not None and loop["prompts"] is None:
@@ -221,6 +224,8 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
     from dcpo_cli.engines import pick_engine
     from dcpo_cli.evaluate.stage import run_eval
     from dcpo_cli.files.model_source import resolve_model
+    from dcpo_cli.files.trackers import Trackers
+    from dcpo_cli.options import report_to
     from dcpo_cli.stages.rollout import run_rollout
     from dcpo_cli.stages.score import run_score
     from dcpo_cli.train.step import run_train_step
@@ -234,6 +239,8 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
     engines = ResidentEngine(kind, engine_settings, train_options.lora_rank)
     eval_shares = pick_engine(eval_options.engine) == kind
     resident = None
+    # one tracker run for the whole run directory, its settings run.toml's
+    trackers = Trackers(report_to(loop["report_to"]), run_dir, run_dir.resolve().name, config)
 
     def evaluate(model: Any, label: str) -> None:
         if not benchmarks:
@@ -241,7 +248,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         local = resolve_model(model).path
         engine = engines.lazy(local, resident) if eval_shares else None
         run_eval(model, benchmarks, run_dir / "eval" / label, eval_options, engine=engine,
-                 engine_settings=engine_settings)
+                 engine_settings=engine_settings, trackers=trackers)
 
     def sample(step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
                timing: StepTiming) -> Path:
@@ -278,10 +285,10 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
 
     refill = refills(config)
     steps, every = loop["steps"], loop["eval_every"]
-    evaluate(base_model, "step-000000")
     model: Any = base_model
     timings = []
     try:
+        evaluate(base_model, "step-000000")
         for step in range(steps):
             started = time.perf_counter()
             timing = StepTiming(step, 0.0)
@@ -296,7 +303,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             engines.release()
             outcome = run_train_step(model, scored, run_dir / "state.json", following,
                                      train_options, show_progress=show_progress,
-                                     resident=resident)
+                                     resident=resident, trackers=trackers)
             if outcome.policy is not None:
                 from dcpo_cli.run.resident import ResidentPolicy
 
@@ -314,6 +321,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
                       "in-memory weight update(s)[/]", highlight=False)
     finally:
         engines.close()
+        trackers.close()
     return timings
 
 

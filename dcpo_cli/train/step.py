@@ -45,6 +45,7 @@ from dcpo_cli.files.checkpoint import (
 )
 from dcpo_cli.files.model_source import ModelSource, resolve_model
 from dcpo_cli.files.sas_state import SasState
+from dcpo_cli.files.trackers import TRAIN, tracker_values
 from dcpo_cli.options import TrainOptions
 from dcpo_cli.parallel import distributed
 from dcpo_cli.train import reference
@@ -116,14 +117,15 @@ class Policy:
 
 def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
                    out: Path, options: TrainOptions, *, show_progress: bool = True,
-                   resident: Any = None) -> Outcome:
+                   resident: Any = None, trackers: Any = None) -> Outcome:
     """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once).
 
     Under torchrun every rank runs this; rank 0 alone decides whether the step is new (and
     tells the others) and alone writes files, apart from each rank's training-state shard.
     `resident` (`dcpo run`): a `resident.ResidentPolicy` whose in-memory policy replaces
     loading `model` when it is exactly what the `model` checkpoint holds; the updated policy
-    comes back in `Outcome.policy`."""
+    comes back in `Outcome.policy`. `trackers` (`files.trackers.Trackers`): where rank 0
+    mirrors the metrics after the metrics log (a step logged before is not logged again)."""
     started = time.perf_counter()
     world = distributed.init()
     state_path, out = Path(state_path), Path(out)
@@ -137,7 +139,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
 
     decision = distributed.on_main(lambda: resume_decision(out, state_path, data, state))
     if decision != "fresh":  # a finished step needs no model (a loop re-run may have pruned it)
-        return _finish_resumed(decision, out, state_path, options)
+        return _finish_resumed(decision, out, state_path, options, trackers)
     source = resolve_model(model)  # before anything is written: a bad id leaves no trace
     model_dir = source.path
     options = lora_options(source, options)
@@ -214,6 +216,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
         copy_atomic(out / SAS_SNAPSHOT, state_path)  # the snapshot is the state, byte for byte
         if options.metrics_log:
             append_metrics_once(options.metrics_log, metrics)
+        report(trackers, metrics)
         prune_training_states(out, options.keep_training_state)  # after the commit
     distributed.barrier()
     return Outcome("trained", metrics, out, policy)
@@ -316,8 +319,15 @@ def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoCon
     return StepReference(chosen, ref_source)
 
 
-def _finish_resumed(decision: str, out: Path, state_path: Path, options: TrainOptions
-                    ) -> Outcome:
+def report(trackers: Any, metrics: dict[str, Any]) -> None:
+    """The step's metrics to the trackers, at its global step (after the files: a tracker
+    never stands in for them; one that fails only warns)."""
+    if trackers:
+        trackers.log(TRAIN, tracker_values("train", metrics), metrics["global_step"])
+
+
+def _finish_resumed(decision: str, out: Path, state_path: Path, options: TrainOptions,
+                    trackers: Any = None) -> Outcome:
     """CKPT is already written: finish the state update ("sync"), the metrics log and the
     pruning of older training states (rank 0 alone)."""
     metrics = json.loads((out / METRICS).read_text())
@@ -326,6 +336,7 @@ def _finish_resumed(decision: str, out: Path, state_path: Path, options: TrainOp
             copy_atomic(out / SAS_SNAPSHOT, state_path)
         if options.metrics_log:
             append_metrics_once(options.metrics_log, metrics)
+        report(trackers, metrics)  # a process killed before it got there logs it now
         prune_training_states(out, options.keep_training_state)
     distributed.barrier()
     return Outcome("synced" if decision == "sync" else "done", metrics, out)
