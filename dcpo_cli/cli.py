@@ -23,6 +23,7 @@ from dcpo_cli.commands import (
     rollout_cmd,
     run_cmd,
     score_cmd,
+    study_cmd,
     tiny_cmd,
     train_step_cmd,
 )
@@ -70,6 +71,7 @@ app.command("eval", cls=help_format.DcpoCommand)(eval_cmd.evaluate)
 app.command("report", cls=help_format.DcpoCommand)(report_cmd.report)
 app.command("export", cls=help_format.DcpoCommand)(export_cmd.export)
 app.command("run", cls=help_format.DcpoCommand)(run_cmd.run)
+app.command("study", cls=help_format.DcpoCommand)(study_cmd.study)
 
 
 def run(argv: list[str] | None = None) -> int:
