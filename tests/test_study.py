@@ -393,3 +393,17 @@ def test_report_baseline_must_be_an_algorithm_of_the_study():
     with pytest.raises(DcpoError, match="--baseline grpo: no run of it has metrics"):
         summarize(data, "grpo")
     assert summarize(data)["baseline"] == "dcpo"  # grpo has no runs yet: the first
+
+
+def test_study_options_of_report_need_a_study(tmp_path):
+    from dcpo_cli.run.study import Study, save_study
+
+    (tmp_path / "run").mkdir()
+    assert_one_line_error(run_dcpo("report", tmp_path / "run", "--baseline", "grpo"),
+                          "--baseline and --table are for a study directory")
+    save_study(Study(tmp_path / "study", ["dcpo"], [0]))
+    assert_one_line_error(run_dcpo("report", tmp_path / "study", "--compare", tmp_path / "run"),
+                          "a study is reported on its own")
+    assert_one_line_error(run_dcpo("report", tmp_path / "study"),
+                          "no run of the study has metrics yet")
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["study.json"]
