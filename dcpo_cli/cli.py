@@ -24,6 +24,7 @@ from dcpo_cli.commands import (
     run_cmd,
     score_cmd,
     serve_cmd,
+    study_cmd,
     tiny_cmd,
     train_step_cmd,
 )
@@ -72,6 +73,7 @@ app.command("report", cls=help_format.DcpoCommand)(report_cmd.report)
 app.command("export", cls=help_format.DcpoCommand)(export_cmd.export)
 app.command("run", cls=help_format.DcpoCommand)(run_cmd.run)
 app.command("serve", cls=help_format.DcpoCommand)(serve_cmd.serve)
+app.command("study", cls=help_format.DcpoCommand)(study_cmd.study)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -89,18 +89,12 @@ def run(
     from rich.table import Table
 
     from dcpo_cli.console import out
-    from dcpo_cli.options import report_to as tracker_names
-    from dcpo_cli.run.config import CONFIG_FILE, FLAGS, parse_set, resolve, write_config
+    from dcpo_cli.run.config import CONFIG_FILE, resolve_values, write_config
 
     engine_flags.apply_no_verify(no_verify)
-    values = locals()
-    if report_to:
-        values["report_to"] = tracker_names(report_to) or ["none"]
-    given = {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
-    sets = parse_set(set_ or [])
+    config, rewrite = resolve_values(run_dir, locals())
     stored = run_dir / CONFIG_FILE
     source = stored if stored.is_file() else None
-    config, rewrite = resolve(run_dir, given, sets)
     from dcpo_cli.run.loop import check_config, run_loop
 
     check_config(run_dir, config, verbose, source)  # all checked before a file is written

@@ -173,37 +173,40 @@ def _describe(hint: Any) -> str:
     return str(hint)
 
 
+def given_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings flags `dcpo run` was given (flag name -> value), from its keyword values:
+    None or an empty list means "not given"; `--report-to none` is a given empty list."""
+    values = dict(values)
+    if values.get("report_to"):
+        from dcpo_cli.options import report_to as tracker_names
+
+        values["report_to"] = tracker_names(values["report_to"]) or ["none"]
+    return {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
+
+
+def resolve_values(run_dir: Path, values: dict[str, Any]) -> tuple[Config, bool]:
+    """`resolve` from `dcpo run`'s keyword values (its flags and `set_`, the --set list)."""
+    return resolve(run_dir, given_flags(values), parse_set(values.get("set_") or []))
+
+
 def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], Any]
             ) -> tuple[Config, bool]:
     """The run's configuration and whether run.toml must be (re)written. `given`: the flags
     the user passed (flag name -> value), `sets`: the --set settings. A RUN_DIR made with
     other settings is refused, naming the first differing one; --steps may change."""
-    requested = {(s, f): value for flag, value in given.items() for s, f in FLAGS[flag]}
-    requested.update(sets)
+    requested = _requested(given, sets)
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
-        config = default_config()
-        for (section, name), value in requested.items():
-            config[section][name] = _plain(value)
-        if config["train"]["algo"] == "dcpo" and not config["score"]["reward"] \
-                and ("score", "no_answer_reward") not in requested:
-            # as examples/tiny_loop.sh: the official DCPO reward, 1 / 0 / -1
-            config["score"]["no_answer_reward"] = -1.0
-        if refills(config) and ("train", "target_prompts") not in requested:
-            # as examples/tiny_loop.sh with ALGO=dapo: TARGET is the batch size
-            config["train"]["target_prompts"] = config["rollout"]["batch_size"]
-        return config, True
+        return new_config(given, sets), True
     stored = read_config(path)
     for (section, name), value in requested.items():
         if (section, name) in CHANGEABLE:
             continue
         if not _same(stored[section].get(name), _plain(value)):
-            flag = next((f"--{flag.replace('_', '-')}" for flag, targets in FLAGS.items()
-                         if (section, name) in targets and flag in given),
-                         f"--set {section}.{name}")
             raise DcpoError(f"{path}: this run was made with {section}.{name} = "
                             f"{_show(stored[section].get(name))}, not {_show(_plain(value))} "
-                            f"({flag}); use the same settings or another RUN_DIR")
+                            f"({flag_of(section, name, given)}); use the same settings or "
+                            "another RUN_DIR")
     rewrite = False
     for section, name in sorted(CHANGEABLE):
         value = requested.get((section, name))
@@ -211,6 +214,48 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
             stored[section][name] = _plain(value)
             rewrite = True
     return stored, rewrite
+
+
+def _requested(given: dict[str, Any], sets: dict[tuple[str, str], Any]
+               ) -> dict[tuple[str, str], Any]:
+    requested = {(s, f): value for flag, value in given.items() for s, f in FLAGS[flag]}
+    requested.update(sets)
+    return requested
+
+
+def new_config(given: dict[str, Any], sets: dict[tuple[str, str], Any]) -> Config:
+    """The configuration a first `dcpo run` with these flags and --set settings writes."""
+    requested = _requested(given, sets)
+    config = default_config()
+    for (section, name), value in requested.items():
+        config[section][name] = _plain(value)
+    if config["train"]["algo"] == "dcpo" and not config["score"]["reward"] \
+            and ("score", "no_answer_reward") not in requested:
+        # as examples/tiny_loop.sh: the official DCPO reward, 1 / 0 / -1
+        config["score"]["no_answer_reward"] = -1.0
+    if refills(config) and ("train", "target_prompts") not in requested:
+        # as examples/tiny_loop.sh with ALGO=dapo: TARGET is the batch size
+        config["train"]["target_prompts"] = config["rollout"]["batch_size"]
+    return config
+
+
+def flag_of(section: str, name: str, given: dict[str, Any]) -> str:
+    """The option that set `section.name`: a flag among those `given`, else --set."""
+    return next((f"--{flag.replace('_', '-')}" for flag, targets in FLAGS.items()
+                 if (section, name) in targets and flag in given), f"--set {section}.{name}")
+
+
+def first_difference(a: Config, b: Config) -> tuple[str, str] | None:
+    """The first (section, field) whose value differs between two configurations."""
+    for section, values in a.items():
+        for name in sorted(set(values) | set(b.get(section, {}))):
+            if not _same(values.get(name), b.get(section, {}).get(name)):
+                return section, name
+    return None
+
+
+def show(value: Any) -> str:
+    return _show(value)
 
 
 def refills(config: Config) -> bool:
