@@ -63,8 +63,9 @@ def tiny_dir(work: Path, size: str) -> Path:
     return tiny
 
 
-def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
-    """The three stage commands of tiny_loop.sh per step, each its own process."""
+def shell_steps(run: Path, tiny: Path, steps: int, nproc: int = 1) -> list[float]:
+    """The three stage commands of tiny_loop.sh per step, each its own process (train-step
+    on `nproc` processes: `--nproc-per-node`)."""
     model, times = str(tiny / "model"), []
     for step in range(steps):
         folder = run / "steps" / f"{step:06d}"
@@ -81,7 +82,8 @@ def shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
             dcpo("train-step", "--model", model, "--scored", str(folder / "scored.parquet"),
                  "--state", str(run / "state.json"), "--out", str(following), "--algo",
                  "dcpo", "--lr", str(LR), "--warmup-steps", "0", "--seed", str(SEED),
-                 "--metrics-log", str(run / "metrics.jsonl")),
+                 "--metrics-log", str(run / "metrics.jsonl"),
+                 *(["--nproc-per-node", str(nproc)] if nproc > 1 else [])),
         ):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -115,6 +117,21 @@ def run_steps(run: Path, tiny: Path, steps: int):
     finally:
         train_step.old_logprobs = original
     return timings, old_pass
+
+
+def parallel_run_steps(run: Path, tiny: Path, steps: int, nproc: int) -> list[float]:
+    """`dcpo run --nproc-per-node nproc` as users start it (its evaluations off); each
+    step's wall time, from its table."""
+    import re
+    import shutil
+
+    run.mkdir(parents=True)
+    shutil.copytree(tiny, run / "tiny")
+    result = subprocess.run(dcpo("run", str(run), "--steps", str(steps), "--eval-at", "0",
+                                 "--nproc-per-node", str(nproc)), check=True,
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    rows = re.findall(r"^\W+(\d+)\W+([\d.]+)\W", result.stdout, flags=re.M)
+    return [float(wall) for _, wall in rows][:steps]
 
 
 def rollout_tokens(run: Path, steps: int) -> list[tuple[float, int]]:
@@ -272,7 +289,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dcpo-bench-loop"))
     parser.add_argument("--trl-path", type=Path, default=None,
                         help="A folder with TRL installed (pip install --target ...).")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["shell", "run", "trl"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["shell", "run", "trl", "run2", "shell2"])
     parser.add_argument("--repeat", type=int, default=1,
                         help="Measure each R times (alternating the order) and show each one's "
                         "fastest: on a shared machine, the closest to what the code costs.")
@@ -284,7 +302,12 @@ def main() -> None:
     measures = {"run": ("dcpo run", lambda stamp: measure_run(args.work, tiny, args.steps)),
                 "shell": ("shell loop", lambda stamp: Measured(
                     shell_steps(args.work / f"shell-{stamp}", tiny, args.steps))),
-                "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work))}
+                "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work)),
+                # 2 processes: dcpo run on 2 ranks against the shell loop with train-step on 2
+                "run2": ("dcpo run --nproc-per-node 2", lambda stamp: Measured(
+                    parallel_run_steps(args.work / f"run2-{stamp}", tiny, args.steps, 2))),
+                "shell2": ("shell loop, train-step --nproc-per-node 2", lambda stamp: Measured(
+                    shell_steps(args.work / f"shell2-{stamp}", tiny, args.steps, 2)))}
     order = [key for key in measures if key not in args.skip]
     every: dict[str, list[Measured]] = {}
     for repeat in range(args.repeat):
@@ -308,10 +331,11 @@ def main() -> None:
     table = Table(title=f"one loop step: tiny {args.size} model, {BATCH} prompts x {N}, "
                   f"<= {MAX_NEW_TOKENS} new tokens, {os.cpu_count()} CPU cores, "
                   f"{torch.get_num_threads()} torch threads")
-    for column in ("", "step 0 s", "later steps s (mean)", "vs dcpo run"):
+    for column in ("", "step 0 s", "later steps s (mean)", "vs dcpo run (same processes)"):
         table.add_column(column, justify="right")
-    base = results.get("dcpo run")
     for name, measured in results.items():
+        # the 2-process rows are compared with dcpo run on 2 processes
+        base = results.get("dcpo run --nproc-per-node 2" if "2" in name else "dcpo run")
         times = measured.walls
         first, rest = summary(times)
         ratio = "-"
