@@ -65,9 +65,10 @@ def tiny_dir(work: Path, size: str) -> Path:
     return tiny
 
 
-def shell_steps(run: Path, tiny: Path, steps: int, engine: tuple[str, ...] = ("--engine", "hf")
-                ) -> list[float]:
-    """The three stage commands of tiny_loop.sh per step, each its own process."""
+def shell_steps(run: Path, tiny: Path, steps: int, nproc: int = 1,
+                engine: tuple[str, ...] = ("--engine", "hf")) -> list[float]:
+    """The three stage commands of tiny_loop.sh per step, each its own process (train-step
+    on `nproc` processes: `--nproc-per-node`)."""
     model, times = str(tiny / "model"), []
     for step in range(steps):
         folder = run / "steps" / f"{step:06d}"
@@ -84,7 +85,8 @@ def shell_steps(run: Path, tiny: Path, steps: int, engine: tuple[str, ...] = ("-
             dcpo("train-step", "--model", model, "--scored", str(folder / "scored.parquet"),
                  "--state", str(run / "state.json"), "--out", str(following), "--algo",
                  "dcpo", "--lr", str(LR), "--warmup-steps", "0", "--seed", str(SEED),
-                 "--metrics-log", str(run / "metrics.jsonl")),
+                 "--metrics-log", str(run / "metrics.jsonl"),
+                 *(["--nproc-per-node", str(nproc)] if nproc > 1 else [])),
         ):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -112,7 +114,7 @@ def served_shell_steps(run: Path, tiny: Path, steps: int) -> list[float]:
             time.sleep(0.05)
         print(f"dcpo serve: ready in {time.perf_counter() - started:.2f} s")
         url = url_file.read_text().strip()
-        return shell_steps(run, tiny, steps, ("--engine", "server", "--server-url", url))
+        return shell_steps(run, tiny, steps, engine=("--engine", "server", "--server-url", url))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait()
@@ -143,6 +145,21 @@ def run_steps(run: Path, tiny: Path, steps: int):
     finally:
         train_step.old_logprobs = original
     return timings, old_pass
+
+
+def parallel_run_steps(run: Path, tiny: Path, steps: int, nproc: int) -> list[float]:
+    """`dcpo run --nproc-per-node nproc` as users start it (its evaluations off); each
+    step's wall time, from its table."""
+    import re
+    import shutil
+
+    run.mkdir(parents=True)
+    shutil.copytree(tiny, run / "tiny")
+    result = subprocess.run(dcpo("run", str(run), "--steps", str(steps), "--eval-at", "0",
+                                 "--nproc-per-node", str(nproc)), check=True,
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    rows = re.findall(r"^\W+(\d+)\W+([\d.]+)\W", result.stdout, flags=re.M)
+    return [float(wall) for _, wall in rows][:steps]
 
 
 def rollout_tokens(run: Path, steps: int) -> list[tuple[float, int]]:
@@ -300,7 +317,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/dcpo-bench-loop"))
     parser.add_argument("--trl-path", type=Path, default=None,
                         help="A folder with TRL installed (pip install --target ...).")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["shell", "served", "run", "trl"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["shell", "served", "run", "trl", "run2", "shell2"])
     parser.add_argument("--repeat", type=int, default=1,
                         help="Measure each R times (alternating the order) and show each one's "
                         "fastest: on a shared machine, the closest to what the code costs.")
@@ -314,7 +332,12 @@ def main() -> None:
                     shell_steps(args.work / f"shell-{stamp}", tiny, args.steps))),
                 "served": ("shell loop + dcpo serve", lambda stamp: Measured(
                     served_shell_steps(args.work / f"served-{stamp}", tiny, args.steps))),
-                "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work))}
+                "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work)),
+                # 2 processes: dcpo run on 2 ranks against the shell loop with train-step on 2
+                "run2": ("dcpo run --nproc-per-node 2", lambda stamp: Measured(
+                    parallel_run_steps(args.work / f"run2-{stamp}", tiny, args.steps, 2))),
+                "shell2": ("shell loop, train-step --nproc-per-node 2", lambda stamp: Measured(
+                    shell_steps(args.work / f"shell2-{stamp}", tiny, args.steps, 2)))}
     order = [key for key in measures if key not in args.skip]
     every: dict[str, list[Measured]] = {}
     for repeat in range(args.repeat):
@@ -338,10 +361,11 @@ def main() -> None:
     table = Table(title=f"one loop step: tiny {args.size} model, {BATCH} prompts x {N}, "
                   f"<= {MAX_NEW_TOKENS} new tokens, {os.cpu_count()} CPU cores, "
                   f"{torch.get_num_threads()} torch threads")
-    for column in ("", "step 0 s", "later steps s (mean)", "vs dcpo run"):
+    for column in ("", "step 0 s", "later steps s (mean)", "vs dcpo run (same processes)"):
         table.add_column(column, justify="right")
-    base = results.get("dcpo run")
     for name, measured in results.items():
+        # the 2-process rows are compared with dcpo run on 2 processes
+        base = results.get("dcpo run --nproc-per-node 2" if "2" in name else "dcpo run")
         times = measured.walls
         first, rest = summary(times)
         ratio = "-"

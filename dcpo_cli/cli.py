@@ -28,7 +28,7 @@ from dcpo_cli.commands import (
     tiny_cmd,
     train_step_cmd,
 )
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, first_line
 
 app = typer.Typer(
     name="dcpo",
@@ -103,10 +103,16 @@ def run(argv: list[str] | None = None) -> int:
         if os.environ.get("DCPO_DEBUG"):
             raise
         if isinstance(exc, OSError) and exc.filename:
-            _print_error(f"{exc.filename}: {exc.strerror or exc}")
+            message = f"{exc.filename}: {exc.strerror or exc}"
         else:
-            _print_error(f"unexpected {type(exc).__name__}: {exc} (set DCPO_DEBUG=1 to see "
-                         "the traceback)")
+            message = (f"unexpected {type(exc).__name__}: {first_line(exc)} (set DCPO_DEBUG=1 "
+                       "to see the traceback)")
+        error_file = os.environ.get("DCPO_ERROR_FILE")
+        if error_file and "RANK" in os.environ:  # the launcher reports the first failure
+            with open(f"{error_file}.rank{os.environ['RANK']}", "w") as handle:
+                handle.write(message + "\n")
+        else:
+            _print_error(message)
         return 1
     finally:
         _end_process_group()

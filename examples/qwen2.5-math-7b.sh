@@ -63,6 +63,29 @@ SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
 [ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
 
+# ONE_COMMAND=1: the same run as one job, `dcpo run --nproc-per-node 8` (README, "dcpo run on
+# several processes"): FSDP2 on the 8 GPUs, one vLLM engine per group of TP GPUs in the
+# ranks' own processes, asleep while the policy trains; the same files. Per GPU (computed,
+# not measured): 15.2 GB of sharded fp32 state + 3.1 GB gathered bf16 while training
+# (18.4 GB; the engine's weights sleep in host memory), and while generating those 15.2 GB
+# + the engine's bf16 weights (15.2 GB / TP) + its KV cache: GPU_MEMORY_UTILIZATION 0.35 of
+# 80 GB leaves ~12 GB of KV cache at TP=1. The vLLM colocated path has not been run yet.
+if [ "${ONE_COMMAND:-0}" = 1 ]; then
+  run_flags=(--engine "$ENGINE")
+  [ "$ENGINE" = hf ] || run_flags+=(--set "engine.tensor_parallel_size=$TP"
+                                    --set "engine.gpu_memory_utilization=${GPU_MEMORY_UTILIZATION:-0.35}")
+  [ -f "$RUN/train.parquet" ] || $DCPO prepare "$DATA" --out "$RUN/train.parquet"
+  exec $DCPO run "$RUN" --steps "$STEPS" --model "$MODEL" --prompts "$RUN/train.parquet" \
+    --algo "$ALGO" --batch-size "$BATCH" --n "$N" --max-new-tokens "$MAX_NEW_TOKENS" \
+    --lr "$LR" --warmup-steps "$WARMUP_STEPS" --seed "$SEED" --eval-at "$EVAL_AT" \
+    --eval-every "$EVAL_EVERY" $(for b in $EVAL_BENCHMARKS; do echo --benchmark "$b"; done) \
+    --set train.weight_decay=0.1 --set train.max_grad_norm=1.0 \
+    --set "train.mini_batch_size=$MINI_BATCH" --set "train.micro_batch_tokens=$MICRO_BATCH_TOKENS" \
+    --set train.gradient_checkpointing=true \
+    --set "train.keep_training_state=$KEEP_TRAINING_STATE" "${run_flags[@]}" \
+    --nproc-per-node "${NPROC:-8}"
+fi
+
 mkdir -p "$RUN"
 prompts=$RUN/train.parquet
 [ -f "$prompts" ] || $DCPO prepare "$DATA" --out "$prompts"

@@ -7,7 +7,8 @@
 #
 # Environment knobs (defaults in brackets): ALGO [dcpo], SEED [0], TINY_SIZE [default],
 # BATCH [32] prompts per step, N [8] responses per prompt, LR [2e-4], EVAL_AT [8] samples per
-# test problem, REWARD [math-verify] your own reward as package.module:function.
+# test problem, REWARD [math-verify] your own reward as package.module:function,
+# TRAIN_PROCS [1] processes of train-step (FSDP2, `--nproc-per-node`).
 # ALGO=dcpo scores 1 / 0 / -1 (right / boxed but wrong / no boxed answer), as the official
 # DCPO recipe; the baselines score 1 / 0. ALGO=dapo refills each step as DAPO does: rollout
 # rounds (`dcpo rollout --round k`) sample further prompts until TARGET [BATCH] groups have
@@ -34,6 +35,7 @@ MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-48}
 REWARD=${REWARD:-}
 TARGET=${TARGET:-$BATCH}
 MAX_ROUNDS=${MAX_ROUNDS:-4}
+TRAIN_PROCS=${TRAIN_PROCS:-1}
 DCPO=${DCPO:-dcpo}
 SERVER=${SERVER:-0}
 
@@ -110,7 +112,8 @@ for ((step = 0; step < STEPS; step++)); do
   for file in "${scored[@]}"; do scored_flags+=(--scored "$file"); done
   $DCPO train-step --model "$model" "${scored_flags[@]}" --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps 0 --seed "$SEED" \
-    --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}" ${TRAIN_ARGS:-}
+    --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}" ${TRAIN_ARGS:-} \
+    $( ((TRAIN_PROCS > 1)) && echo --nproc-per-node "$TRAIN_PROCS")
   model=$next
 done
 

@@ -83,9 +83,22 @@ def run(
                                           "Repeatable."),
     verbose: bool = engine_flags.VERBOSE,
     no_verify: bool = engine_flags.NO_VERIFY,
+    nproc_per_node: int | None = typer.Option(None, help="Run on N processes of this node "
+                                              "(torchrun): the policy sharded with FSDP2, "
+                                              "each process generating its share with its "
+                                              "own engine; the same files."),
+    nnodes: int = typer.Option(1, help="With --nproc-per-node: nodes in all (run the same "
+                               "command on each)."),
+    node_rank: int = typer.Option(0, help="With --nnodes: this node's index, 0 .. nnodes-1."),
+    master_addr: str | None = typer.Option(None, help="With --nnodes: address of the node "
+                                           "with --node-rank 0."),
+    master_port: int | None = typer.Option(None, help="With --nnodes: a free port there "
+                                           "(default 29500)."),
 ) -> None:
     """Run rollout -> score -> train-step for each step (and eval) in one process, with the
     same files as examples/tiny_loop.sh; re-run the same command to resume."""
+    import os
+
     from rich.table import Table
 
     from dcpo_cli.console import out
@@ -95,15 +108,44 @@ def run(
     config, rewrite = resolve_values(run_dir, locals())
     stored = run_dir / CONFIG_FILE
     source = stored if stored.is_file() else None
+    from dcpo_cli.parallel.launch import Launch
+    from dcpo_cli.run.colocated import check_world
     from dcpo_cli.run.loop import check_config, run_loop
 
-    check_config(run_dir, config, verbose, source)  # all checked before a file is written
+    # everything checked before the first file is written
+    options = check_config(run_dir, config, verbose, source)
+    launch = None
+    if nproc_per_node is not None:
+        launch = Launch(nproc_per_node, nnodes, node_rank, master_addr, master_port)
+        launch.check()
+        launch.check_capacity()
+    elif any(flag is not None for flag in (master_addr, master_port)) or nnodes != 1 \
+            or node_rank != 0:
+        from dcpo_cli.errors import DcpoError
+
+        raise DcpoError("--nnodes, --node-rank, --master-addr and --master-port go with "
+                        "--nproc-per-node")
+    world_size = launch.world_size if launch else int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        check_world(world_size, options[4].tensor_parallel_size, options[0].batch_size,
+                    options[0].n, options[2].mini_batch_size)
+    first_rank = os.environ.get("RANK", "0") == "0" and (launch is None or node_rank == 0)
     from dcpo_cli.files.locks import exclusive
 
-    with exclusive(run_dir):  # a second dcpo run on RUN_DIR is refused at once
-        if rewrite:
+    # a second dcpo run on RUN_DIR is refused at once (rank 0, or the launcher, holds it)
+    with exclusive(run_dir):
+        if rewrite and first_rank:
             write_config(config, run_dir / CONFIG_FILE)
+        if launch is not None:
+            from dcpo_cli.parallel.launch import current_argv, relaunch
+            from dcpo_cli.run.loop import prepare_inputs
+
+            if first_rank:
+                prepare_inputs(run_dir, config["loop"], options[0].seed)
+            raise typer.Exit(relaunch(current_argv(), launch))
         timings = run_loop(run_dir, config, verbose=verbose)
+    if os.environ.get("RANK", "0") != "0":
+        return
     table = Table(title=f"dcpo run {run_dir}", title_justify="left")
     for name in ("step", "wall s", "generate s", "score s", "update s", "wall / work"):
         table.add_column(name, justify="right")

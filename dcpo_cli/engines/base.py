@@ -48,6 +48,39 @@ class Engine(Protocol):
         ...
 
 
+# Data-parallel generation (`dcpo run --nproc-per-node N`): an engine may also have
+# `generate_part(prompt_token_ids, settings, part, on_progress)`, where `part` = (i, n):
+# the same list as `generate` returns, with only the completions of share i of n filled in
+# and None elsewhere, each one exactly what `generate` over the whole list gives it (the
+# shares of n ranks, merged with `merge_parts`, are `generate`'s result). How the rows are
+# shared is the engine's: hf deals out its token-budget batches (a batch's samples depend
+# on its rows alone, `batch_seed`), vLLM contiguous prompts (one seed per prompt).
+Part = tuple[int, int]
+
+
+def share(count: int, part: Part) -> range:
+    """Share i of n of `count` items: the i-th of n contiguous, near-equal ranges."""
+    index, parts = part
+    size, extra = divmod(count, parts)
+    start = index * size + min(index, extra)
+    return range(start, start + size + (1 if index < extra else 0))
+
+
+def merge_parts(shares: list[list[list[Completion | None]]]) -> list[list[Completion]]:
+    """The whole result from every share's `generate_part` (shares may repeat: the ranks of
+    one tensor-parallel group return the same one)."""
+    merged = [list(group) for group in shares[0]]
+    for other in shares[1:]:
+        for group, theirs in zip(merged, other, strict=True):
+            for index, completion in enumerate(theirs):
+                if group[index] is None:
+                    group[index] = completion
+    missing = sum(c is None for group in merged for c in group)
+    if missing:
+        raise RuntimeError(f"data-parallel generation: {missing} completions in no share")
+    return merged  # type: ignore[return-value]
+
+
 def finish(token_ids: list[int], logprobs: list[float], eos_ids: set[int], max_new_tokens: int,
            tokenizer) -> Completion:
     """Cut a raw generated sequence after its first eos and classify how it ended."""

