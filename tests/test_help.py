@@ -100,7 +100,7 @@ def test_options_are_grouped_into_panels():
     text = help_text(("train-step",), 80)
     titles = re.findall(r"^╭─ (.+?) ─", text, flags=re.M)
     assert titles == ["Options", "Algorithm", "KL and sampler mismatch", "Optimization",
-                      "Checkpointing", "Distributed"]
+                      "LoRA", "Checkpointing", "Distributed"]
     engine = help_text(("rollout",), 80)
     assert re.findall(r"^╭─ (.+?) ─", engine, flags=re.M) == ["Options", "Sampling", "Engine",
                                                                 "Checkpointing"]

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dcpo_cli"
 # by their first component; the top-level modules by their own name.
 LAYERS = [
     {"errors", "__init__"},
+    {"fields"},
     {"options", "console", "quiet"},
     {"core"},
     {"parallel"},

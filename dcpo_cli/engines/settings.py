@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.fields import Spec, check_fields, option
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # Engine arguments dcpo sets itself or that have their own flag.
@@ -34,30 +35,42 @@ RESERVED = {
 }
 
 
+ENGINE = "Engine"
+
+
+def _parse_engine_args(items: list[str]) -> tuple[tuple[str, Any], ...]:
+    return parse_engine_args(items)
+
+
 @dataclass(frozen=True)
 class EngineSettings:
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None  # None: vLLM's own default
-    max_model_len: int | None = None  # None: the model's context length
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    engine_args: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs, in the order given
-    verbose: bool = False  # the engine's own INFO logs and load progress bars
+    tensor_parallel_size: int = option(
+        1, "vLLM: GPUs one engine spans (tensor parallel). For data-parallel rollouts run one "
+        "process per GPU group with --shard i/n.", panel=ENGINE, at_least=1)
+    gpu_memory_utilization: float | None = option(
+        None, "vLLM: share of each GPU's memory the engine may take (default: vLLM's own); on "
+        "vLLM's CPU build, the share of CPU memory.", panel=ENGINE, above=0, at_most=1)
+    max_model_len: int | None = option(
+        None, "vLLM: longest prompt + response it reserves room for (default: the model's "
+        "context length).", panel=ENGINE, at_least=1)
+    dtype: str = option("auto", "Weights' dtype: auto, bfloat16, float16 or float32 (auto: "
+                        "bfloat16 on GPU, float32 on CPU for hf; the model's own for vLLM).",
+                        panel=ENGINE, choices=DTYPES)
+    enforce_eager: bool = option(False, "vLLM: no CUDA graphs or torch.compile (starts "
+                                 "faster, generates slower).", panel=ENGINE,
+                                 flags=("--enforce-eager",))
+    # (key, value) pairs, in the order given
+    engine_args: tuple[tuple[str, Any], ...] = option(
+        (), "vLLM: any other engine argument, e.g. max_num_seqs=256 or "
+        "enable_prefix_caching=false (VALUE read as JSON where it parses). Repeatable.",
+        panel=ENGINE, flags=("--engine-arg",), metavar="KEY=VALUE", cli_type=list[str],
+        cli_default=[], parse=_parse_engine_args)
+    verbose: bool = option(False, "Show the engine's own INFO logs and load progress bars (by "
+                           "default only its warnings and errors).", panel=ENGINE,
+                           flags=("--verbose",))
 
     def check(self) -> None:
-        problems = [
-            (self.tensor_parallel_size < 1, "--tensor-parallel-size must be at least 1"),
-            (self.gpu_memory_utilization is not None
-             and not 0 < self.gpu_memory_utilization <= 1,
-             "--gpu-memory-utilization must be in (0, 1]"),
-            (self.max_model_len is not None and self.max_model_len < 1,
-             "--max-model-len must be at least 1"),
-            (self.dtype not in DTYPES, f"--dtype {self.dtype!r}: expected one of "
-             f"{', '.join(DTYPES)}"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise DcpoError(message)
+        check_fields(self)
 
     def record(self) -> dict[str, Any]:
         """What the metadata keeps (JSON-ready)."""
@@ -151,8 +164,12 @@ class ServerAddress:
     """Where a `dcpo serve` listens (`--server-url`) and its token (`--server-token`), for
     `--engine server`. The token is never recorded or shown."""
 
-    url: str
-    token: str | None = field(default=None, repr=False)
+    url: str | None = option(None, "With --engine server: the address of a running `dcpo "
+                             "serve` (e.g. http://127.0.0.1:8765).", panel=ENGINE,
+                             flags=("--server-url",))
+    token: str | None = field(default=None, repr=False, metadata={"option": Spec(
+        "With --engine server: the token the server was started with (--token).",
+        panel=ENGINE, flags=("--server-token",), envvar="DCPO_SERVER_TOKEN")})
 
     def check(self) -> None:
         from urllib.parse import urlsplit

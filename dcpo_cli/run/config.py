@@ -23,67 +23,99 @@ from typing import Any
 
 from dcpo_cli.engines.settings import EngineSettings
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.options import EvalOptions, RolloutOptions, ScoreOptions, TrainOptions
+from dcpo_cli.fields import Spec, spec_of
+from dcpo_cli.options import (
+    EvalOptions,
+    LaunchOptions,
+    LoopOptions,
+    RolloutOptions,
+    ScoreOptions,
+    TrainOptions,
+)
 
 CONFIG_FILE = "run.toml"
-SECTIONS: dict[str, type] = {"rollout": RolloutOptions, "score": ScoreOptions,
+SECTIONS: dict[str, type] = {"loop": LoopOptions, "launch": LaunchOptions,
+                             "rollout": RolloutOptions, "score": ScoreOptions,
                              "train": TrainOptions, "eval": EvalOptions,
                              "engine": EngineSettings}
 # Fields the loop sets itself from RUN_DIR's layout (or that one process cannot vary).
 FIXED = {("rollout", "shard"), ("train", "metrics_log"), ("engine", "verbose")}
-# The [loop] table: what the shell loop takes as arguments and environment.
-LOOP_DEFAULTS: dict[str, Any] = {
-    "model": None,  # None: the built-in tiny model, built into RUN_DIR/tiny
-    "prompts": None,  # None: RUN_DIR/tiny/train.parquet
-    "benchmark": [],  # [] with the tiny model: RUN_DIR/tiny/test.parquet
-    "tiny_size": "default",
-    "steps": 20,
-    "eval_every": 0,  # also evaluate every K steps (0: only before and after, as the script)
-    "max_rounds": 4,  # DAPO's refill: rollout rounds per step at most (the script's MAX_ROUNDS)
-    "report_to": [],  # experiment trackers (--report-to); a re-run may change them
-}
-# [loop] settings a re-run may change (the others must stay as the run was made).
-CHANGEABLE = {("loop", "steps"), ("loop", "report_to")}
+# Settings a re-run may change (the others must stay as the run was made): more steps, other
+# trackers, another world size (the training state reshards).
+CHANGEABLE = {("loop", "steps"), ("loop", "report_to"), ("launch", "nproc_per_node"),
+              ("launch", "nnodes")}
 # examples/tiny_loop.sh's settings where they differ from the stages' own defaults.
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "rollout": {"batch_size": 32, "n": 8, "max_new_tokens": 48, "engine": "hf"},
     "train": {"lr": 2e-4, "warmup_steps": 0},
     "eval": {"avg_at": 8, "max_new_tokens": 48, "engine": "hf"},
 }
-# The command's flags: flag -> the settings it sets (one flag may set several stages').
-FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
-    "model": (("loop", "model"),),
-    "prompts": (("loop", "prompts"),),
-    "benchmark": (("loop", "benchmark"),),
-    "tiny_size": (("loop", "tiny_size"),),
-    "steps": (("loop", "steps"),),
-    "eval_every": (("loop", "eval_every"),),
-    "algo": (("train", "algo"),),
-    "batch_size": (("rollout", "batch_size"),),
-    "n": (("rollout", "n"),),
-    "max_new_tokens": (("rollout", "max_new_tokens"), ("eval", "max_new_tokens")),
-    "temperature": (("rollout", "temperature"),),
-    "lr": (("train", "lr"),),
-    "warmup_steps": (("train", "warmup_steps"),),
-    "seed": (("rollout", "seed"), ("train", "seed"), ("eval", "seed")),
-    "eval_at": (("eval", "avg_at"),),
-    "engine": (("rollout", "engine"), ("eval", "engine")),
-    "reward": (("score", "reward"),),
-    "lora_rank": (("train", "lora_rank"),),
-    "lora_alpha": (("train", "lora_alpha"),),
-    "lora_dropout": (("train", "lora_dropout"),),
-    "lora_target_modules": (("train", "lora_target_modules"),),
-    "report_to": (("loop", "report_to"),),
+
+
+@dataclasses.dataclass(frozen=True)
+class Shortcut:
+    """A `dcpo run` flag for stage settings: the settings it sets ("section.field"; its type
+    and help are the first one's declaration), its help panel, and help of its own where it
+    sets several stages' settings."""
+
+    targets: tuple[str, ...]
+    panel: str
+    help: str | None = None
+
+
+SHORTCUTS: dict[str, Shortcut] = {
+    "algo": Shortcut(("train.algo",), "Training"),
+    "batch_size": Shortcut(("rollout.batch_size",), "Sampling"),
+    "n": Shortcut(("rollout.n",), "Sampling"),
+    "max_new_tokens": Shortcut(("rollout.max_new_tokens", "eval.max_new_tokens"), "Sampling",
+                               "Longest response, rollouts and eval."),
+    "temperature": Shortcut(("rollout.temperature",), "Sampling"),
+    "lr": Shortcut(("train.lr",), "Training"),
+    "warmup_steps": Shortcut(("train.warmup_steps",), "Training"),
+    "seed": Shortcut(("rollout.seed", "train.seed", "eval.seed"), "Training",
+                     "Seed of the tiny model, prompt order, sampling and mini-batches."),
+    "reward": Shortcut(("score.reward",), "Training"),
+    "eval_at": Shortcut(("eval.avg_at",), "Evaluation",
+                        "K samples per test problem, avg@K."),
+    "engine": Shortcut(("rollout.engine", "eval.engine"), "Engine",
+                       "Generation engine: hf or vllm (rollouts and eval)."),
+    "lora_rank": Shortcut(("train.lora_rank",), "LoRA"),
+    "lora_alpha": Shortcut(("train.lora_alpha",), "LoRA"),
+    "lora_dropout": Shortcut(("train.lora_dropout",), "LoRA"),
+    "lora_target_modules": Shortcut(("train.lora_target_modules",), "LoRA"),
 }
-# The [loop] table's types (the stages' tables take their dataclass's annotations).
-LOOP_TYPES: dict[str, Any] = {"model": str | None, "prompts": str | None,
-                              "benchmark": list[str], "tiny_size": str, "steps": int,
-                              "eval_every": int, "max_rounds": int, "report_to": list[str]}
+
+
+def _flags() -> dict[str, tuple[tuple[str, str], ...]]:
+    flags = {f.name: ((section, f.name),) for section in ("loop", "launch")
+             for f in dataclasses.fields(SECTIONS[section]) if spec_of(f) and spec_of(f).cli}
+    for flag, shortcut in SHORTCUTS.items():
+        flags[flag] = tuple(tuple(target.split(".", 1)) for target in shortcut.targets)
+    return flags
+
+
+# The command's flags: flag -> the settings it sets (one flag may set several stages').
+FLAGS: dict[str, tuple[tuple[str, str], ...]] = _flags()
+
+
+def flag_declaration(flag: str) -> tuple[dataclasses.Field, Spec]:
+    """The field a `dcpo run` flag takes its type and help from, and its spec for the flag
+    (a shortcut's panel and help)."""
+    section, name = FLAGS[flag][0]
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+    spec = spec_of(field)
+    shortcut = SHORTCUTS.get(flag)
+    if shortcut is not None:
+        spec = dataclasses.replace(spec, panel=shortcut.panel, help=shortcut.help or spec.help,
+                                   flags=(f"--{flag.replace('_', '-')}",))
+    return field, spec
+
+
 Config = dict[str, dict[str, Any]]
 
 
 def default_config() -> Config:
-    config: Config = {"loop": dict(LOOP_DEFAULTS)}
+    config: Config = {}
     for section, cls in SECTIONS.items():
         values = {f.name: _plain(getattr(cls(), f.name)) for f in dataclasses.fields(cls)
                   if (section, f.name) not in FIXED}
@@ -118,8 +150,7 @@ def parse_set(items: list[str]) -> dict[tuple[str, str], Any]:
 def type_error(section: str, name: str, value: Any) -> str | None:
     """What is wrong with the type of `value` for SECTION.FIELD, or None when it fits (so a
     wrong type is one line naming the field, not a TypeError deep in a stage)."""
-    hint = LOOP_TYPES[name] if section == "loop" else \
-        typing.get_type_hints(SECTIONS[section])[name]
+    hint = typing.get_type_hints(SECTIONS[section])[name]
     return None if _fits(value, hint) else f"expected {_describe(hint)}, got {_show(value)}"
 
 
@@ -182,11 +213,6 @@ def given_flags(values: dict[str, Any]) -> dict[str, Any]:
 
         values["report_to"] = tracker_names(values["report_to"]) or ["none"]
     return {name: values[name] for name in FLAGS if values.get(name) not in (None, [])}
-
-
-def resolve_values(run_dir: Path, values: dict[str, Any]) -> tuple[Config, bool]:
-    """`resolve` from `dcpo run`'s keyword values (its flags and `set_`, the --set list)."""
-    return resolve(run_dir, given_flags(values), parse_set(values.get("set_") or []))
 
 
 def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], Any]

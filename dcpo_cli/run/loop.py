@@ -24,8 +24,6 @@ stages and writes (see `colocated.py`).
 from __future__ import annotations
 
 import dataclasses
-import gc
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +31,10 @@ from typing import Any
 
 from dcpo_cli.console import err, out
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.run.config import Config, refills, stage_options
+from dcpo_cli.options import LoopOptions
+from dcpo_cli.run.checks import RunSettings
+from dcpo_cli.run.config import refills
+from dcpo_cli.run.resident import ResidentEngine, ResidentPolicy
 
 
 @dataclass
@@ -52,339 +53,177 @@ class StepTiming:
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "steps" / f"{step:06d}"
+    return Path(run_dir) / "steps" / f"{step:06d}"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "ckpt" / f"step-{step:06d}"
+    return Path(run_dir) / "ckpt" / f"step-{step:06d}"
 
 
-class ResidentEngine:
-    """The one generation engine of the run, holding the weights of `model_dir`: the
-    rollouts' and evaluations' engine alike. Stages get a `LazyEngine`, so a stage that
-    finds its output already written never loads or syncs anything."""
+def run_loop(run_dir: Path, settings: RunSettings, show_progress: bool = True
+             ) -> list[StepTiming]:
+    """Run (or resume) the loop of `settings` in `run_dir`; the steps' timings (rank 0's)."""
+    loop = RunLoop(Path(run_dir), settings, show_progress)
+    try:
+        return loop.run()
+    finally:
+        loop.close()
 
-    def __init__(self, kind: str, settings: Any, lora_rank: int | None = None) -> None:
-        self.kind, self.settings = kind, settings
-        self.lora_rank = lora_rank  # LoRA training: vLLM must start with LoRA on
-        self.engine: Any = None
-        self.model_dir: Path | None = None
-        self.pushes = 0  # in-memory weight updates
-        self.loads = 0  # engines started from a model directory
-        self.part = (0, 1)  # this rank's share of each generation (colocated.py)
 
-    def lazy(self, model_dir: Path, resident: Any) -> Any:
+class RunLoop:
+    """The loop's state, explicit: the run's settings, the engine and policy kept loaded,
+    the model the next step trains, and where the inputs are. `run()` reads top to bottom."""
+
+    def __init__(self, run_dir: Path, settings: RunSettings, show_progress: bool) -> None:
+        from dcpo_cli.engines import pick_engine
+        from dcpo_cli.files.trackers import Trackers
         from dcpo_cli.parallel import distributed
+        from dcpo_cli.run.colocated import data_parallel_part
 
-        if distributed.world().sharded:
-            from dcpo_cli.run.colocated import LeaderEngine
+        self.run_dir, self.settings = run_dir, settings
+        self.world = distributed.init()
+        self.show_progress = show_progress and self.world.is_main
+        self.kind = pick_engine(settings.rollout.engine)
+        self.engines = ResidentEngine(self.kind, settings.engine, settings.train.lora_rank)
+        self.engines.part = data_parallel_part(settings.engine.tensor_parallel_size)
+        self.policy: ResidentPolicy | None = None  # after the first train-step of this process
+        # one tracker run for the whole run directory, its settings run.toml's
+        self.trackers = Trackers(list(settings.loop.report_to), run_dir,
+                                 run_dir.resolve().name, settings.config)
+        self.refill = refills(settings.config)
+        self.base_model, self.prompts, self.benchmarks = self.on_leader(
+            lambda: prepare_inputs(run_dir, settings.loop, settings.rollout.seed))
 
-            return LeaderEngine(self, model_dir, resident)
-        return LazyEngine(self, model_dir, resident)
-
-    def holding(self, model_dir: Path, resident: Any) -> Any:
-        from dcpo_cli.engines import load_engine
-
-        model_dir = Path(model_dir).resolve()
-        if self.engine is not None and self.model_dir == model_dir:
-            return self.engine
-        if self.engine is not None and self._takes_adapter(model_dir):
-            # LoRA: the engine keeps its base and takes the new adapter from the checkpoint
-            self.engine.use_adapter(model_dir)
-            self.model_dir = model_dir
-            self.pushes += 1
-            return self.engine
-        if (self.engine is not None and resident is not None and resident.holds(model_dir)
-                and callable(getattr(self.engine, "load_weights", None))):
-            from dcpo_cli.parallel.fsdp import full_weights
-
-            self.engine.load_weights(full_weights(resident.policy.model))
-            self.model_dir = model_dir
-            self.pushes += 1
-            return self.engine
-        if self.engine is not None:
-            # after a resume, a new engine loads the checkpoint, as `dcpo rollout` would
-            self.close()
-            out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
-                      highlight=False)
-        from dcpo_cli.parallel import distributed
-
-        options = self.settings.options_for(self.kind)
-        if self.kind == "vllm":
-            options["resident"] = True  # sleeps while the policy trains (GPUs)
-            if self.lora_rank:
-                options["lora_rank"] = self.lora_rank
-            # under torchrun: in this rank's process, one engine per tensor-parallel group
-            options["colocated"] = distributed.world().sharded
-        self.engine = load_engine(self.kind, model_dir, **options)
-        self.model_dir = model_dir
-        self.loads += 1
-        return self.engine
-
-    def _takes_adapter(self, model_dir: Path) -> bool:
-        """`model_dir` is a LoRA checkpoint of the base the engine holds."""
-        from dcpo_cli.files import lora
-
-        if not lora.is_adapter(model_dir) or not callable(getattr(self.engine, "use_adapter",
-                                                                  None)):
-            return False
-        return Path(self.engine.base_path).resolve() == lora.base_source(model_dir).path.resolve()
-
-    def release(self) -> None:
-        """Before a train-step: let the engine free memory the training needs (`release`,
-        optional like `load_weights`: an engine without it keeps what it holds)."""
-        release = getattr(self.engine, "release", None)
-        if callable(release):
-            release()
+    def run(self) -> list[StepTiming]:
+        steps, every = self.settings.loop.steps, self.settings.loop.eval_every
+        model: Any = self.base_model
+        timings = []
+        self.evaluate(model, "step-000000")
+        for step in range(steps):
+            timing = self.train_step(step, model)
+            model = checkpoint_dir(self.run_dir, step + 1)
+            timings.append(timing)
+            if every and (step + 1) % every == 0 and step + 1 < steps:
+                self.evaluate(model, f"step-{step + 1:06d}")
+        self.evaluate(model, f"step-{steps:06d}")
+        if self.engines.loads and self.world.is_main:
+            out.print(f"[dim]{self.kind} engine: {self.engines.loads} start(s), "
+                      f"{self.engines.pushes} in-memory weight update(s)"
+                      + (f" on each of {self.world.world_size} ranks" if self.world.sharded
+                         else "") + "[/]", highlight=False)
+        return timings
 
     def close(self) -> None:
-        close = getattr(self.engine, "close", None)
-        if callable(close):
-            close()
-        self.engine, self.model_dir = None, None
-        gc.collect()
+        self.engines.close()
+        self.trackers.close()
 
+    def on_leader(self, work: Any) -> Any:
+        """`work()` on rank 0, while the other ranks serve its generations (colocated.py)."""
+        from dcpo_cli.run.colocated import on_leader
 
-class LazyEngine:
-    """Stands for the engine holding `model_dir`; made real on first use."""
+        return on_leader(work, self.engines, lambda: self.policy)
 
-    def __init__(self, owner: ResidentEngine, model_dir: Path, resident: Any) -> None:
-        self._owner, self._model_dir, self._resident = owner, model_dir, resident
+    def train_step(self, step: int, model: Any) -> StepTiming:
+        """Sample and score step `step`'s inputs from `model`, then train on them."""
+        from dcpo_cli.train.step import run_train_step
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._owner.holding(self._model_dir, self._resident), name)
+        started = time.perf_counter()
+        timing = StepTiming(step, 0.0)
+        scored = self.on_leader(lambda: self.step_inputs(step, model, timing))
+        self.engines.release()
+        following = checkpoint_dir(self.run_dir, step + 1)
+        outcome = run_train_step(model, scored, self.run_dir / "state.json", following,
+                                 self.settings.train, show_progress=self.show_progress,
+                                 resident=self.policy, trackers=self.trackers)
+        if outcome.policy is not None:
+            self.policy = ResidentPolicy.after_save(outcome.policy, following)
+            timing.train = outcome.metrics["compute_seconds"]
+        timing.wall = time.perf_counter() - started
+        if self.world.is_main:
+            out.print(_step_line(timing, outcome), highlight=False)
+        return timing
 
-
-def _refuse_server(engine: str) -> None:
-    from dcpo_cli.engines import pick_engine
-
-    if pick_engine(engine) == "server":
-        raise DcpoError("engine = server: dcpo run keeps its own engine loaded (--engine "
-                        "server is for dcpo rollout and dcpo eval)")
-
-
-def check_config(run_dir: Path, config: Config, verbose: bool = False,
-                 source: Path | None = None) -> tuple:
-    """Every stage's options from `config`, checked (before anything is written). With
-    `source` (the run.toml the values were read from) an error names its table and field
-    rather than the command-line flag the stages' checks speak of."""
-    from dcpo_cli.engines import pick_engine
-    from dcpo_cli.train.step import resolve_algo
-
-    sections = ("rollout", "score", "train", "eval", "engine")
-    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
-             "engine": {"verbose": verbose}}
-    options = tuple(stage_options(config, name, **fixed.get(name, {})) for name in sections)
-    checks = [(name, item.check) for name, item in zip(sections, options, strict=True)]
-    checks += [("train", lambda: resolve_algo(options[2])),  # settings the engine cannot take:
-               ("engine", lambda: options[4].options_for(pick_engine(options[0].engine))),
-               ("rollout", lambda: _refuse_server(options[0].engine)),
-               ("eval", lambda: _refuse_server(options[3].engine)),
-               ("loop", lambda: _check_loop(config["loop"]))]
-    if options[2].lora_rank is not None:
-        checks.append(("train", lambda: check_lora_targets(config["loop"],
-                                                           options[2].lora_target_modules)))
-    for section, check in checks:
-        try:
-            check()
-        except DcpoError as exc:
-            if source is None:
-                raise
-            fields = str(exc).removeprefix(f"{section}.")
-            fields = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"),
-                            fields)
-            raise DcpoError(f"{source}: [{section}] {fields}") from None
-    return options
-
-
-def _check_loop(loop: dict) -> None:
-    from dcpo_cli.options import report_to
-
-    report_to(loop["report_to"])
-    if loop["max_rounds"] < 1:
-        raise DcpoError("loop.max_rounds must be at least 1")
-    if loop["model"] is not None and loop["prompts"] is None:
-        raise DcpoError("--model needs --prompts (the training prompts file)")
-
-
-def check_lora_targets(loop: dict[str, Any], targets: str) -> None:
-    """--lora-target-modules against the run's model, before anything is written: its
-    architecture built on the meta device (no weights read; the tiny one from its size)."""
-    import torch
-
-    from dcpo_cli.files import lora
-
-    if lora.target_list(targets) == lora.ALL_LINEAR:
-        return
-    with torch.device("meta"):
-        if loop["model"] is None:
-            from dcpo_cli.tiny.build import CONFIGS
-            from dcpo_cli.tiny.model import build_model, build_tokenizer
-
-            model, name = build_model(build_tokenizer(), CONFIGS[loop["tiny_size"]].model), \
-                "the tiny model"
-        else:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            from dcpo_cli.files.model_source import resolve_model
-
-            source = resolve_model(loop["model"])
-            path = lora.base_source(source.path).path if lora.is_adapter(source.path) \
-                else source.path
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-            name = loop["model"]
-    lora.check_targets(model, targets, name)
-
-
-def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
-             verbose: bool = False) -> list[StepTiming]:
-    """Run (or resume) the loop of `config` in `run_dir`; the steps' timings (rank 0's)."""
-    from dcpo_cli.engines import pick_engine
-    from dcpo_cli.evaluate.stage import run_eval
-    from dcpo_cli.files.model_source import resolve_model
-    from dcpo_cli.files.trackers import Trackers
-    from dcpo_cli.options import report_to
-    from dcpo_cli.parallel import distributed
-    from dcpo_cli.run.colocated import check_world, data_parallel_part, on_leader
-    from dcpo_cli.stages.rollout import run_rollout
-    from dcpo_cli.stages.score import run_score
-    from dcpo_cli.train.step import run_train_step
-
-    run_dir = Path(run_dir)
-    loop = config["loop"]
-    rollout_options, score_options, train_options, eval_options, engine_settings = \
-        check_config(run_dir, config, verbose)
-    world = distributed.init()
-    main = world.is_main
-    if world.sharded:
-        check_world(world.world_size, engine_settings.tensor_parallel_size,
-                    rollout_options.batch_size, rollout_options.n,
-                    train_options.mini_batch_size)
-    kind = pick_engine(rollout_options.engine)
-    engines = ResidentEngine(kind, engine_settings, train_options.lora_rank)
-    engines.part = data_parallel_part(engine_settings.tensor_parallel_size)
-    resident = None
-    # one tracker run for the whole run directory, its settings run.toml's
-    trackers = Trackers(report_to(loop["report_to"]), run_dir, run_dir.resolve().name, config)
-
-    def leader(work: Any) -> Any:  # rank 0 works, the others serve its generations
-        return on_leader(work, engines, lambda: resident)
-
-    base_model, prompts, benchmarks = leader(lambda: prepare_inputs(run_dir, loop,
-                                                             rollout_options.seed))
-    eval_shares = pick_engine(eval_options.engine) == kind
-
-    def evaluate(model: Any, label: str) -> None:
-        if not benchmarks:
-            return
-
-        def work() -> None:
-            local = resolve_model(model).path
-            engine = engines.lazy(local, resident) if eval_shares else None
-            run_eval(model, benchmarks, run_dir / "eval" / label, eval_options,
-                     engine=engine, engine_settings=engine_settings,
-                     trackers=trackers)
-
-        leader(work)
-
-    def sample(step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
-               timing: StepTiming) -> Path:
-        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
-        if not rollouts.is_file():
-            local = resolve_model(model).path
-            options = dataclasses.replace(rollout_options, round=round_index)
-            summary = run_rollout(model, prompts, step, rollouts, options,
-                                  engine=engines.lazy(local, resident),
-                                  engine_settings=engine_settings)
-            timing.generate = (timing.generate or 0.0) + summary.seconds
-        if not scored.is_file():
-            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
-                                                             score_options).seconds
-        return scored
-
-    def sample_rounds(step: int, folder: Path, model: Any, timing: StepTiming) -> list[Path]:
-        """DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
-        until --target-prompts groups have mixed outcomes, or loop.max_rounds are done."""
+    def step_inputs(self, step: int, model: Any, timing: StepTiming) -> list[Path]:
+        folder = step_dir(self.run_dir, step)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self.refill:
+            return [self.sample(step, 0, folder / "rollouts.parquet",
+                                folder / "scored.parquet", model, timing)]
+        # DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
+        # until --target-prompts groups have mixed outcomes, or loop.max_rounds are done
         from dcpo_cli.files.contracts import read_metadata
 
         scored, kept = [], 0
-        target = train_options.target_prompts or rollout_options.batch_size
-        for round_index in range(loop["max_rounds"]):
+        target = self.settings.train.target_prompts or self.settings.rollout.batch_size
+        rounds = self.settings.loop.max_rounds
+        for round_index in range(rounds):
             if kept >= target:
                 break
-            scored.append(sample(step, round_index, folder / f"rollouts-r{round_index}.parquet",
-                                 folder / f"scored-r{round_index}.parquet", model, timing))
+            scored.append(self.sample(step, round_index,
+                                      folder / f"rollouts-r{round_index}.parquet",
+                                      folder / f"scored-r{round_index}.parquet", model, timing))
             kept += read_metadata(scored[-1])["mixed_groups"]
         if kept < target:
-            err.print(f"warning: step {step} kept {kept} of {target} groups after "
-                      f"{loop['max_rounds']} rounds; training on those", highlight=False)
+            err.print(f"warning: step {step} kept {kept} of {target} groups after {rounds} "
+                      "rounds; training on those", highlight=False)
         return scored
 
-    def step_inputs(step: int, folder: Path, model: Any, timing: StepTiming) -> list[Path]:
-        folder.mkdir(parents=True, exist_ok=True)
-        if refill:
-            return sample_rounds(step, folder, model, timing)
-        return [sample(step, 0, folder / "rollouts.parquet", folder / "scored.parquet", model,
-                       timing)]
+    def sample(self, step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
+               timing: StepTiming) -> Path:
+        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
+        from dcpo_cli.files.model_source import resolve_model
+        from dcpo_cli.stages.rollout import run_rollout
+        from dcpo_cli.stages.score import run_score
 
-    refill = refills(config)
-    steps, every = loop["steps"], loop["eval_every"]
-    model: Any = base_model
-    timings = []
-    try:
-        evaluate(base_model, "step-000000")
-        for step in range(steps):
-            started = time.perf_counter()
-            timing = StepTiming(step, 0.0)
-            following = checkpoint_dir(run_dir, step + 1)
-            scored = leader(lambda step=step, timing=timing, model=model: step_inputs(
-                step, step_dir(run_dir, step), model, timing))
-            engines.release()
-            outcome = run_train_step(model, scored, run_dir / "state.json", following,
-                                     train_options, show_progress=show_progress and main,
-                                     resident=resident, trackers=trackers)
-            if outcome.policy is not None:
-                from dcpo_cli.run.resident import ResidentPolicy
+        if not rollouts.is_file():
+            local = resolve_model(model).path
+            options = dataclasses.replace(self.settings.rollout, round=round_index)
+            summary = run_rollout(model, self.prompts, step, rollouts, options,
+                                  engine=self.engines.lazy(local, self.policy),
+                                  engine_settings=self.settings.engine)
+            timing.generate = (timing.generate or 0.0) + summary.seconds
+        if not scored.is_file():
+            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
+                                                             self.settings.score).seconds
+        return scored
 
-                resident = ResidentPolicy.after_save(outcome.policy, following)
-                timing.train = outcome.metrics["compute_seconds"]
-            model = following
-            timing.wall = time.perf_counter() - started
-            timings.append(timing)
-            if main:
-                out.print(_step_line(timing, outcome), highlight=False)
-            if every and (step + 1) % every == 0 and step + 1 < steps:
-                evaluate(model, f"step-{step + 1:06d}")
-        evaluate(model, f"step-{steps:06d}")
-        if engines.loads and main:
-            out.print(f"[dim]{kind} engine: {engines.loads} start(s), {engines.pushes} "
-                      "in-memory weight update(s)"
-                      + (f" on each of {world.world_size} ranks" if world.sharded else "")
-                      + "[/]", highlight=False)
-    finally:
-        engines.close()
-        trackers.close()
-    return timings
+    def evaluate(self, model: Any, label: str) -> None:
+        if not self.benchmarks:
+            return
+        from dcpo_cli.engines import pick_engine
+        from dcpo_cli.evaluate.stage import run_eval
+        from dcpo_cli.files.model_source import resolve_model
+
+        shares = pick_engine(self.settings.eval.engine) == self.kind
+
+        def work() -> None:
+            local = resolve_model(model).path
+            engine = self.engines.lazy(local, self.policy) if shares else None
+            run_eval(model, self.benchmarks, self.run_dir / "eval" / label,
+                     self.settings.eval, engine=engine, engine_settings=self.settings.engine,
+                     trackers=self.trackers)
+
+        self.on_leader(work)
 
 
-def prepare_inputs(run_dir: Path, loop: dict[str, Any], seed: int
+def prepare_inputs(run_dir: Path, loop: LoopOptions, seed: int
                    ) -> tuple[Any, Path, list[str]]:
     """The base model, the prompts and the benchmarks: the tiny task built into
     RUN_DIR/tiny (as the shell loop does) unless a model and prompts are given.
     `dcpo run --nproc-per-node` calls this before it launches the ranks, so the tiny model
     is built with the same torch threads as in one process (its SFT's float sums depend
     on them)."""
-    if loop["model"] is None:
-        tiny = run_dir / "tiny"
+    if loop.model is None:
+        tiny = Path(run_dir) / "tiny"
         if not (tiny / "model").is_dir():
             from dcpo_cli.tiny.build import init_tiny
 
-            init_tiny(tiny, seed=seed, size=loop["tiny_size"])
-        return tiny / "model", tiny / "train.parquet", (list(loop["benchmark"]) or
+            init_tiny(tiny, seed=seed, size=loop.tiny_size)
+        return tiny / "model", tiny / "train.parquet", (list(loop.benchmark) or
                                                         [str(tiny / "test.parquet")])
-    if loop["prompts"] is None:
+    if loop.prompts is None:
         raise DcpoError("--model needs --prompts (the training prompts file)")
-    return loop["model"], Path(loop["prompts"]), list(loop["benchmark"])
+    return loop.model, Path(loop.prompts), list(loop.benchmark)
 
 
 def _step_line(timing: StepTiming, outcome: Any) -> str:

@@ -1,5 +1,6 @@
-"""What `dcpo run` keeps loaded between stages: the trained policy (model, optimizer, RNG)
-and the generation engine, with the checks that make them stand in for the files.
+"""What `dcpo run` keeps loaded between stages, and the one place that owns it: the trained
+policy (model, optimizer, RNG) and the generation engine, with the checks that make them
+stand in for the files.
 
 The resident policy replaces loading a checkpoint only when it is exactly what that
 checkpoint holds: it was saved by the same process into that directory, and the directory's
@@ -10,10 +11,12 @@ checkpoint, whatever the rollout, scoring and eval in between drew.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcpo_cli.console import out
 from dcpo_cli.files.checkpoint import read_trainer_state, restore_rng, rng_snapshot
 
 
@@ -21,7 +24,7 @@ from dcpo_cli.files.checkpoint import read_trainer_state, restore_rng, rng_snaps
 class ResidentPolicy:
     """A train-step's updated policy, kept in memory, and the checkpoint it equals."""
 
-    policy: Any  # train_step.Policy
+    policy: Any  # train.step.Policy
     checkpoint: Path  # resolved
     trainer_state: dict[str, Any]  # as read back from the checkpoint
     rng: dict[str, Any]
@@ -42,15 +45,106 @@ class ResidentPolicy:
         return model_dir == self.checkpoint and read_trainer_state(model_dir) == \
             self.trainer_state
 
-    def policy_for(self, model_dir: Path, options: Any, data: Any) -> Any:
-        """The policy as train-step would load it from `model_dir` (None: not this one)."""
-        from dcpo_cli.files.checkpoint import vocab_size
-        from dcpo_cli.train.inputs import check_vocab
-        from dcpo_cli.train.step import continue_schedule
-
+    def take(self, model_dir: Path) -> tuple[Any, dict[str, Any]] | None:
+        """train-step's `KeptPolicy`: the policy and trainer state `model_dir` holds, with the
+        RNG restored as loading the checkpoint would (None: not this checkpoint)."""
         if not self.holds(model_dir):
             return None
-        check_vocab(data, vocab_size(self.policy.model))
         restore_rng(self.rng)
-        return continue_schedule(self.policy, self.trainer_state, options)
+        return self.policy, self.trainer_state
 
+
+class ResidentEngine:
+    """The one generation engine of the run, holding the weights of `model_dir`: the
+    rollouts' and evaluations' engine alike. Stages get a `LazyEngine`, so a stage that
+    finds its output already written never loads or syncs anything."""
+
+    def __init__(self, kind: str, settings: Any, lora_rank: int | None = None) -> None:
+        self.kind, self.settings = kind, settings
+        self.lora_rank = lora_rank  # LoRA training: vLLM must start with LoRA on
+        self.engine: Any = None
+        self.model_dir: Path | None = None
+        self.pushes = 0  # in-memory weight updates
+        self.loads = 0  # engines started from a model directory
+        self.part = (0, 1)  # this rank's share of each generation (colocated.py)
+
+    def lazy(self, model_dir: Path, resident: Any) -> Any:
+        from dcpo_cli.parallel import distributed
+
+        if distributed.world().sharded:
+            from dcpo_cli.run.colocated import LeaderEngine
+
+            return LeaderEngine(self, model_dir, resident)
+        return LazyEngine(self, model_dir, resident)
+
+    def holding(self, model_dir: Path, resident: Any) -> Any:
+        from dcpo_cli.engines import load_engine
+
+        model_dir = Path(model_dir).resolve()
+        if self.engine is not None and self.model_dir == model_dir:
+            return self.engine
+        if self.engine is not None and self._takes_adapter(model_dir):
+            # LoRA: the engine keeps its base and takes the new adapter from the checkpoint
+            self.engine.use_adapter(model_dir)
+            self.model_dir = model_dir
+            self.pushes += 1
+            return self.engine
+        if (self.engine is not None and resident is not None and resident.holds(model_dir)
+                and callable(getattr(self.engine, "load_weights", None))):
+            from dcpo_cli.parallel.fsdp import full_weights
+
+            self.engine.load_weights(full_weights(resident.policy.model))
+            self.model_dir = model_dir
+            self.pushes += 1
+            return self.engine
+        if self.engine is not None:
+            # after a resume, a new engine loads the checkpoint, as `dcpo rollout` would
+            self.close()
+            out.print(f"[dim]loading a new {self.kind} engine from {model_dir}[/]",
+                      highlight=False)
+        from dcpo_cli.parallel import distributed
+
+        options = self.settings.options_for(self.kind)
+        if self.kind == "vllm":
+            options["resident"] = True  # sleeps while the policy trains (GPUs)
+            if self.lora_rank:
+                options["lora_rank"] = self.lora_rank
+            # under torchrun: in this rank's process, one engine per tensor-parallel group
+            options["colocated"] = distributed.world().sharded
+        self.engine = load_engine(self.kind, model_dir, **options)
+        self.model_dir = model_dir
+        self.loads += 1
+        return self.engine
+
+    def _takes_adapter(self, model_dir: Path) -> bool:
+        """`model_dir` is a LoRA checkpoint of the base the engine holds."""
+        from dcpo_cli.files import lora
+
+        if not lora.is_adapter(model_dir) or not callable(getattr(self.engine, "use_adapter",
+                                                                  None)):
+            return False
+        return Path(self.engine.base_path).resolve() == lora.base_source(model_dir).path.resolve()
+
+    def release(self) -> None:
+        """Before a train-step: let the engine free memory the training needs (`release`,
+        optional like `load_weights`: an engine without it keeps what it holds)."""
+        release = getattr(self.engine, "release", None)
+        if callable(release):
+            release()
+
+    def close(self) -> None:
+        close = getattr(self.engine, "close", None)
+        if callable(close):
+            close()
+        self.engine, self.model_dir = None, None
+        gc.collect()
+
+
+class LazyEngine:
+    """Stands for the engine holding `model_dir`; made real on first use."""
+
+    def __init__(self, owner: ResidentEngine, model_dir: Path, resident: Any) -> None:
+        self._owner, self._model_dir, self._resident = owner, model_dir, resident
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._owner.holding(self._model_dir, self._resident), name)

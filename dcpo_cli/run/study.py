@@ -3,11 +3,13 @@
 The study directory holds:
 
 - `study.json`: the study's algorithms, seeds and run settings (the `dcpo run` settings
-  flags and --set values it was given), written before the first run starts; a re-run reads
-  it, so it needs no flags, and one that asks for other settings is refused;
-- `<algo>-s<seed>/`: a `dcpo run` directory, made by a `dcpo run` subprocess and holding
-  exactly what `dcpo run` writes (run.toml included), so any of them can be resumed,
-  reported or compared on its own;
+  flags, launch included, and --set values it was given), written before the first run
+  starts; a re-run reads it, so it needs no flags, and one that asks for other settings is
+  refused;
+- `<algo>-s<seed>/`: a `dcpo run` directory: the study writes its run.toml, then starts
+  `dcpo run <algo>-s<seed>` with no settings flags, so any of them can be resumed,
+  reported or compared on its own; one whose run.toml differs from the study's settings in
+  any field (steps and trackers aside) is refused;
 - `logs/<algo>-s<seed>.log`: each run's output, appended by every attempt;
 - `wall_seconds.json`: each run's wall time, summed over its attempts (updated while it runs,
   so a killed study loses at most a few seconds of it).
@@ -27,23 +29,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.run.config import (
+    CHANGEABLE,
     CONFIG_FILE,
     Config,
     first_difference,
     flag_of,
-    given_flags,
     new_config,
     parse_set,
     read_config,
-    resolve,
     show,
+    write_config,
 )
 
 SETTINGS_FILE = "study.json"
@@ -90,13 +91,22 @@ class Study:
         return new_config(self.given(run), self.set_pairs())
 
     def config(self, run: StudyRun) -> Config:
-        """The run's configuration: its run.toml (refusing other settings), else a new one."""
-        return resolve(self.run_dir(run), self.given(run), self.set_pairs())[0]
-
-    def run_values(self, run: StudyRun) -> dict[str, Any]:
-        """The run's `dcpo run` keyword values (for its command line)."""
-        sets = [f"{key}={json.dumps(value)}" for key, value in self.sets.items()]
-        return {**self.given(run), **({"set_": sets} if sets else {})}
+        """The run's configuration, the study's; a run.toml already there that differs in any
+        field but the changeable ones (steps, trackers) is refused."""
+        config = self.new_config(run)
+        path = self.run_dir(run) / CONFIG_FILE
+        if path.is_file():
+            stored = read_config(path)
+            for section, name in CHANGEABLE:
+                stored[section][name] = config[section][name]
+            differs = first_difference(config, stored)
+            if differs:
+                section, name = differs
+                raise DcpoError(f"{path}: this run was made with {section}.{name} = "
+                                f"{show(stored[section][name])}, but the study's is "
+                                f"{show(config[section][name])}; move the run away or use "
+                                "another STUDY_DIR")
+        return config
 
     def record(self) -> dict[str, Any]:
         return {"algos": self.algos, "seeds": self.seeds, "flags": self.flags, "set": self.sets}
@@ -116,6 +126,14 @@ def load_study(directory: Path) -> Study | None:
                         ) from None
     if not study.algos or not study.seeds:
         raise DcpoError(f"{path}: no algorithms or no seeds")
+    if any(seed < 0 for seed in study.seeds) or len(set(study.seeds)) != len(study.seeds):
+        raise DcpoError(f"{path}: seeds must be distinct and at least 0 (got "
+                        f"{_seeds(study.seeds)})")
+    from dcpo_cli.options import ALGORITHMS
+
+    unknown = [algo for algo in study.algos if algo not in ALGORITHMS]
+    if unknown:
+        raise DcpoError(f"{path}: unknown algorithm {unknown[0]!r}")
     return study
 
 
@@ -124,10 +142,10 @@ def save_study(study: Study) -> None:
 
 
 def plan_study(directory: Path, algos: list[str] | None, seeds: int | None,
-               first_seed: int | None, values: dict[str, Any]) -> Study:
+               first_seed: int | None, given: dict[str, Any], set_items: list[str]) -> Study:
     """The study to run: the stored one (study.json) with this invocation's options, all
     checked against it and against every run directory already there. Writes nothing.
-    `values`: the `dcpo run` options given (keyword values; None: not given)."""
+    `given`: the `dcpo run` flags given (flag -> value), `set_items` the --set values."""
     from dcpo_cli.core.presets import PRESETS
 
     directory = Path(directory)
@@ -140,11 +158,12 @@ def plan_study(directory: Path, algos: list[str] | None, seeds: int | None,
         if algos.count(algo) > 1:
             raise DcpoError(f"--algo {algo} is given twice")
     if seeds is not None and seeds < 1:
-        raise DcpoError(f"--seeds {seeds}: must be at least 1")
-    flags = {name: _plain(value) for name, value in given_flags(values).items()
-             if name not in OWNED}
+        raise DcpoError(f"--seeds must be at least 1 (got {seeds})")
+    if first_seed is not None and first_seed < 0:
+        raise DcpoError(f"--seed must be at least 0 (got {first_seed})")
+    flags = {name: _plain(value) for name, value in given.items() if name not in OWNED}
     sets = {f"{section}.{name}": value
-            for (section, name), value in parse_set(values.get("set_") or []).items()}
+            for (section, name), value in parse_set(set_items).items()}
     for key in sets:
         if key in ("train.algo", "rollout.seed", "train.seed", "eval.seed"):
             raise DcpoError(f"--set {key}: the study sets it per run (--algo, --seed, --seeds)")
@@ -190,11 +209,22 @@ def plan_study(directory: Path, algos: list[str] | None, seeds: int | None,
 
 
 def check_runs(study: Study, verbose: bool = False) -> None:
-    """Every run's stage options checked as `dcpo run` checks them (imports torch)."""
-    from dcpo_cli.run.loop import check_config
+    """Every run's settings checked as `dcpo run` checks them, launch included (imports
+    torch); an error names the run."""
+    from dcpo_cli.run.checks import SettingError, check_run, flag_origin
 
     for run in study.runs():
-        check_config(study.run_dir(run), study.config(run), verbose)
+        config = study.config(run)
+        launch = config["launch"]
+        try:
+            if launch["nproc_per_node"] is not None:
+                from dcpo_cli.parallel.launch import Launch
+
+                Launch(launch["nproc_per_node"], launch["nnodes"]).check_capacity()
+            check_run(config, study.run_dir(run), verbose)
+        except SettingError as exc:
+            error = exc.worded(flag_origin(study.flags, study.set_pairs()), None)
+            raise DcpoError(f"{run.name}: {error}") from None
 
 
 def is_finished(run_dir: Path, config: Config) -> bool:
@@ -254,14 +284,17 @@ class Outcome:
     log: Path | None = None
 
 
-def execute(study: Study, command: Callable[[StudyRun], list[str]], jobs: int = 1,
-            processes_per_run: int = 1, poll: float = 0.5) -> list[Outcome]:
-    """Run every unfinished run of the study (`command(run)`: its `dcpo run` command line),
-    `jobs` at once, with a progress display; returns one outcome per run."""
+def execute(study: Study, passed: list[str], jobs: int = 1, poll: float = 0.5
+            ) -> list[Outcome]:
+    """Run every unfinished run of the study (`dcpo run RUN_DIR` with the flags `passed`,
+    after writing its run.toml), `jobs` at once, with a progress display; returns one
+    outcome per run."""
     from dcpo_cli.console import progress
 
     configs = {run: study.config(run) for run in study.runs()}
     pending = [run for run in study.runs() if not is_finished(study.run_dir(run), configs[run])]
+    launch = next(iter(configs.values()))["launch"]
+    processes_per_run = launch["nproc_per_node"] or 1
     outcomes = {run: Outcome(run, "already finished", steps=configs[run]["loop"]["steps"])
                 for run in study.runs() if run not in pending}
     save_study(study)
@@ -283,7 +316,9 @@ def execute(study: Study, command: Callable[[StudyRun], list[str]], jobs: int = 
                 while pending and len(active) < max(1, jobs):
                     run = pending.pop(0)
                     log = study.directory / LOGS / f"{run.name}.log"
-                    active[run] = (_start(command(run), log, env), time.monotonic(),
+                    write_config(configs[run], study.run_dir(run) / CONFIG_FILE)
+                    command = python_command(study.run_dir(run), passed)
+                    active[run] = (_start(command, log, env), time.monotonic(),
                                    wall.get(run.name, 0.0))
                     outcomes[run] = Outcome(run, "running", log=log)
                 for run, (process, started, before) in list(active.items()):

@@ -36,7 +36,7 @@ from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.files import contracts
 from dcpo_cli.files.model_source import ModelSource, model_identity, resolve_model
-from dcpo_cli.options import RolloutOptions
+from dcpo_cli.options import RolloutOptions, parse_shard  # noqa: F401  (public here too)
 
 
 @dataclass
@@ -114,18 +114,6 @@ def select_round(num_prompts: int, batch_size: int, step: int, seed: int,
                 used.add(index)
                 chosen.append(index)
     return chosen
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n), 0 <= i < n."""
-    index, sep, count = text.partition("/")
-    try:
-        shard = (int(index), int(count))
-    except ValueError:
-        shard = None
-    if not sep or shard is None or shard[1] < 1 or not 0 <= shard[0] < shard[1]:
-        raise DcpoError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
-    return shard
 
 
 def shard_part(items: list, shard: tuple[int, int]) -> list:

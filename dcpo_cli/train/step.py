@@ -20,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -86,6 +86,19 @@ from dcpo_cli.train.update import (  # noqa: F401  (forward_logprobs: public her
 __all__ = ["Outcome", "TrainOptions", "load_scored", "metrics_table", "run_train_step"]
 
 
+class KeptPolicy(Protocol):
+    """A policy its caller keeps in memory (`dcpo run`), standing in for a checkpoint."""
+
+    def take(self, model_dir: Path) -> tuple[Policy, dict[str, Any]] | None:
+        """The policy and trainer state the checkpoint `model_dir` holds, or None."""
+
+
+class MetricsSink(Protocol):
+    """Where rank 0 mirrors a step's metrics (experiment trackers)."""
+
+    def log(self, kind: str, values: dict[str, Any], step: int) -> None: ...
+
+
 @dataclass
 class Outcome:
     status: str  # "trained", "synced" (already trained; state synced) or "done"
@@ -117,14 +130,15 @@ class Policy:
 
 def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_path: Path,
                    out: Path, options: TrainOptions, *, show_progress: bool = True,
-                   resident: Any = None, trackers: Any = None) -> Outcome:
+                   resident: KeptPolicy | None = None, trackers: MetricsSink | None = None
+                   ) -> Outcome:
     """`model`: a directory, a checkpoint or a Hub id[@revision] (resolved here, once).
 
     Under torchrun every rank runs this; rank 0 alone decides whether the step is new (and
     tells the others) and alone writes files, apart from each rank's training-state shard.
-    `resident` (`dcpo run`): a `resident.ResidentPolicy` whose in-memory policy replaces
-    loading `model` when it is exactly what the `model` checkpoint holds; the updated policy
-    comes back in `Outcome.policy`. `trackers` (`files.trackers.Trackers`): where rank 0
+    `resident` (`dcpo run`): a `KeptPolicy` whose in-memory policy replaces loading `model`
+    when it is exactly what the `model` checkpoint holds; the updated policy comes back in
+    `Outcome.policy`. `trackers` (a `MetricsSink`, `files.trackers.Trackers`): where rank 0
     mirrors the metrics after the metrics log (a step logged before is not logged again)."""
     started = time.perf_counter()
     world = distributed.init()
@@ -152,8 +166,12 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     state, state_before = distributed.on_main(aligned)
 
     load_started = time.perf_counter()
-    policy = resident.policy_for(model_dir, options, data) if resident is not None else None
-    policy = policy or load_policy(source, options, data)
+    kept = resident.take(model_dir) if resident is not None else None
+    if kept is not None:
+        check_vocab(data, vocab_size(kept[0].model))
+        policy = continue_schedule(*kept, options)
+    else:
+        policy = load_policy(source, options, data)
     ref = choose_reference(source, options, config, policy)
     load_seconds = time.perf_counter() - load_started
 
@@ -319,7 +337,7 @@ def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoCon
     return StepReference(chosen, ref_source)
 
 
-def report(trackers: Any, metrics: dict[str, Any]) -> None:
+def report(trackers: MetricsSink | None, metrics: dict[str, Any]) -> None:
     """The step's metrics to the trackers, at its global step (after the files: a tracker
     never stands in for them; one that fails only warns)."""
     if trackers:
@@ -327,7 +345,7 @@ def report(trackers: Any, metrics: dict[str, Any]) -> None:
 
 
 def _finish_resumed(decision: str, out: Path, state_path: Path, options: TrainOptions,
-                    trackers: Any = None) -> Outcome:
+                    trackers: MetricsSink | None = None) -> Outcome:
     """CKPT is already written: finish the state update ("sync"), the metrics log and the
     pruning of older training states (rank 0 alone)."""
     metrics = json.loads((out / METRICS).read_text())
