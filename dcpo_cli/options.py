@@ -12,10 +12,9 @@ import that they name the same things.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import check_fields, choices, fail, new_default, option  # noqa: F401

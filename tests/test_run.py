@@ -266,7 +266,7 @@ def test_a_changed_flag_is_refused_and_nothing_is_written(tmp_path):
     ("rollout", "seed = true", ["[rollout] seed", "expected an integer"]),
     ("loop", "benchmark = [1, 2]", ["[loop] benchmark", "expected a list of strings"]),
     ("engine", 'engine_args = ["x"]', ["[engine] engine_args", "expected a table"]),
-    ("train", "lr = -1.0", ["[train] lr and warmup_steps must be >= 0"]),
+    ("train", "lr = -1.0", ["[train] lr must be >= 0"]),
     ("loop", "max_rounds = 0", ["[loop] max_rounds must be at least 1"]),
 ])
 def test_a_bad_value_in_run_toml_names_its_table_and_field(tmp_path, table, line, fragments):
@@ -296,7 +296,12 @@ def test_a_set_value_of_the_wrong_type_is_one_line(tmp_path):
     result = run_dcpo("run", tmp_path / "run", "--set", "train.lr=fast", "--steps", "1")
     assert_one_line_error(result, "--set train.lr=fast", "expected a number")
     result = run_dcpo("run", tmp_path / "run", "--set", "train.lr=-1", "--steps", "1")
-    assert_one_line_error(result, "--lr")  # from the command line: the flags' own words
+    # from the command line: the words of the option that set it
+    assert_one_line_error(result, "--set train.lr: must be >= 0")
+    result = run_dcpo("run", tmp_path / "run", "--lr", "-1", "--steps", "1")
+    assert_one_line_error(result, "--lr must be >= 0")
+    result = run_dcpo("run", tmp_path / "run", "--eval-at", "-1", "--steps", "1")
+    assert_one_line_error(result, "--eval-at must be >= 0")
     assert not (tmp_path / "run").exists()
 
 

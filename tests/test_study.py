@@ -249,8 +249,8 @@ def test_a_rerun_with_other_settings_is_refused(one_run_study, env):
 @pytest.mark.parametrize("args, fragments", [
     (["--algo", "ppo"], ["--algo 'ppo'", "unknown algorithm", "dcpo, grpo"]),
     (["--algo", "dcpo", "--algo", "dcpo"], ["--algo dcpo", "twice"]),
-    (["--algo", "dcpo", "--seeds", "0"], ["--seeds 0", "at least 1"]),
-    (["--algo", "dcpo", "--jobs", "0"], ["--jobs 0", "at least 1"]),
+    (["--algo", "dcpo", "--seeds", "0"], ["--seeds must be at least 1"]),
+    (["--algo", "dcpo", "--jobs", "0"], ["--jobs must be at least 1"]),
     (["--algo", "dcpo", "--set", "train.algo=grpo"], ["--set train.algo", "per run"]),
     ([], ["no study here yet", "--algo"]),
 ])
@@ -271,9 +271,17 @@ def test_a_run_directory_with_other_settings_is_refused(tmp_path):
     before = files_of(study_dir)
     result = run_dcpo("study", study_dir, "--algo", "dcpo", "--seeds", "1", "--steps", "1",
                       "--lr", "1e-3")
-    assert_one_line_error(result, f"dcpo-s0/{CONFIG_FILE}", "train.lr = 0.002", "0.001",
-                          "--lr")
+    assert_one_line_error(result, f"dcpo-s0/{CONFIG_FILE}", "train.lr = 0.002", "0.001")
     assert files_of(study_dir) == before  # no study.json, no logs/
+    # a setting the study was not given differs too: refused all the same
+    config = new_config({"algo": "dcpo", "seed": 0, "lr": 1e-3, "steps": 1},
+                        {("train", "weight_decay"): 0.5})
+    write_config(config, study_dir / "dcpo-s0" / CONFIG_FILE)
+    before = files_of(study_dir)
+    result = run_dcpo("study", study_dir, "--algo", "dcpo", "--seeds", "1", "--steps", "1",
+                      "--lr", "1e-3")
+    assert_one_line_error(result, f"dcpo-s0/{CONFIG_FILE}", "train.weight_decay = 0.5", "0.1")
+    assert files_of(study_dir) == before
 
 
 def test_a_study_json_with_other_settings_is_refused(tmp_path):
@@ -295,7 +303,8 @@ def test_a_study_json_with_other_settings_is_refused(tmp_path):
 def test_help_has_every_dcpo_run_option():
     run_help, study_help = run_dcpo("run", "--help").stdout, run_dcpo("study", "--help").stdout
     options = set(re.findall(r"--[a-z][a-z0-9-]+", run_help))
-    assert options - set(re.findall(r"--[a-z][a-z0-9-]+", study_help)) == set()
+    per_node = {"--node-rank", "--master-addr", "--master-port"}  # one node's invocation
+    assert options - set(re.findall(r"--[a-z][a-z0-9-]+", study_help)) == per_node
     for own in ("--algo", "--seeds", "--seed", "--jobs"):
         assert own in study_help
 
@@ -303,28 +312,32 @@ def test_help_has_every_dcpo_run_option():
 # ---------------------------------------------------------------- the command lines
 
 
-def test_each_runs_command_line_parses_to_its_configuration(tmp_path):
-    """The study's `dcpo run` command line, parsed by `dcpo run`'s own options, resolves to
-    the configuration the study planned for that run (flags, --set and all)."""
-    import typer
+def test_each_run_is_its_run_toml_and_a_bare_dcpo_run(tmp_path, monkeypatch):
+    """The study writes each run's run.toml (the configuration it planned: flags, --set and
+    all) and starts `dcpo run RUN_DIR` with no settings flags."""
+    from dcpo_cli.run import study as study_module
+    from dcpo_cli.run.config import CONFIG_FILE, read_config
+    from dcpo_cli.run.study import execute, plan_study
 
-    from dcpo_cli.commands import run_cmd, study_cmd
-    from dcpo_cli.run.config import resolve_values
-    from dcpo_cli.run.study import plan_study
+    given = {"steps": 7, "lr": 3e-4, "batch_size": 8, "tiny_size": "test", "n": 2,
+             "eval_at": 4}
+    plan = plan_study(tmp_path / "s", ["dcpo", "dapo"], 2, 5, given,
+                      ["train.weight_decay=0.0", "score.timeout=9"])
+    started = []
 
-    values = {"steps": 7, "lr": 3e-4, "batch_size": 8, "tiny_size": "test", "n": 2,
-              "eval_at": 4, "set_": ["train.weight_decay=0.0", "score.timeout=9"]}
-    plan = plan_study(tmp_path / "s", ["dcpo", "dapo"], 2, 5, values)
-    app = typer.Typer(add_completion=False)
-    app.command()(run_cmd.run)
-    command = typer.main.get_command(app)
-    for run in plan.runs():
-        args = study_cmd.tokens(plan.run_values(run))
-        parsed = command.make_context("run", [str(plan.run_dir(run)), *args]).params
-        config, _ = resolve_values(plan.run_dir(run), parsed)
+    def fake_start(command, log, env):  # record the command, run nothing
+        started.append(command)
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(study_module, "_start", fake_start)
+    execute(plan, ["--verbose"], poll=0.01)
+    assert [r.name for r in plan.runs()] == ["dcpo-s5", "dapo-s5", "dcpo-s6", "dapo-s6"]
+    for run, command in zip(plan.runs(), started, strict=True):
+        assert command[-3:] == ["run", str(plan.run_dir(run)), "--verbose"]
+        config = read_config(plan.run_dir(run) / CONFIG_FILE)
         assert config == plan.new_config(run), run
         assert config["train"]["algo"] == run.algo and config["rollout"]["seed"] == run.seed
-    assert [r.name for r in plan.runs()] == ["dcpo-s5", "dapo-s5", "dcpo-s6", "dapo-s6"]
+        assert config["train"]["weight_decay"] == 0.0 and config["score"]["timeout"] == 9
 
 
 # ---------------------------------------------------------------- the report's arithmetic

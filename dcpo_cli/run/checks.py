@@ -73,7 +73,8 @@ class SettingError(DcpoError):
 
 
 def settings_of(config: Config, run_dir: Path, verbose: bool = False) -> RunSettings:
-    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"}, "engine": {"verbose": verbose}}
+    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
+             "engine": {"verbose": verbose}}
     tables = {section: stage_options(config, section, **fixed.get(section, {}))
               for section in ("loop", "launch", "rollout", "score", "train", "eval", "engine")}
     return RunSettings(**tables, config=config)

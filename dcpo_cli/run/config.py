@@ -197,7 +197,7 @@ def _describe(hint: Any) -> str:
                           and typing.get_origin(args[0]) is tuple):
         return "a table"
     plural = {int: "integers", float: "numbers", str: "strings"}
-    if origin is list:
+    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
         return f"a list of {plural.get(args[0], 'values')}"
     if origin is tuple:
         return f"a list of {len(args)} {plural.get(args[0], 'values')}"
