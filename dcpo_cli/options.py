@@ -130,7 +130,7 @@ class RolloutOptions(SamplingOptions):
     max_prompt_tokens: int | None = option(None, "Skip (and count) prompts longer than this, "
                                            "instead of truncating them.", panel=SAMPLING,
                                            at_least=1)
-    seed: int = option(0, "Seeds the prompt shuffle and the sampling.")
+    seed: int = option(0, "Seeds the prompt shuffle and the sampling.", at_least=0)
     shard: tuple[int, int] = option((0, 1), "i/n: generate only part i of n of the step's "
                                     "prompts (data-parallel rollout, one file per shard).",
                                     cli_type=str, cli_default="0/1", parse=parse_shard)
@@ -181,7 +181,7 @@ class EvalOptions(SamplingOptions):
                                       "Repeatable.", panel="Metrics", flags=("--pass-at",),
                                       cli_type=list[int], cli_default=[],
                                       parse=lambda ks: tuple(sorted(set(ks))))
-    seed: int = option(0, "Sampling seed.", panel=SAMPLING)
+    seed: int = option(0, "Sampling seed.", panel=SAMPLING, at_least=0)
     instruction: str = option(PAPER_INSTRUCTION, "The instruction given with each problem ('' "
                               "for none). verl-layout files keep their own messages.",
                               panel="Prompts")
@@ -279,7 +279,7 @@ class TrainOptions:
     epochs: int = option(1, "Passes over the step's responses.", panel=OPTIMIZATION,
                          at_least=1)
     seed: int = option(0, "Seed of the mini-batch shuffle (with the step, epoch).",
-                       panel=OPTIMIZATION)
+                       panel=OPTIMIZATION, at_least=0)
     gradient_checkpointing: bool = option(False, "Recompute activations in backward.",
                                           panel=OPTIMIZATION,
                                           flags=("--gradient-checkpointing/"

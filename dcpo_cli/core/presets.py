@@ -3,7 +3,8 @@ four presets as instances of it. No torch here, so the command line can list the
 without importing it; the math that reads these fields is in `dcpo_cli.core.algorithms`
 (docs/design.md section 1).
 
-A new preset is one more `PRESETS` entry (keyword fields); `--algo` lists it by itself.
+A new preset is one more `PRESETS` entry (keyword fields) and its name in
+`options.ALGORITHMS`, the command line's list (checked here at import).
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.options import ADVANTAGES, ALGORITHMS, CLIP_MODES, KL_TYPES, LOSS_AGGS
 
-CLIP_MODES = ("dac", "fixed", "sequence")
-ADVANTAGES = ("sas", "grpo")
-LOSS_AGGS = ("otm", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-             "seq-mean-token-sum-norm")
-KL_TYPES = ("k1", "k2", "low_var_kl")
+__all__ = ["ADVANTAGES", "CLIP_MODES", "KL_TYPES", "LOSS_AGGS", "PRESETS", "AlgoConfig",
+           "resolve_config", "validate_config"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,9 @@ PRESETS: dict[str, AlgoConfig] = {
                        loss_agg="seq-mean-token-mean", drop_uniform_groups=False,
                        kl_coef=0.001, kl_type="low_var_kl"),
 }
+
+
+assert tuple(PRESETS) == ALGORITHMS, "options.ALGORITHMS names the presets"
 
 
 def resolve_config(algo: str, **overrides) -> AlgoConfig:

@@ -6,18 +6,18 @@ from pathlib import Path
 
 from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.options import ENGINES, SERVABLE
 
 # The engine registry: name -> "module:class", imported only when chosen. A new back end is
-# one module implementing `Engine` (see base.py) and one entry here; `--engine` lists it.
+# one module implementing `Engine` (see base.py), one entry here and its name in
+# options.ENGINES (the command line's list).
 REGISTRY = {
     "hf": "dcpo_cli.engines.hf:HFEngine",
     "vllm": "dcpo_cli.engines.vllm:VllmEngine",
     "server": "dcpo_cli.engines.server:ServerEngine",  # a running `dcpo serve`, over HTTP
 }
-ENGINES = ("auto", *REGISTRY)
-
-# The engines `dcpo serve` can hold (not itself).
-SERVABLE = tuple(name for name in ENGINES if name != "server")
+# the command line's names (options.py) are these
+assert ("auto", *REGISTRY) == ENGINES and tuple(e for e in ENGINES if e != "server") == SERVABLE
 
 __all__ = ["ENGINES", "REGISTRY", "SERVABLE", "Completion", "Engine", "SamplingSettings",
            "engine_options", "load_engine", "pick_engine"]

@@ -48,13 +48,12 @@ def plan_run(run_dir: Path, given: dict[str, Any], set_items: list[str],
     stored = read_config(stored_path) if stored_path.is_file() else None
     config, rewrite = resolve(run_dir, given, sets)
     under_torchrun = "RANK" in os.environ
-    launch = _launch(config["launch"], invocation) if not under_torchrun else None
-    world_size = int(os.environ["WORLD_SIZE"]) if under_torchrun else \
-        (launch.world_size if launch else 1)
     try:
-        settings = check_run(config, run_dir, invocation.verbose, world_size)
+        settings = check_run(config, run_dir, invocation.verbose,
+                             int(os.environ["WORLD_SIZE"]) if under_torchrun else None)
     except SettingError as exc:
         raise exc.worded(flag_origin(given, sets), stored_path if stored else None) from None
+    launch = _launch(config["launch"], invocation) if not under_torchrun else None
     if stored is not None and stored["launch"] != config["launch"] and not under_torchrun:
         err.print(f"{run_dir}: made on {_processes(stored['launch'])}, continuing on "
                   f"{_processes(config['launch'])} (the training state reshards)",

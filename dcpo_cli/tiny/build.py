@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dcpo_cli.options import TINY_SIZES
 from dcpo_cli.tiny.model import DEFAULT_SIZE, TEST_SIZE, TinySize
 from dcpo_cli.tiny.prebuilt import (  # noqa: F401  (re-exported)
     PREBUILT_FILES,
@@ -66,6 +67,7 @@ CONFIGS = {
     "test": TinyConfig(about="a reduced configuration that trains in seconds", model=TEST_SIZE,
                        test_fraction=0.02, sft_steps=12, sft_batch=16, sft_lr=3e-3),
 }
+assert tuple(CONFIGS) == TINY_SIZES, "options.TINY_SIZES names the sizes"
 
 # The deliberate imperfections of the warm-start solutions. A two-step solution sometimes
 # stops after its first step and boxes that intermediate result (a habit RL can unlearn for
