@@ -96,6 +96,8 @@ def check_run(config: Config, run_dir: Path, verbose: bool = False,
                    pick_engine(settings.rollout.engine))),
                ("rollout", lambda: _refuse_server(settings.rollout.engine)),
                ("eval", lambda: _refuse_server(settings.eval.engine))]
+    if world_size is None and settings.launch.nproc_per_node is not None:
+        checks.append(("launch", lambda: _check_capacity(settings.launch)))
     world = world_size or settings.world_size
     if world > 1:
         from dcpo_cli.run.colocated import check_world
@@ -127,6 +129,12 @@ def flag_origin(given: dict[str, Any], sets: dict[tuple[str, str], Any]
         return None
 
     return origin
+
+
+def _check_capacity(launch: LaunchOptions) -> None:
+    from dcpo_cli.parallel.launch import Launch
+
+    Launch(launch.nproc_per_node, launch.nnodes).check_capacity()
 
 
 def _refuse_server(engine: str) -> None:

@@ -215,12 +215,7 @@ def check_runs(study: Study, verbose: bool = False) -> None:
 
     for run in study.runs():
         config = study.config(run)
-        launch = config["launch"]
         try:
-            if launch["nproc_per_node"] is not None:
-                from dcpo_cli.parallel.launch import Launch
-
-                Launch(launch["nproc_per_node"], launch["nnodes"]).check_capacity()
             check_run(config, study.run_dir(run), verbose)
         except SettingError as exc:
             error = exc.worded(flag_origin(study.flags, study.set_pairs()), None)
