@@ -63,9 +63,9 @@ SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
 [ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
 
-# ONE_COMMAND=1: the same run as one job, `dcpo run --nproc-per-node 8` (docs/scaling.md,
-# "dcpo run on several processes"): FSDP2 on the 8 GPUs, one vLLM engine per group of TP
-# GPUs in the ranks' own processes, asleep while the policy trains; the same files. Per GPU (computed,
+# ONE_COMMAND=1: the same run as one job, `dcpo run --nproc-per-node 8` (docs/scaling.md):
+# FSDP2 on the 8 GPUs, one vLLM engine per group of TP GPUs in the ranks' own processes,
+# asleep while the policy trains; the same files. Per GPU (computed,
 # not measured): 15.2 GB of sharded fp32 state + 3.1 GB gathered bf16 while training
 # (18.4 GB; the engine's weights sleep in host memory), and while generating those 15.2 GB
 # + the engine's bf16 weights (15.2 GB / TP) + its KV cache: GPU_MEMORY_UTILIZATION 0.35 of
