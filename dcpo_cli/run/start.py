@@ -57,7 +57,7 @@ def plan_run(run_dir: Path, given: dict[str, Any], set_items: list[str],
     if stored is not None and stored["launch"] != config["launch"] and not under_torchrun:
         err.print(f"{run_dir}: made on {_processes(stored['launch'])}, continuing on "
                   f"{_processes(config['launch'])} (the training state reshards)",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     return RunPlan(run_dir, settings, rewrite, launch)
 
 
