@@ -10,7 +10,9 @@ batch_size must be at least 1`), each from the same error. Standard library only
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,12 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any =
 def new_default(base: type, name: str, default: Any) -> Any:
     """`base`'s option `name`, declared there, with another default in a subclass."""
     return dataclasses.field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
+@functools.cache
+def hints(cls: type) -> dict[str, Any]:
+    """`cls`'s field types, resolved once (`dcpo --help` builds every command from them)."""
+    return typing.get_type_hints(cls)
 
 
 def spec_of(field: dataclasses.Field) -> Spec | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from dcpo_cli.fields import Spec, default_of, option_fields, spec_of
+from dcpo_cli.fields import Spec, default_of, hints, option_fields, spec_of
 
 
 def typer_option(name: str, hint: Any, spec: Spec, default: Any) -> inspect.Parameter:
@@ -34,13 +34,13 @@ def field_parameters(cls: type, defaults: Callable[[dataclasses.Field], Any] | N
                      optional: bool = False) -> list[inspect.Parameter]:
     """The command-line parameters of `cls`'s declared fields. `optional`: every default None
     ("not given") and every type optional, as `dcpo run`'s flags are."""
-    hints = typing.get_type_hints(cls)
+    types = hints(cls)
     params = []
     for field in option_fields(cls):
         spec = spec_of(field)
         if not spec.cli:
             continue
-        hint = spec.cli_type or hints[field.name]
+        hint = spec.cli_type or types[field.name]
         if optional:
             default = None
             hint = hint | None if typing.get_origin(hint) is not typing.Union and \

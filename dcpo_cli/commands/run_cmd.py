@@ -23,6 +23,7 @@ def run_flag_parameters(skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     first run takes."""
     import typing
 
+    from dcpo_cli.fields import hints
     from dcpo_cli.run.config import SECTIONS
 
     defaults = default_config()
@@ -32,7 +33,7 @@ def run_flag_parameters(skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
             continue
         field, spec = flag_declaration(flag)
         section, name = FLAGS[flag][0]
-        hint = spec.cli_type or typing.get_type_hints(SECTIONS[section])[field.name]
+        hint = spec.cli_type or hints(SECTIONS[section])[field.name]
         default = defaults[section][name]
         help_text = spec.help if default in (None, [], ()) else \
             f"{spec.help.rstrip('.')} (default: {_shown(default)})."

@@ -23,7 +23,7 @@ from typing import Any
 
 from dcpo_cli.engines.settings import EngineSettings
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.fields import Spec, spec_of
+from dcpo_cli.fields import Spec, hints, spec_of
 from dcpo_cli.options import (
     EvalOptions,
     LaunchOptions,
@@ -150,7 +150,7 @@ def parse_set(items: list[str]) -> dict[tuple[str, str], Any]:
 def type_error(section: str, name: str, value: Any) -> str | None:
     """What is wrong with the type of `value` for SECTION.FIELD, or None when it fits (so a
     wrong type is one line naming the field, not a TypeError deep in a stage)."""
-    hint = typing.get_type_hints(SECTIONS[section])[name]
+    hint = hints(SECTIONS[section])[name]
     return None if _fits(value, hint) else f"expected {_describe(hint)}, got {_show(value)}"
 
 
