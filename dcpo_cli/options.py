@@ -266,6 +266,10 @@ class TrainOptions:
         choices=ROLLOUT_CORRECTIONS)
     rollout_correction_cap: float = option(2.0, "The cap C of --rollout-correction.",
                                            panel="KL and sampler mismatch", above=0)
+    max_staleness: int = option(0, "Accept rollouts sampled by a policy up to K train steps "
+                                "older than --model (a lagged loop: generation overlapped "
+                                "with training); 0: only --model's own.",
+                                panel="KL and sampler mismatch", at_least=0)
     lr: float = option(1e-6, "Peak learning rate (AdamW).", panel=OPTIMIZATION, at_least=0)
     weight_decay: float = option(0.1, "AdamW weight decay.", panel=OPTIMIZATION, at_least=0)
     warmup_steps: int = option(10, "Linear lr warm-up, counted in train steps.",
@@ -313,7 +317,7 @@ class TrainOptions:
                                       "layer but the lm-head (verl's default).", panel=LORA)
 
     # How the step runs and what is kept, not what it computes: not in the record.
-    UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state")
+    UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state", "max_staleness")
 
     def record(self) -> dict[str, Any]:
         """The options that determine the result (recorded in the checkpoint)."""

@@ -79,6 +79,10 @@ SHORTCUTS: dict[str, Shortcut] = {
                         "K samples per test problem, avg@K."),
     "engine": Shortcut(("rollout.engine", "eval.engine"), "Engine",
                        "Generation engine: hf or vllm (rollouts and eval)."),
+    "max_staleness": Shortcut(("train.max_staleness",), "Training",
+                              "Overlap generation with training: step s trains on responses "
+                              "sampled by the policy of step s - K, generated (in a worker "
+                              "process) while step s - 1 trains; 0: one stage after another."),
     "lora_rank": Shortcut(("train.lora_rank",), "LoRA"),
     "lora_alpha": Shortcut(("train.lora_alpha",), "LoRA"),
     "lora_dropout": Shortcut(("train.lora_dropout",), "LoRA"),

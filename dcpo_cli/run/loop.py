@@ -70,9 +70,72 @@ def run_loop(run_dir: Path, settings: RunSettings, show_progress: bool = True
         loop.close()
 
 
+class Sampler:
+    """A step's inputs: its rollouts (DAPO's refill rounds too) and their scores, from a given
+    model, each stage skipped when its file exists. The loop's own (one process, or rank 0
+    under torchrun), or a generation worker's (`--max-staleness`, overlap.py)."""
+
+    def __init__(self, run_dir: Path, settings: RunSettings, prompts: Path,
+                 engines: ResidentEngine) -> None:
+        self.run_dir, self.settings, self.prompts = run_dir, settings, prompts
+        self.engines = engines
+        self.refill = refills(settings.config)
+
+    def step_inputs(self, step: int, model: Any, timing: StepTiming,
+                    policy: ResidentPolicy | None = None) -> list[Path]:
+        folder = step_dir(self.run_dir, step)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not self.refill:
+            return [self.sample(step, 0, folder / "rollouts.parquet",
+                                folder / "scored.parquet", model, timing, policy)]
+        # DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
+        # until --target-prompts groups have mixed outcomes, or loop.max_rounds are done
+        from dcpo_cli.files.contracts import read_metadata
+
+        scored, kept = [], 0
+        target = self.settings.train.target_prompts or self.settings.rollout.batch_size
+        rounds = self.settings.loop.max_rounds
+        for round_index in range(rounds):
+            if kept >= target:
+                break
+            scored.append(self.sample(step, round_index,
+                                      folder / f"rollouts-r{round_index}.parquet",
+                                      folder / f"scored-r{round_index}.parquet", model, timing,
+                                      policy))
+            kept += read_metadata(scored[-1])["mixed_groups"]
+        if kept < target:
+            err.print(f"warning: step {step} kept {kept} of {target} groups after {rounds} "
+                      "rounds; training on those", highlight=False)
+        return scored
+
+    def sample(self, step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
+               timing: StepTiming, policy: ResidentPolicy | None) -> Path:
+        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
+        from dcpo_cli.files.model_source import resolve_model
+        from dcpo_cli.stages.rollout import run_rollout
+        from dcpo_cli.stages.score import run_score
+
+        if not rollouts.is_file():
+            local = resolve_model(model).path
+            options = dataclasses.replace(self.settings.rollout, round=round_index)
+            summary = run_rollout(model, self.prompts, step, rollouts, options,
+                                  engine=self.engines.lazy(local, policy),
+                                  engine_settings=self.settings.engine)
+            timing.generate = (timing.generate or 0.0) + summary.seconds
+        if not scored.is_file():
+            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
+                                                             self.settings.score).seconds
+        return scored
+
+
 class RunLoop:
     """The loop's state, explicit: the run's settings, the engine and policy kept loaded,
-    the model the next step trains, and where the inputs are. `run()` reads top to bottom."""
+    and where the inputs are. `run()` reads top to bottom.
+
+    With `train.max_staleness` K > 0 step s trains on responses sampled by the policy of
+    step s - K (the base model for s <= K), and generation for step s + K runs in a worker
+    process while step s trains (overlap.py): a fixed lag, so the files do not depend on
+    timing and equal those of the same schedule run stage after stage."""
 
     def __init__(self, run_dir: Path, settings: RunSettings, show_progress: bool) -> None:
         from dcpo_cli.engines import pick_engine
@@ -90,22 +153,40 @@ class RunLoop:
         # one tracker run for the whole run directory, its settings run.toml's
         self.trackers = Trackers(list(settings.loop.report_to), run_dir,
                                  run_dir.resolve().name, settings.config)
-        self.refill = refills(settings.config)
-        self.base_model, self.prompts, self.benchmarks = self.on_leader(
+        self.base_model, prompts, self.benchmarks = self.on_leader(
             lambda: prepare_inputs(run_dir, settings.loop, settings.rollout.seed))
+        self.sampler = Sampler(run_dir, settings, prompts, self.engines)
+        self.lag = settings.train.max_staleness
+        self.worker = None  # the generation worker of a lagged run (overlap.py)
 
     def run(self) -> list[StepTiming]:
         steps, every = self.settings.loop.steps, self.settings.loop.eval_every
-        model: Any = self.base_model
-        timings = []
-        self.evaluate(model, "step-000000")
+        timings = [StepTiming(step, 0.0) for step in range(steps)]
+        self.evaluate(self.base_model, "step-000000")
+        if self.lag:
+            from dcpo_cli.run.overlap import GenerationWorker
+
+            self.worker = GenerationWorker(self.run_dir, self.settings, self.sampler.prompts)
+        inputs = {}
+        for step in range(min(self.lag, steps)):  # sampled by the base model, before any step
+            inputs[step] = self.worker.inputs(step, self.sampling_model(step), timings[step])
         for step in range(steps):
-            timing = self.train_step(step, model)
-            model = checkpoint_dir(self.run_dir, step + 1)
-            timings.append(timing)
+            started = time.perf_counter()
+            model = self.model_of(step)  # trained now, and it samples step + lag
+            if self.lag and step + self.lag < steps:  # generation ahead, while this step trains
+                self.worker.submit(step + self.lag, model)
+            elif not self.lag:
+                inputs[step] = self.on_leader(lambda step=step, model=model: (
+                    self.sampler.step_inputs(step, model, timings[step], self.policy)))
+            outcome = self.train(step, inputs.pop(step), timings[step])
+            if self.lag and step + self.lag < steps:
+                inputs[step + self.lag] = self.worker.collect(timings[step + self.lag])
+            timings[step].wall = time.perf_counter() - started
+            if self.world.is_main:
+                out.print(_step_line(timings[step], outcome), highlight=False)
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                self.evaluate(model, f"step-{step + 1:06d}")
-        self.evaluate(model, f"step-{steps:06d}")
+                self.evaluate(self.model_of(step + 1), f"step-{step + 1:06d}")
+        self.evaluate(self.model_of(steps), f"step-{steps:06d}")
         if self.engines.loads and self.world.is_main:
             out.print(f"[dim]{self.kind} engine: {self.engines.loads} start(s), "
                       f"{self.engines.pushes} in-memory weight update(s)"
@@ -113,7 +194,17 @@ class RunLoop:
                          else "") + "[/]", highlight=False)
         return timings
 
+    def model_of(self, step: int) -> Any:
+        """The model step `step` trains (the policy before it): the base or a checkpoint."""
+        return self.base_model if step == 0 else checkpoint_dir(self.run_dir, step)
+
+    def sampling_model(self, step: int) -> Any:
+        """The policy that samples step `step`'s responses: `step - lag` steps old."""
+        return self.model_of(max(step - self.lag, 0))
+
     def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.engines.close()
         self.trackers.close()
 
@@ -123,69 +214,20 @@ class RunLoop:
 
         return on_leader(work, self.engines, lambda: self.policy)
 
-    def train_step(self, step: int, model: Any) -> StepTiming:
-        """Sample and score step `step`'s inputs from `model`, then train on them."""
+    def train(self, step: int, scored: list[Path], timing: StepTiming) -> Any:
+        """Train step `step` on `scored`, from the policy it holds or the checkpoint."""
         from dcpo_cli.train.step import run_train_step
 
-        started = time.perf_counter()
-        timing = StepTiming(step, 0.0)
-        scored = self.on_leader(lambda: self.step_inputs(step, model, timing))
         self.engines.release()
         following = checkpoint_dir(self.run_dir, step + 1)
-        outcome = run_train_step(model, scored, self.run_dir / "state.json", following,
-                                 self.settings.train, show_progress=self.show_progress,
-                                 resident=self.policy, trackers=self.trackers)
+        outcome = run_train_step(self.model_of(step), scored, self.run_dir / "state.json",
+                                 following, self.settings.train,
+                                 show_progress=self.show_progress, resident=self.policy,
+                                 trackers=self.trackers)
         if outcome.policy is not None:
             self.policy = ResidentPolicy.after_save(outcome.policy, following)
             timing.train = outcome.metrics["compute_seconds"]
-        timing.wall = time.perf_counter() - started
-        if self.world.is_main:
-            out.print(_step_line(timing, outcome), highlight=False)
-        return timing
-
-    def step_inputs(self, step: int, model: Any, timing: StepTiming) -> list[Path]:
-        folder = step_dir(self.run_dir, step)
-        folder.mkdir(parents=True, exist_ok=True)
-        if not self.refill:
-            return [self.sample(step, 0, folder / "rollouts.parquet",
-                                folder / "scored.parquet", model, timing)]
-        # DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
-        # until --target-prompts groups have mixed outcomes, or loop.max_rounds are done
-        from dcpo_cli.files.contracts import read_metadata
-
-        scored, kept = [], 0
-        target = self.settings.train.target_prompts or self.settings.rollout.batch_size
-        rounds = self.settings.loop.max_rounds
-        for round_index in range(rounds):
-            if kept >= target:
-                break
-            scored.append(self.sample(step, round_index,
-                                      folder / f"rollouts-r{round_index}.parquet",
-                                      folder / f"scored-r{round_index}.parquet", model, timing))
-            kept += read_metadata(scored[-1])["mixed_groups"]
-        if kept < target:
-            err.print(f"warning: step {step} kept {kept} of {target} groups after {rounds} "
-                      "rounds; training on those", highlight=False)
-        return scored
-
-    def sample(self, step: int, round_index: int, rollouts: Path, scored: Path, model: Any,
-               timing: StepTiming) -> Path:
-        """One rollout round of `step`, scored (each stage skipped when its file exists)."""
-        from dcpo_cli.files.model_source import resolve_model
-        from dcpo_cli.stages.rollout import run_rollout
-        from dcpo_cli.stages.score import run_score
-
-        if not rollouts.is_file():
-            local = resolve_model(model).path
-            options = dataclasses.replace(self.settings.rollout, round=round_index)
-            summary = run_rollout(model, self.prompts, step, rollouts, options,
-                                  engine=self.engines.lazy(local, self.policy),
-                                  engine_settings=self.settings.engine)
-            timing.generate = (timing.generate or 0.0) + summary.seconds
-        if not scored.is_file():
-            timing.score = (timing.score or 0.0) + run_score([rollouts], scored,
-                                                             self.settings.score).seconds
-        return scored
+        return outcome
 
     def evaluate(self, model: Any, label: str) -> None:
         if not self.benchmarks:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.parallel.processes import cores as count_cores
+from dcpo_cli.parallel.processes import die_with_parent
 from dcpo_cli.run.config import (
     CHANGEABLE,
     CONFIG_FILE,
@@ -262,7 +263,7 @@ def thread_env(jobs: int, processes_per_run: int = 1) -> dict[str, str]:
     processes (torchrun ranks) taking their part, unless the user set the variables."""
     env = dict(os.environ)
     if jobs > 1:
-        cores = _cores()
+        cores = count_cores()
         threads = str(max(1, cores // (jobs * max(1, processes_per_run))))
         for name in THREAD_VARIABLES:
             env.setdefault(name, threads)
@@ -368,25 +369,7 @@ def _start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Pop
         handle.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)}\n")
         handle.flush()
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the study process dies (Linux's PR_SET_PDEATHSIG), so a
-    killed study leaves no run going that its re-run would start a second time."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def _plain(value: Any) -> Any:
