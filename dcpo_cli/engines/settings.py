@@ -174,6 +174,8 @@ class ServerAddress:
     def check(self) -> None:
         from urllib.parse import urlsplit
 
+        if self.url is None:  # no server
+            return
         parts = urlsplit(self.url)
         try:
             port = parts.port

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli.engines.settings import EngineSettings
+from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import OptionError
 from dcpo_cli.options import (
@@ -39,7 +39,12 @@ class RunSettings:
     train: TrainOptions
     eval: EvalOptions
     engine: EngineSettings
+    server: ServerAddress  # url None: no server (its token comes from DCPO_SERVER_TOKEN)
     config: Config  # the tables as read or written (trackers record them)
+
+    @property
+    def server_address(self) -> ServerAddress | None:
+        return self.server if self.server.url is not None else None
 
     @property
     def world_size(self) -> int:
@@ -73,10 +78,14 @@ class SettingError(DcpoError):
 
 
 def settings_of(config: Config, run_dir: Path, verbose: bool = False) -> RunSettings:
+    import os
+
     fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
-             "engine": {"verbose": verbose}}
+             "engine": {"verbose": verbose},
+             "server": {"token": os.environ.get("DCPO_SERVER_TOKEN")}}
     tables = {section: stage_options(config, section, **fixed.get(section, {}))
-              for section in ("loop", "launch", "rollout", "score", "train", "eval", "engine")}
+              for section in ("loop", "launch", "rollout", "score", "train", "eval", "engine",
+                              "server")}
     return RunSettings(**tables, config=config)
 
 
@@ -84,7 +93,6 @@ def check_run(config: Config, run_dir: Path, verbose: bool = False,
               world_size: int | None = None) -> RunSettings:
     """The run's settings, every check passed (nothing is loaded or written). `world_size`:
     the processes this invocation trains on (default: run.toml's launch)."""
-    from dcpo_cli.engines import pick_engine
     from dcpo_cli.train.step import resolve_algo
 
     settings = settings_of(config, run_dir, verbose)
@@ -92,13 +100,13 @@ def check_run(config: Config, run_dir: Path, verbose: bool = False,
         (section, getattr(settings, section).check)
         for section in ("loop", "launch", "rollout", "score", "train", "eval", "engine")]
     checks += [("train", lambda: resolve_algo(settings.train)),
-               ("engine", lambda: settings.engine.options_for(
-                   pick_engine(settings.rollout.engine))),
-               ("rollout", lambda: _refuse_server(settings.rollout.engine)),
-               ("eval", lambda: _refuse_server(settings.eval.engine))]
+               ("rollout", lambda: _check_engine(settings, settings.rollout.engine)),
+               ("eval", lambda: _check_engine(settings, settings.eval.engine))]
     if world_size is None and settings.launch.nproc_per_node is not None:
         checks.append(("launch", lambda: _check_capacity(settings.launch)))
     world = world_size or settings.world_size
+    if settings.train.max_staleness and world > 1:
+        checks.append(("train", _refuse_lag_on_ranks))
     if world > 1:
         from dcpo_cli.run.colocated import check_world
 
@@ -137,12 +145,20 @@ def _check_capacity(launch: LaunchOptions) -> None:
     Launch(launch.nproc_per_node, launch.nnodes).check_capacity()
 
 
-def _refuse_server(engine: str) -> None:
-    from dcpo_cli.engines import pick_engine
+def _check_engine(settings: RunSettings, engine: str) -> None:
+    """The engine's settings fit it (a server engine needs --server-url, and its settings
+    are the server's)."""
+    from dcpo_cli.engines import engine_options, pick_engine
 
-    if pick_engine(engine) == "server":
-        raise DcpoError("engine = server: dcpo run keeps its own engine loaded (--engine "
-                        "server is for dcpo rollout and dcpo eval)")
+    settings.server.check()
+    engine_options(pick_engine(engine), settings.engine,
+                   settings.server if settings.server.url is not None else None)
+
+
+def _refuse_lag_on_ranks() -> None:
+    raise DcpoError("--max-staleness > 0 overlaps generation with training in one process "
+                    "and its generation worker; on several processes (--nproc-per-node), "
+                    "generate on other GPUs with --engine server or use --max-staleness 0")
 
 
 def check_lora_targets(loop: LoopOptions, targets: str) -> None:

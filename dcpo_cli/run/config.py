@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from dcpo_cli.engines.settings import EngineSettings
+from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import Spec, hints, spec_of
 from dcpo_cli.options import (
@@ -37,9 +37,11 @@ CONFIG_FILE = "run.toml"
 SECTIONS: dict[str, type] = {"loop": LoopOptions, "launch": LaunchOptions,
                              "rollout": RolloutOptions, "score": ScoreOptions,
                              "train": TrainOptions, "eval": EvalOptions,
-                             "engine": EngineSettings}
+                             "engine": EngineSettings, "server": ServerAddress}
 # Fields the loop sets itself from RUN_DIR's layout (or that one process cannot vary).
-FIXED = {("rollout", "shard"), ("train", "metrics_log"), ("engine", "verbose")}
+# The server's token is a secret: never in run.toml, always from DCPO_SERVER_TOKEN.
+FIXED = {("rollout", "shard"), ("train", "metrics_log"), ("engine", "verbose"),
+         ("server", "token")}
 # Settings a re-run may change (the others must stay as the run was made): more steps, other
 # trackers, another world size (the training state reshards).
 CHANGEABLE = {("loop", "steps"), ("loop", "report_to"), ("launch", "nproc_per_node"),
@@ -78,7 +80,10 @@ SHORTCUTS: dict[str, Shortcut] = {
     "eval_at": Shortcut(("eval.avg_at",), "Evaluation",
                         "K samples per test problem, avg@K."),
     "engine": Shortcut(("rollout.engine", "eval.engine"), "Engine",
-                       "Generation engine: hf or vllm (rollouts and eval)."),
+                       "Generation engine: hf, vllm or server (rollouts and eval; server: a "
+                       "running `dcpo serve` at --server-url, its token from "
+                       "DCPO_SERVER_TOKEN)."),
+    "server_url": Shortcut(("server.url",), "Engine"),
     "max_staleness": Shortcut(("train.max_staleness",), "Training",
                               "Overlap generation with training: step s trains on responses "
                               "sampled by the policy of step s - K, generated (in a worker "

@@ -147,7 +147,8 @@ class RunLoop:
         self.world = distributed.init()
         self.show_progress = show_progress and self.world.is_main
         self.kind = pick_engine(settings.rollout.engine)
-        self.engines = ResidentEngine(self.kind, settings.engine, settings.train.lora_rank)
+        self.engines = ResidentEngine(self.kind, settings.engine, settings.train.lora_rank,
+                                     settings.server_address)
         self.engines.part = data_parallel_part(settings.engine.tensor_parallel_size)
         self.policy: ResidentPolicy | None = None  # after the first train-step of this process
         # one tracker run for the whole run directory, its settings run.toml's

@@ -105,7 +105,7 @@ def _work(conn: Any, run_dir: Path, settings: Any, prompts: Path, threads: int) 
     from dcpo_cli.run.resident import ResidentEngine
 
     engines = ResidentEngine(pick_engine(settings.rollout.engine), settings.engine,
-                             settings.train.lora_rank)
+                             settings.train.lora_rank, settings.server_address)
     sampler = Sampler(run_dir, settings, prompts, engines)
     try:
         while True:

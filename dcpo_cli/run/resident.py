@@ -59,8 +59,10 @@ class ResidentEngine:
     rollouts' and evaluations' engine alike. Stages get a `LazyEngine`, so a stage that
     finds its output already written never loads or syncs anything."""
 
-    def __init__(self, kind: str, settings: Any, lora_rank: int | None = None) -> None:
+    def __init__(self, kind: str, settings: Any, lora_rank: int | None = None,
+                 server: Any = None) -> None:
         self.kind, self.settings = kind, settings
+        self.server = server  # ServerAddress of --engine server (a running `dcpo serve`)
         self.lora_rank = lora_rank  # LoRA training: vLLM must start with LoRA on
         self.engine: Any = None
         self.model_dir: Path | None = None
@@ -105,6 +107,12 @@ class ResidentEngine:
         from dcpo_cli.parallel import distributed
 
         options = self.settings.options_for(self.kind)
+        if self.kind == "server":  # the server loads the checkpoint in place
+            from dcpo_cli.engines import engine_options
+            from dcpo_cli.files.model_source import resolve_model
+
+            options = engine_options("server", self.settings, self.server,
+                                     resolve_model(model_dir))
         if self.kind == "vllm":
             options["resident"] = True  # sleeps while the policy trains (GPUs)
             if self.lora_rank:
