@@ -12,7 +12,7 @@ from dcpo_cli.errors import DcpoError
 REGISTRY = {
     "hf": "dcpo_cli.engines.hf:HFEngine",
     "vllm": "dcpo_cli.engines.vllm:VllmEngine",
-    "server": "dcpo_cli.engines.server:ServerEngine",  # a running `dcpo serve`, over HTTP
+    "server": "dcpo_cli.engines.serve_client:ServerEngine",  # a running `dcpo serve`, over HTTP
 }
 ENGINES = ("auto", *REGISTRY)
 

@@ -1,5 +1,5 @@
 """The wire format of `dcpo serve` (JSON over HTTP), shared by the server and its client
-engine (`engines/server.py`), so both read and write the same fields.
+engine (`engines/serve_client.py`), so both read and write the same fields.
 
 Endpoints:
 - `GET /health`: the server's identity (`identity` below): dcpo version, protocol, engine
