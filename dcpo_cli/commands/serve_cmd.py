@@ -30,6 +30,14 @@ def serve(
     release_between_requests: bool = typer.Option(
         False, "--release-between-requests", help="vLLM on GPUs: free the KV cache after "
         "each request (sleep mode level 1), so train-step can use the GPUs between rollouts."),
+    max_responses: int = typer.Option(65_536, help="Most responses (prompts x n) one "
+                                      "request may ask for; more is refused (HTTP 413)."),
+    max_request_tokens: int = typer.Option(1 << 28, help="Most tokens one request may "
+                                           "ask for (prompts x n x (prompt + "
+                                           "max_new_tokens)); more is refused (HTTP 413)."),
+    request_timeout: float = typer.Option(21_600.0, help="Seconds a request may take from "
+                                          "its arrival (waiting for the engine included) "
+                                          "before its generation is stopped (0: no bound)."),
     tensor_parallel_size: int = engine_flags.TENSOR_PARALLEL_SIZE,
     gpu_memory_utilization: float | None = engine_flags.GPU_MEMORY_UTILIZATION,
     max_model_len: int | None = engine_flags.MAX_MODEL_LEN,
@@ -41,14 +49,17 @@ def serve(
     """Serve generation over HTTP (127.0.0.1 by default) for `dcpo rollout --engine server`
     and `dcpo eval --engine server`; stop it with Ctrl-C or SIGTERM."""
     from dcpo_cli.serve.run import serve as run_server
+    from dcpo_cli.serve.server import Limits
 
     settings = engine_flags.engine_settings(locals())
+    limits = Limits(max_responses, max_request_tokens, request_timeout)
     run_server(model, engine, settings, host=host, port=port, token=token, url_file=url_file,
-               release_between=release_between_requests)
+               release_between=release_between_requests, limits=limits)
 
 
 # The panels of the command's --help (commands/help_format.py).
 group(serve, {
     "Server": ("port", "host", "token", "url_file", "release_between_requests"),
+    "Request limits": ("max_responses", "max_request_tokens", "request_timeout"),
     "Engine": ("engine",),
 })
