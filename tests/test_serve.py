@@ -405,15 +405,16 @@ def identity(server) -> dict:
 
 
 def fake_server(identity: dict, reply):
-    """A server that answers /health like the real one and /generate with `reply(request)`
-    (bytes: the body of the stream)."""
+    """A server that answers /health like the real one and POSTs with `reply(request)`
+    (bytes: the body of the stream; or (bytes, status): a status other than 200, or the
+    JSON reply to /load-weights)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-        def _send(self, body: bytes, kind: str) -> None:
-            self.send_response(200)
+        def _send(self, body: bytes, kind: str, status: int = 200) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.end_headers()
             self.wfile.write(body)
@@ -423,7 +424,10 @@ def fake_server(identity: dict, reply):
 
         def do_POST(self) -> None:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self._send(reply(request), "application/x-ndjson")
+            body, status = (lambda r: r if isinstance(r, tuple) else (r, 200))(reply(request))
+            streamed = self.path == "/generate" and status == 200
+            self._send(body, "application/x-ndjson" if streamed else "application/json",
+                       status)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
