@@ -12,6 +12,7 @@ import http.client
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -265,18 +266,29 @@ def test_a_client_reloads_on_other_weights(tiny, served, tmp_path):
             fake.server_close()
 
 
-def long_request(url: str) -> http.client.HTTPConnection:
-    """Start a generate request that would take many minutes; returns once it streams."""
+def long_request(url: str) -> socket.socket:
+    """Start a generate request that would take many minutes; returns its socket once the
+    reply streams (its status line and headers read)."""
     identity = get_json(url, "/health")[1]
+    body = json.dumps({"prompt_token_ids": [[5, 6, 7]] * 2000,
+                       "settings": {**SETTINGS, "n": 16, "max_new_tokens": 500},
+                       "fingerprint": identity["fingerprint"]}).encode()
     parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
-    connection.request("POST", "/generate", body=json.dumps({
-        "prompt_token_ids": [[5, 6, 7]] * 2000, "settings": {**SETTINGS, "n": 16,
-                                                             "max_new_tokens": 500},
-        "fingerprint": identity["fingerprint"]}).encode())
-    response = connection.getresponse()
-    assert response.status == 200
-    return connection, response
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=600)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
 
 
 def wait_for(predicate, what: str) -> None:
@@ -288,9 +300,7 @@ def wait_for(predicate, what: str) -> None:
 
 def test_a_gone_client_stops_its_generation_and_others_are_served(tiny, tmp_path):
     with serving(tiny / "model", tmp_path) as (url, _):
-        connection, _ = long_request(url)
-        connection.sock.close()
-        connection.close()
+        long_request(url).close()
         log = next(tmp_path.glob("server-*.log"))
         wait_for(lambda: "the client went away; stopped" in log.read_text(), log.read_text())
         assert generate(url, get_json(url, "/health")[1]["fingerprint"])
@@ -319,9 +329,9 @@ def test_a_request_past_the_size_limits_is_413_and_one_line(tiny, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_a_signal_during_a_request_stops_the_server_cleanly(tiny, tmp_path, sig, code):
     with serving(tiny / "model", tmp_path) as (url, process):
-        _, response = long_request(url)
+        sock = long_request(url)
         lines = []
-        reader = threading.Thread(target=lambda: lines.extend(response.read().splitlines()))
+        reader = threading.Thread(target=lambda: lines.extend(read_all(sock).splitlines()))
         reader.start()
         process.send_signal(sig)
         assert process.wait(timeout=300) == code

@@ -183,6 +183,8 @@ class GenerationService:
             self.layout = config_layout(source.path)
         self.loads = 0
         self.stopping = threading.Event()
+        self.active = 0  # requests answering (`stop` lets them write their last line)
+        self.idle = threading.Condition()
 
     def identity(self) -> dict[str, Any]:
         served = self.served
@@ -270,11 +272,26 @@ class GenerationService:
         if callable(release):
             release()
 
-    def stop(self) -> None:
-        """Refuse new requests, stop the generation in flight, and wait until the engine is
-        free (a weight load in flight finishes)."""
+    @contextlib.contextmanager
+    def answering(self):
+        """Around a request's answer, so that `stop` waits for it to be written."""
+        with self.idle:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.active -= 1
+                self.idle.notify_all()
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Refuse new requests, stop the generation in flight, wait until the engine is free
+        (a weight load in flight finishes), then up to `grace` seconds for the requests'
+        last lines to be written."""
         self.stopping.set()
         self.lock.acquire()
+        with self.idle:
+            self.idle.wait_for(lambda: self.active == 0, timeout=grace)
 
     def load_weights(self, record: Any, fingerprint: Any) -> dict[str, Any]:
         if self.stopping.is_set():
@@ -476,28 +493,34 @@ def make_handler(token: str | None):
                 self._send(404, {"error": f"no endpoint {self.path} (POST /generate, "
                                  "/load-weights)"})
                 return
-            try:
-                request = self._request()
-                if self.path == "/generate":
-                    self._generate(request)
-                else:
-                    self._send(200, self.service.load_weights(request.get("model"),
-                                                              request.get("fingerprint")))
-            except ConnectionError:
-                pass  # the client went away
-            except Exception as exc:  # noqa: BLE001 (each answered with a status)
-                status = next((code for kind, code in STATUSES if isinstance(exc, kind)), None)
-                reply = {"error": str(exc)}
-                if isinstance(exc, Conflict):
-                    reply["code"] = exc.code
-                if isinstance(exc, OSError):  # a file the server could not read
-                    status, reply = 422, {"error": f"{exc.filename or 'a file'}: "
-                                                   f"{exc.strerror or exc}"}
-                if status is None:  # the engine's own failure: logged here, one line there
-                    traceback.print_exc()
-                    status, reply = 500, {"error": f"{type(exc).__name__}: {first_line(exc)}"}
-                with contextlib.suppress(OSError):
-                    self._send(status, reply)
+            with self.service.answering():
+                try:
+                    request = self._request()
+                    if self.path == "/generate":
+                        self._generate(request)
+                    else:
+                        self._send(200, self.service.load_weights(request.get("model"),
+                                                                  request.get("fingerprint")))
+                except ConnectionError:
+                    pass  # the client went away
+                except Exception as exc:  # noqa: BLE001 (each answered with a status)
+                    with contextlib.suppress(OSError):
+                        self._send(*self._refusal(exc))
+
+        @staticmethod
+        def _refusal(exc: Exception) -> tuple[int, dict]:
+            """The status and JSON body that answer a request `exc` ended."""
+            status = next((code for kind, code in STATUSES if isinstance(exc, kind)), None)
+            reply = {"error": str(exc)}
+            if isinstance(exc, Conflict):
+                reply["code"] = exc.code
+            if isinstance(exc, OSError):  # a file the server could not read
+                status, reply = 422, {"error": f"{exc.filename or 'a file'}: "
+                                               f"{exc.strerror or exc}"}
+            if status is None:  # the engine's own failure: logged here, one line there
+                traceback.print_exc()
+                status, reply = 500, {"error": f"{type(exc).__name__}: {first_line(exc)}"}
+            return status, reply
 
         def _generate(self, request: dict) -> None:
             prompts = protocol.prompts_from_json(request.get("prompt_token_ids"))
