@@ -42,7 +42,7 @@ IDENTITY = {"generation_server", "generate_seconds", "engine_load_seconds"}
 @contextlib.contextmanager
 def serving(model: Path, folder: Path, *flags: str, env: dict | None = None):
     """A real `dcpo serve` on a free loopback port; yields (url, process); stops it with
-    SIGTERM (as the example scripts do) and checks it removed its URL file."""
+    SIGTERM (as the example scripts do) and checks it exited 0 and removed its URL file."""
     url_file = folder / f"server-{time.monotonic_ns()}.url"
     log = open(folder / f"{url_file.stem}.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
@@ -58,10 +58,14 @@ def serving(model: Path, folder: Path, *flags: str, env: dict | None = None):
             time.sleep(0.1)
         yield url_file.read_text().strip(), process
     finally:
-        if process.poll() is None:
+        stopped = process.poll() is None
+        if stopped:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            process.wait(timeout=120)
         log.close()
+    if stopped:  # SIGTERM: a clean stop (issue 34: it once aborted, exit 134)
+        assert process.returncode == 0, Path(log.name).read_text()
+        assert "terminate called" not in Path(log.name).read_text()
     assert not url_file.exists()
 
 
