@@ -200,19 +200,28 @@ def test_a_refused_load_changes_nothing(served, tiny, tmp_path):
         assert_unchanged(served)
 
 
-BAD_MODEL_RECORDS = [None, "x", {}, {"path": 5}, {"path": "relative/model"},
-                     {"path": "/no/such/model"}, {"path": "/a\0b"}, {"path": "/", "spec": 5},
-                     {"path": "/", "repo_id": 5}, {"path": "/", "commit": ["x"]}]
+# Out-of-range values for every field of a load request's model record (ModelSource)
+BAD_MODEL_FIELDS = {"path": [5, None, "relative/model", "/a\0b"], "spec": [5, ["x"]],
+                    "repo_id": [5, {}], "revision": [5.5, []], "commit": [True, ["x"]]}
 
 
 def test_every_load_field_out_of_range_is_a_4xx_and_changes_nothing(served, tiny):
+    from dcpo_cli.files.model_source import ModelSource
+
     url, identity, _ = served
-    cases = [{"model": record, "fingerprint": "0" * 64} for record in BAD_MODEL_RECORDS]
+    assert set(BAD_MODEL_FIELDS) == {f.name for f in dataclasses.fields(ModelSource)}
     model = {"spec": "m", "path": str((tiny / "model").resolve())}
-    cases += [{"model": model, "fingerprint": value} for value in (None, 5, "0" * 64)]
-    for body in cases:
+    fingerprint = identity["fingerprint"]
+    cases = [({"model": {**model, name: value}, "fingerprint": fingerprint}, 400)
+             for name, values in BAD_MODEL_FIELDS.items() for value in values]
+    cases += [({"model": value, "fingerprint": fingerprint}, 400) for value in (None, "x", [])]
+    cases += [({"model": {**model, "path": "/no/such/model"}, "fingerprint": "0" * 64}, 409),
+              ({"model": {**model, "path": "/"}, "fingerprint": "0" * 64}, 409)]
+    cases += [({"model": model, "fingerprint": value}, 400) for value in (None, 5)]
+    cases += [({"model": model, "fingerprint": "0" * 64}, 409)]  # it sees other files there
+    for body, expected in cases:
         status, reply = post(url, "/load-weights", body)
-        assert status in (400, 409, 422), (body, status, reply)
+        assert status == expected, (body, status, reply)
         assert isinstance(reply, dict) and "error" in reply, reply
     assert_unchanged(served)
 
