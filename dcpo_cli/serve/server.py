@@ -224,7 +224,8 @@ class GenerationService:
                 raise ProtocolError(
                     f"prompt_token_ids[{longest}]: {len(prompts[longest])} prompt tokens + "
                     f"max_new_tokens {settings.max_new_tokens} exceed the served model's "
-                    f"context of {self.context} tokens")
+                    f"context of {self.context} tokens (rollout: lower --max-new-tokens or "
+                    "set --max-prompt-tokens)")
         responses = len(prompts) * settings.n
         if responses > self.limits.max_responses:
             raise TooLarge(f"{len(prompts)} prompts x n {settings.n} = {responses} responses; "
