@@ -42,7 +42,7 @@ IDENTITY = {"generation_server", "generate_seconds", "engine_load_seconds"}
 @contextlib.contextmanager
 def serving(model: Path, folder: Path, *flags: str, env: dict | None = None):
     """A real `dcpo serve` on a free loopback port; yields (url, process); stops it with
-    SIGTERM (as the example scripts do) and checks it removed its URL file."""
+    SIGTERM (as the example scripts do) and checks it exited 0 and removed its URL file."""
     url_file = folder / f"server-{time.monotonic_ns()}.url"
     log = open(folder / f"{url_file.stem}.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
@@ -58,10 +58,14 @@ def serving(model: Path, folder: Path, *flags: str, env: dict | None = None):
             time.sleep(0.1)
         yield url_file.read_text().strip(), process
     finally:
-        if process.poll() is None:
+        stopped = process.poll() is None
+        if stopped:
             process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            process.wait(timeout=120)
         log.close()
+    if stopped:  # SIGTERM: a clean stop (issue 34: it once aborted, exit 134)
+        assert process.returncode == 0, Path(log.name).read_text()
+        assert "terminate called" not in Path(log.name).read_text()
     assert not url_file.exists()
 
 
@@ -405,15 +409,16 @@ def identity(server) -> dict:
 
 
 def fake_server(identity: dict, reply):
-    """A server that answers /health like the real one and /generate with `reply(request)`
-    (bytes: the body of the stream)."""
+    """A server that answers /health like the real one and POSTs with `reply(request)`
+    (bytes: the body of the stream; or (bytes, status): a status other than 200, or the
+    JSON reply to /load-weights)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-        def _send(self, body: bytes, kind: str) -> None:
-            self.send_response(200)
+        def _send(self, body: bytes, kind: str, status: int = 200) -> None:
+            self.send_response(status)
             self.send_header("Content-Type", kind)
             self.end_headers()
             self.wfile.write(body)
@@ -423,7 +428,10 @@ def fake_server(identity: dict, reply):
 
         def do_POST(self) -> None:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self._send(reply(request), "application/x-ndjson")
+            body, status = (lambda r: r if isinstance(r, tuple) else (r, 200))(reply(request))
+            streamed = self.path == "/generate" and status == 200
+            self._send(body, "application/x-ndjson" if streamed else "application/json",
+                       status)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

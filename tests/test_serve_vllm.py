@@ -12,6 +12,7 @@ from conftest import run_dcpo
 from test_serve import ROLLOUT, assert_same_rollouts, get_json, serving, via
 from test_serve import other_weights as other_weights  # noqa: F401 (fixture)
 from test_serve import tiny as tiny  # noqa: F401 (fixture)
+from test_serve_refusals import broken_models, post
 from test_vllm_real import ENGINE_FLAGS
 
 from dcpo_cli.files.model_source import model_identity
@@ -33,6 +34,10 @@ def test_served_vllm_rollouts_are_the_in_process_ones(tiny, other_weights, tmp_p
     # (serving() passes --engine hf first; a later --engine wins in typer)
     with serving(tiny / "model", tmp_path, "--engine", "vllm", *ENGINE_FLAGS) as (url, _):
         assert get_json(url, "/health")[1]["engine"] == "vllm"
+        # a refused load (issue 34) changes nothing: the base rollouts below are still exact
+        zeroed = broken_models(tiny, tmp_path / "broken")["one zeroed tensor, the rest missing"]
+        assert post(url, "/load-weights", {"model": {"spec": "z", "path": str(zeroed)},
+                                           "fingerprint": model_identity(zeroed)})[0] == 422
         for name, model in (("base", tiny / "model"), ("other", other_weights),
                             ("back", tiny / "model")):
             out = tmp_path / f"served-{name}.parquet"
@@ -47,5 +52,5 @@ def test_served_vllm_rollouts_are_the_in_process_ones(tiny, other_weights, tmp_p
                 assert not pq.read_table(out).equals(pq.read_table(local["base"])) \
                     or name == "back"
             assert get_json(url, "/health")[1]["fingerprint"] == model_identity(model)
-        assert get_json(url, "/health")[1]["weight_loads"] == 2
+        assert get_json(url, "/health")[1]["weight_loads"] == 2  # (the refused one: none)
     assert not pq.read_table(local["other"]).equals(pq.read_table(local["base"]))

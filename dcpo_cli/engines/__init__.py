@@ -14,7 +14,7 @@ from dcpo_cli.options import ENGINES, SERVABLE
 REGISTRY = {
     "hf": "dcpo_cli.engines.hf:HFEngine",
     "vllm": "dcpo_cli.engines.vllm:VllmEngine",
-    "server": "dcpo_cli.engines.server:ServerEngine",  # a running `dcpo serve`, over HTTP
+    "server": "dcpo_cli.engines.serve_client:ServerEngine",  # a running `dcpo serve`, over HTTP
 }
 # the command line's names (options.py) are these
 assert ("auto", *REGISTRY) == ENGINES and tuple(e for e in ENGINES if e != "server") == SERVABLE

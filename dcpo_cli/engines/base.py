@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 ProgressCallback = Callable[[int, int], None]  # (responses done, tokens done), cumulative
+# Asked between decoding steps or batches: True ends the generation with `Stopped`
+# (`dcpo serve`: the client went away, the request's time is up, the server is stopping).
+StopCheck = Callable[[], bool]
+
+
+class Stopped(Exception):
+    """A generation ended early because its `should_stop` said so."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,9 @@ class Engine(Protocol):
     tokenizer: object
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
-                 on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
-        """`settings.n` completions for each prompt, in prompt order."""
+                 on_progress: ProgressCallback | None = None,
+                 should_stop: StopCheck | None = None) -> list[list[Completion]]:
+        """`settings.n` completions for each prompt, in prompt order (or `Stopped`)."""
         ...
 
 

@@ -14,6 +14,8 @@ from dcpo_cli.engines.base import (
     Part,
     ProgressCallback,
     SamplingSettings,
+    StopCheck,
+    Stopped,
     batch_seed,
     eos_token_ids,
     finish,
@@ -50,6 +52,20 @@ class _Recorder:
         import torch
 
         return torch.stack(self.logprobs, dim=1)
+
+
+class _Asked:
+    """Stopping criterion: ends every row at the next decoding step once `should_stop()`."""
+
+    def __init__(self, should_stop: StopCheck) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        stop = self.should_stop()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 class HFEngine:
@@ -89,12 +105,14 @@ class HFEngine:
             self.use_adapter(adapter)
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
-                 on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
-        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress)
+                 on_progress: ProgressCallback | None = None,
+                 should_stop: StopCheck | None = None) -> list[list[Completion]]:
+        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress,
+                                  should_stop)
 
     def generate_part(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
-                      part: Part, on_progress: ProgressCallback | None = None
-                      ) -> list[list[Completion | None]]:
+                      part: Part, on_progress: ProgressCallback | None = None,
+                      should_stop: StopCheck | None = None) -> list[list[Completion | None]]:
         """Share `part` of `generate` (base.py): the token-budget batches of the whole list,
         dealt out in contiguous runs; each batch is generated as in one process, with its
         own seed, so the tokens are the same whichever rank draws it."""
@@ -107,8 +125,10 @@ class HFEngine:
             batch_rows = [rows[i] for i in batches[b]]
             prompts = [prompt_token_ids[p] for p, _ in batch_rows]
             seed = batch_seed(settings.seed, batch_rows)
-            for row, completion in zip(batch_rows, self._generate_batch(prompts, settings, seed),
-                                       strict=True):
+            generated = self._generate_batch(prompts, settings, seed, should_stop)
+            if should_stop is not None and should_stop():  # (the batch may have been cut)
+                raise Stopped()
+            for row, completion in zip(batch_rows, generated, strict=True):
                 done[row] = completion
                 tokens += len(completion.token_ids)
             if on_progress:
@@ -117,11 +137,12 @@ class HFEngine:
                 for p in range(len(prompt_token_ids))]
 
     def _generate_batch(self, prompts: list[list[int]], settings: SamplingSettings,
-                        seed: int) -> list[Completion]:
+                        seed: int, should_stop: StopCheck | None = None) -> list[Completion]:
         import torch
         from transformers import (
             GenerationConfig,
             LogitsProcessorList,
+            StoppingCriteriaList,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
             TopPLogitsWarper,
@@ -153,6 +174,8 @@ class HFEngine:
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                 generation_config=config,
                 logits_processor=LogitsProcessorList([*processors, recorder]),
+                stopping_criteria=StoppingCriteriaList([_Asked(should_stop)] if should_stop
+                                                       else []),
             )
         generated = sequences[:, width:]
         logprobs = recorder.finish(generated[:, -1]).cpu().tolist()
@@ -187,38 +210,41 @@ class HFEngine:
             self.model.to(self.device).eval()
         self.adapter = directory
 
+    def weight_layout(self):
+        """The names, shapes and kinds `load_weights` takes (engines/weights.py)."""
+        from dcpo_cli.engines.weights import module_layout
+
+        return module_layout(self.model)
+
     def load_weights(self, named_tensors) -> None:
         """Replace the weights in memory (`dcpo run` after each train-step, `dcpo serve`'s
         load-weights): the same values, cast to this engine's dtype, as loading the
-        checkpoint those tensors were saved to. Copied one tensor at a time as the iterable
-        yields them (under torchrun each is gathered from the FSDP2 shards just before), so
-        no second copy of the model is held. Every weight must come, but for a tied copy
-        (the lm-head of tied embeddings) that a saved checkpoint leaves out."""
+        checkpoint those tensors were saved to. Every weight must come, but for a tied copy
+        (the lm-head of tied embeddings) that a saved checkpoint leaves out.
+
+        A mapping (all the weights at hand) is checked whole before anything is copied, so a
+        refused load changes nothing. Any other iterable is copied one tensor at a time as
+        it yields them (under torchrun each is gathered from the FSDP2 shards just before),
+        so no second copy of the model is held; each tensor's name and shape is checked
+        before it is copied, the missing ones only at the end."""
+        from collections.abc import Mapping
+
         import torch
 
+        from dcpo_cli.engines.weights import check_weights
+
+        layout = self.weight_layout()
+        if isinstance(named_tensors, Mapping):
+            check_weights(named_tensors, layout)
+            named_tensors = named_tensors.items()
         mine = self.model.state_dict()
         seen = set()
         with torch.no_grad():
-            unexpected = []
             for name, tensor in named_tensors:
-                if name not in mine:
-                    unexpected.append(name)
-                    continue
+                check_weights({name: tensor}, layout, complete=False)
                 mine[name].copy_(tensor)
                 seen.add(name)
-        missing = set(mine) - seen
-        untied = missing - _loaded_twins(self.model, missing)
-        if unexpected or untied:
-            names = sorted(unexpected) or sorted(untied)
-            what = "unexpected" if unexpected else "missing"
-            raise DcpoError(f"the new weights do not fit the model: {len(names)} {what} "
-                            f"tensors ({names[0]}, ...)")
-
-
-def _loaded_twins(model, missing: set[str]) -> set[str]:
-    """The missing names whose parameter was loaded under another name (a tied lm-head)."""
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    return {name for group in names.values() if set(group) - missing
-            for name in group if name in missing}
+        missing = layout.required(seen)
+        if missing:
+            raise DcpoError(f"the new weights do not fit the model: {len(missing)} missing "
+                            f"tensors ({missing[0]}, ...)")

@@ -1,25 +1,37 @@
 """The wire format of `dcpo serve` (JSON over HTTP), shared by the server and its client
-engine (`engines/server.py`), so both read and write the same fields.
+engine (`engines/serve_client.py`), so both read and write the same fields.
 
 Endpoints:
 - `GET /health`: the server's identity (`identity` below): dcpo version, protocol, engine
   name and settings, the served model (as given, its directory, Hub id / revision / commit)
-  and its fingerprint (`files.model_source.model_identity`, the one rollout records), and
-  the vocabulary fingerprint (tokenizer + eos ids) that decides what it can load in place;
+  and its fingerprint (`files.model_source.model_identity`, the one rollout records; null
+  while a failed load leaves it serving no weights it can name), the vocabulary fingerprint
+  (tokenizer + eos ids) that decides what it can load in place, the number of weight loads,
+  and its `limits` (vocab_size, context_length, max_responses, max_request_tokens,
+  request_timeout);
 - `POST /generate` `{"prompt_token_ids": [[int]], "settings": SamplingSettings fields,
-  "fingerprint": the weights the caller asked for}`: a stream of JSON lines
-  (`application/x-ndjson`): `{"progress": [responses, tokens]}` and `{"wait": true}`
-  heartbeats, then `{"completions": [[Completion fields]], "fingerprint": ...}` (the
-  weights they were generated with, read under the engine lock at the end) or
-  `{"error": ...}`; a fingerprint other than the served one is refused (409) before
-  anything is generated;
-- `POST /load-weights` `{"model": ModelSource fields, "fingerprint": ...}`: replace the
-  served weights in place with a model directory's (the server reads it from its own
-  file system and checks that it sees the same fingerprint), answered with the identity.
+  "fingerprint": the weights the caller asked for}`: checked whole first (every token id in
+  the vocabulary, prompt + max_new_tokens within the context, the size limits, the
+  fingerprint the served one: else an error status below, nothing generated), then a stream
+  of JSON lines (`application/x-ndjson`): `{"progress": [responses, tokens]}` and
+  `{"wait": true}` heartbeats, then `{"completions": [[Completion fields]], "fingerprint":
+  ...}` (the weights they were generated with, checked under the engine lock) or
+  `{"error": ..., "code": ...}` (code `other_weights`: another client switched the weights
+  while this request waited; `timeout`; `stopping`; none: the engine failed);
+- `POST /load-weights` `{"model": ModelSource fields (an absolute path), "fingerprint":
+  ...}`: replace the served weights in place with a model directory's (the server reads it
+  from its own file system and checks that it sees the same fingerprint), answered with the
+  identity; check-then-commit: refused, it changes nothing.
 
-Every error reply is `{"error": "one line"}` with an HTTP status. With a token, every request
-carries `Authorization: Bearer TOKEN`. Floats travel as Python's `repr` (json), which reads
-back to the same double, so log-probs cross the wire exactly.
+Every error reply is `{"error": "one line"}` (`"code"` too for 409) with an HTTP status:
+400 a malformed request or a value out of range for the served model; 401 a missing or
+wrong token; 404 no such endpoint; 409 a request the served model cannot serve as asked
+(`code`: `other_weights`: load yours and ask again; `other_model`, `other_vocabulary`,
+`conflict`: it never will); 413 beyond the server's size limits; 422 weights the server
+cannot read or that do not fit the model; 503 the server is stopping; 500 the engine
+failed. With a token, every request carries `Authorization: Bearer TOKEN`. Floats travel
+as Python's `repr` (json), which reads back to the same double, so log-probs cross the wire
+exactly.
 """
 
 from __future__ import annotations
@@ -33,6 +45,8 @@ from typing import Any
 from dcpo_cli.engines.base import Completion, SamplingSettings
 
 PROTOCOL = 1
+# Below this a temperature overflows the scaled logits (vLLM samples greedily below 1e-5)
+MIN_TEMPERATURE = 1e-5
 FINISH_REASONS = ("stop", "length")
 
 
@@ -61,10 +75,19 @@ def settings_from_json(data: Any) -> SamplingSettings:
             raise ProtocolError(f"settings.{name}: expected a finite number")
         values[name] = value
     settings = SamplingSettings(**values)
-    if settings.n < 1 or settings.max_new_tokens < 1 or settings.temperature < 0 \
-            or not 0 < settings.top_p <= 1 or settings.top_k < 0:
-        raise ProtocolError("settings: n and max_new_tokens must be >= 1, temperature >= 0, "
-                            "top_p in (0, 1], top_k >= 0")
+    for name, failed, expected in (
+        ("n", settings.n < 1, ">= 1"),
+        ("max_new_tokens", settings.max_new_tokens < 1, ">= 1"),
+        ("temperature", not (settings.temperature == 0 or
+                             settings.temperature >= MIN_TEMPERATURE), f"0 (greedy) or >= "
+         f"{MIN_TEMPERATURE:g}"),
+        ("top_p", not 0 < settings.top_p <= 1, "in (0, 1]"),
+        ("top_k", settings.top_k < 0, ">= 0 (0: no top-k filter)"),
+        ("seed", not -(1 << 63) <= settings.seed < 1 << 63, "a 64-bit integer"),
+    ):
+        if failed:
+            raise ProtocolError(f"settings.{name} {getattr(settings, name)!r}: expected "
+                                f"{expected}")
     return settings
 
 

@@ -174,6 +174,8 @@ class ServerAddress:
     def check(self) -> None:
         from urllib.parse import urlsplit
 
+        if self.token:  # (empty: no token, as when DCPO_SERVER_TOKEN is set but empty)
+            check_token(self.token, "--server-token")
         if self.url is None:  # no server
             return
         parts = urlsplit(self.url)
@@ -189,3 +191,15 @@ class ServerAddress:
     @property
     def base(self) -> str:
         return self.url.rstrip("/")
+
+
+def check_token(token: str, flag: str) -> None:
+    """A token travels in an HTTP header: printable ASCII, no spaces (it is never shown)."""
+    if not token:
+        raise DcpoError(f"{flag} is empty")
+    bad = next((c for c in token if not "!" <= c <= "~"), None)
+    if bad is not None:
+        what = "a non-ASCII character" if not bad.isascii() else "a space or control " \
+            "character"
+        raise DcpoError(f"{flag} (or DCPO_SERVER_TOKEN): a token must be printable ASCII "
+                        f"without spaces; it holds {what} at position {token.index(bad) + 1}")

@@ -231,15 +231,26 @@ class VllmEngine:
             self.asleep = False
 
     def generate(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
-                 on_progress: ProgressCallback | None = None) -> list[list[Completion]]:
-        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress)
+                 on_progress: ProgressCallback | None = None,
+                 should_stop: base.StopCheck | None = None) -> list[list[Completion]]:
+        return self.generate_part(prompt_token_ids, settings, (0, 1), on_progress,
+                                  should_stop)
+
+    def weight_layout(self):
+        """The checkpoint names, shapes and kinds `load_weights` takes (engines/weights.py)."""
+        from dcpo_cli.engines.weights import config_layout
+
+        return config_layout(self.base_path)
 
     def generate_part(self, prompt_token_ids: list[list[int]], settings: SamplingSettings,
-                      part: base.Part, on_progress: ProgressCallback | None = None
+                      part: base.Part, on_progress: ProgressCallback | None = None,
+                      should_stop: base.StopCheck | None = None
                       ) -> list[list[Completion | None]]:
         """Share `part` of `generate` (base.py): a contiguous share of the prompts, each
         with the seed of its place in the whole list. The ranks of one tensor-parallel
-        group pass the same `part` (external launcher: they must see the same prompts)."""
+        group pass the same `part` (external launcher: they must see the same prompts).
+        With `should_stop` the prompts go to vLLM in chunks of about `STOP_CHUNK` responses,
+        asked in between (each prompt's seed is its own, so the tokens are the same)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -255,8 +266,14 @@ class VllmEngine:
         ) for index in mine]
         prompts = [TokensPrompt(prompt_token_ids=prompt_token_ids[i]) for i in mine]
         adapter = {} if self.lora_request is None else {"lora_request": self.lora_request}
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, **adapter) \
-            if prompts else []
+        chunk = max(1, STOP_CHUNK // settings.n) if should_stop else max(len(prompts), 1)
+        outputs = []
+        for start in range(0, len(prompts), chunk):
+            if should_stop is not None and should_stop():
+                raise base.Stopped()
+            outputs += self.llm.generate(prompts[start:start + chunk],
+                                         params[start:start + chunk], use_tqdm=False,
+                                         **adapter)
         results: list[list[Completion | None]] = [[None] * settings.n
                                                   for _ in prompt_token_ids]
         responses, tokens = 0, 0
@@ -275,6 +292,10 @@ class VllmEngine:
             on_progress(responses, tokens)
         return results
 
+
+# Responses per vLLM call when a generation may be stopped (`dcpo serve`): big enough to
+# keep a GPU's batch full, small enough to stop within one call's time.
+STOP_CHUNK = 1024
 
 # vLLM's LoRA slots come in these ranks (its LoRAConfig.max_lora_rank)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -94,7 +94,7 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
     source = resolve_model(model)
     fingerprint = model_fingerprint(source)
     if kind == "server" and engine is None:
-        from dcpo_cli.engines.server import server_identity
+        from dcpo_cli.engines.serve_client import server_identity
 
         identity = server_identity(server)  # cheap: what would generate, nothing loaded
         generating_kind, settings_record = identity["engine"], identity["engine_settings"]

@@ -11,7 +11,9 @@ with other clients switching the server's weights in between.
 A dropped connection (refused, reset, closed before the reply ended) is retried
 `RETRIES - 1` more times, after short waits: every request is idempotent (a load of the
 weights already served does nothing; a generate request is seeded, so its retry gives the
-same tokens). Anything else (a refusal, a malformed reply) ends the command with one line.
+same tokens). A generate refused for "other weights" (409, or that code in the stream:
+another client switched them) loads this client's weights again and asks again. Anything
+else (a refusal by HTTP status, a malformed reply) ends the command with one line.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class ServerClient:
                 raise Dropped(path)
             data = self._object(path, line)
             if "error" in data:
+                if data.get("code") == "other_weights":  # switched while this request waited
+                    raise Refused(409, str(data["error"]), "other_weights")
                 raise DcpoError(f"{self.url}: the server failed during {path}: "
                                 f"{data['error']}")
             if "completions" in data:
@@ -156,7 +160,13 @@ class ServerClient:
                              "(or DCPO_SERVER_TOKEN)")
         if refused.code == "other_weights":
             return refused  # the caller loads its weights again
-        return DcpoError(f"{self.url}: {path} refused: {refused.message}")
+        if refused.status == 503:
+            return DcpoError(f"{self.url}: the server is stopping ({path} refused)")
+        if refused.status == 413:
+            return DcpoError(f"{self.url}: {path} refused as too large: {refused.message} "
+                             "(use smaller --batch-size or --n, or raise the server's limits)")
+        return DcpoError(f"{self.url}: {path} refused (HTTP {refused.status}): "
+                         f"{refused.message}")
 
 
 def source_record(source: ModelSource) -> dict[str, Any]:
