@@ -68,6 +68,8 @@ SERVER=${SERVER:-0}
 # share of the GPUs halves its time) and half to FSDP2 (7B's ~122 GB of fp32 weights and
 # AdamW moments is ~31 GB per GPU on 4, room for the activations of 32k-token micro-batches).
 LAG=${LAG:-0}
+[[ "$LAG" =~ ^[0-9]+$ ]] || { echo "error: LAG must be a number of steps >= 0 (got $LAG)" >&2
+                             exit 2; }
 ENGINE_FLAGS=(--engine "$ENGINE")
 SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward

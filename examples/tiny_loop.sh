@@ -44,6 +44,8 @@ TRAIN_PROCS=${TRAIN_PROCS:-1}
 DCPO=${DCPO:-dcpo}
 SERVER=${SERVER:-0}
 LAG=${LAG:-0}
+[[ "$LAG" =~ ^[0-9]+$ ]] || { echo "error: LAG must be a number of steps >= 0 (got $LAG)" >&2
+                             exit 2; }
 
 score_flags=()
 if [ -n "$REWARD" ]; then
