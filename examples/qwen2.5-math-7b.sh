@@ -47,7 +47,7 @@ DCPO=${DCPO:-dcpo}
 # DP engines run side by side, one process per group of TP GPUs, each generating its
 # --shard i/DP of the step's prompts. DP x TP GPUs in all; e.g. TP=4 DP=2 on 8 GPUs.
 TP=${TP:-1}
-# train-step on TRAIN_PROCS GPUs of this node (FSDP2; see README "Several GPUs and nodes"):
+# train-step on TRAIN_PROCS GPUs of this node (FSDP2; see docs/scaling.md):
 # 7B in fp32 with AdamW needs about 122 GB, so 2 or more on 80 GB GPUs. Only the newest
 # checkpoint keeps its training state (fp32 master weights, moments: ~91 GB at 7B).
 TRAIN_PROCS=${TRAIN_PROCS:-1}
@@ -75,9 +75,9 @@ SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
 [ "$ENGINE" = hf ] || ENGINE_FLAGS+=(--tensor-parallel-size "$TP")
 
-# ONE_COMMAND=1: the same run as one job, `dcpo run --nproc-per-node 8` (README, "dcpo run on
-# several processes"): FSDP2 on the 8 GPUs, one vLLM engine per group of TP GPUs in the
-# ranks' own processes, asleep while the policy trains; the same files. Per GPU (computed,
+# ONE_COMMAND=1: the same run as one job, `dcpo run --nproc-per-node 8` (docs/scaling.md):
+# FSDP2 on the 8 GPUs, one vLLM engine per group of TP GPUs in the ranks' own processes,
+# asleep while the policy trains; the same files. Per GPU (computed,
 # not measured): 15.2 GB of sharded fp32 state + 3.1 GB gathered bf16 while training
 # (18.4 GB; the engine's weights sleep in host memory), and while generating those 15.2 GB
 # + the engine's bf16 weights (15.2 GB / TP) + its KV cache: GPU_MEMORY_UTILIZATION 0.35 of

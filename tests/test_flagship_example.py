@@ -1,6 +1,6 @@
-"""The README's flagship example, examples/qwen2.5-math-7b.sh, run end to end for 2 steps on the
-test-size tiny model and task: hf engine (no GPU), local model and data (no downloads),
-small batches and short responses. A re-run resumes: it redoes nothing."""
+"""The flagship example of the README and docs/loop.md, examples/qwen2.5-math-7b.sh, run end
+to end for 2 steps on the test-size tiny model and task: hf engine (no GPU), local model and
+data (no downloads), small batches and short responses. A re-run resumes: it redoes nothing."""
 
 from __future__ import annotations
 

@@ -89,14 +89,14 @@ def train_step(
     report_to: list[str] = typer.Option([], "--report-to", help="Also log the metrics to "
                                         f"{choices(TRACKERS)} (repeatable; each an extra: "
                                         "pip install 'dcpo-cli[wandb]'). One tracker run "
-                                        "for the whole loop (README, Trackers)."),
+                                        "for the whole loop (docs/trackers.md)."),
     tracker_dir: Path | None = typer.Option(None, help="Where --report-to keeps its run ids "
                                             "(trackers.json) and tensorboard/, wandb/ "
                                             "(default: the folder of --state)."),
     nproc_per_node: int | None = typer.Option(None, help="Run on N processes of this node "
                                               "(FSDP2; re-launches itself through "
                                               "torch.distributed.run). Several nodes: run "
-                                              "torchrun yourself (see README)."),
+                                              "torchrun yourself (see docs/scaling.md)."),
     cpu_offload: bool = typer.Option(D.cpu_offload, "--cpu-offload/--no-cpu-offload",
                                      help="FSDP2: keep parameters, gradients and optimizer "
                                      "state in CPU memory (under torchrun)."),
