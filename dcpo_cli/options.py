@@ -25,6 +25,10 @@ INSTRUCTION_PLACES = ("system", "user")
 CHUNK_ELEMENTS = 1 << 24
 # Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.core.mismatch).
 ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
+# --rollout-correction's choices: "auto" is none on policy (staleness 0 or unknown) and tis
+# on rollouts of an older policy (train-step --max-staleness; docs/design.md).
+AUTO_CORRECTION = "auto"
+ROLLOUT_CORRECTION_CHOICES = (AUTO_CORRECTION, *ROLLOUT_CORRECTIONS)
 # The reward `dcpo score` uses without --reward (the interface: dcpo_cli.rewards), and the
 # levels a reward function may return instead of a number (docs/design.md 1.4).
 DEFAULT_REWARD = "dcpo_cli.rewards:math_verify"
@@ -187,8 +191,10 @@ class TrainOptions:
     chunk_elements: int = CHUNK_ELEMENTS
     # The KL loss's reference policy (used when kl_coef > 0); None: the run's first model.
     ref_model: str | None = None
-    rollout_correction: str = "none"  # per-token loss weights from pi_old / pi_sampler
+    rollout_correction: str = AUTO_CORRECTION  # per-token loss weights, pi_old / pi_sampler
     rollout_correction_cap: float = 2.0
+    # The most train steps the sampling policy may lag --model (0: on-policy only).
+    max_staleness: int = 0
     cpu_offload: bool = False  # FSDP2 offload of parameters, gradients, optimizer state
     keep_training_state: int = 1  # newest checkpoints of the run that keep training_state/
     reset_optimizer: bool = False  # continue a checkpoint with fresh optimizer moments
@@ -200,7 +206,7 @@ class TrainOptions:
     lora_target_modules: str = LORA_TARGET_MODULES
 
     # How the step runs and what is kept, not what it computes: not in the record.
-    UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state")
+    UNRECORDED = ("metrics_log", "cpu_offload", "keep_training_state", "max_staleness")
 
     def record(self) -> dict[str, Any]:
         """The options that determine the result (recorded in the checkpoint)."""
@@ -220,8 +226,11 @@ class TrainOptions:
                             "is the one a run continues from)")
         if self.lr < 0 or self.warmup_steps < 0 or self.max_grad_norm <= 0:
             raise DcpoError("--lr and --warmup-steps must be >= 0 and --max-grad-norm > 0")
-        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
-            raise DcpoError(f"--rollout-correction must be {choices(ROLLOUT_CORRECTIONS)}, "
+        if self.max_staleness < 0:
+            raise DcpoError(f"--max-staleness must be >= 0 (got {self.max_staleness})")
+        if self.rollout_correction not in ROLLOUT_CORRECTION_CHOICES:
+            raise DcpoError("--rollout-correction must be "
+                            f"{choices(ROLLOUT_CORRECTION_CHOICES)}, "
                             f"not {self.rollout_correction!r}")
         if not self.rollout_correction_cap > 0:
             raise DcpoError("--rollout-correction-cap must be > 0")

@@ -7,7 +7,7 @@ import typer
 from dcpo_cli.commands import engine_flags
 from dcpo_cli.commands.help_format import group
 from dcpo_cli.core.presets import ADVANTAGES, CLIP_MODES, KL_TYPES, LOSS_AGGS, PRESETS
-from dcpo_cli.options import ROLLOUT_CORRECTIONS, TRACKERS, TrainOptions, choices
+from dcpo_cli.options import ROLLOUT_CORRECTION_CHOICES, TRACKERS, TrainOptions, choices
 
 D = TrainOptions()  # the defaults
 
@@ -51,11 +51,17 @@ def train_step(
                                          "model, as recorded in the checkpoint)."),
     rollout_correction: str = typer.Option(D.rollout_correction, help="Correct for the "
                                            "sampler-trainer mismatch with per-token loss "
-                                           f"weights: {choices(ROLLOUT_CORRECTIONS)} (tis: "
+                                           "weights: "
+                                           f"{choices(ROLLOUT_CORRECTION_CHOICES)} (tis: "
                                            "min(pi_old/pi_sampler, cap); mask: drop tokens "
-                                           "beyond the cap). Needs response_logprobs."),
+                                           "beyond the cap; auto: none on policy, tis on "
+                                           "stale rollouts). Needs response_logprobs."),
     rollout_correction_cap: float = typer.Option(D.rollout_correction_cap, help="The cap C "
                                                  "of --rollout-correction."),
+    max_staleness: int = typer.Option(D.max_staleness, help="Accept rollouts sampled by a "
+                                      "policy up to K train steps older than --model (a "
+                                      "lagged loop: generation overlapped with training); "
+                                      "0: only --model's own."),
     target_prompts: int | None = typer.Option(
         D.target_prompts,
         help="DAPO's refill: train on the first T kept groups, in rollout-round order "
@@ -165,7 +171,7 @@ group(train_step, {
     "Algorithm": ("algo", "clip", "advantage", "loss_agg", "eps_low", "eps_high", "ratio_max",
         "dual_clip", "drop_uniform_groups", "target_prompts"),
     "KL and sampler mismatch": ("kl_coef", "kl_type", "ref_model", "rollout_correction",
-        "rollout_correction_cap"),
+        "rollout_correction_cap", "max_staleness"),
     "Optimization": ("lr", "weight_decay", "warmup_steps", "max_grad_norm", "mini_batch_size",
         "micro_batch_tokens", "epochs", "seed", "gradient_checkpointing"),
     "Checkpointing": ("keep_training_state", "reset_optimizer"),
