@@ -28,6 +28,10 @@ INSTRUCTION_PLACES = ("system", "user")
 CHUNK_ELEMENTS = 1 << 24
 # Sampler-trainer mismatch corrections of train-step (the math: dcpo_cli.core.mismatch).
 ROLLOUT_CORRECTIONS = ("none", "tis", "mask")
+# --rollout-correction's choices: "auto" is none on policy (staleness 0 or unknown) and tis
+# on rollouts of an older policy (train-step --max-staleness; docs/design.md).
+AUTO_CORRECTION = "auto"
+ROLLOUT_CORRECTION_CHOICES = (AUTO_CORRECTION, *ROLLOUT_CORRECTIONS)
 # The reward `dcpo score` uses without --reward (the interface: dcpo_cli.rewards), and the
 # levels a reward function may return instead of a number (docs/design.md 1.4).
 DEFAULT_REWARD = "dcpo_cli.rewards:math_verify"
@@ -260,10 +264,11 @@ class TrainOptions:
                                    "id[@revision] (default: the run's first model, as recorded "
                                    "in the checkpoint).", panel="KL and sampler mismatch")
     rollout_correction: str = option(
-        "none", "Correct for the sampler-trainer mismatch with per-token loss weights: "
-        f"{choices(ROLLOUT_CORRECTIONS)} (tis: min(pi_old/pi_sampler, cap); mask: drop tokens "
-        "beyond the cap). Needs response_logprobs.", panel="KL and sampler mismatch",
-        choices=ROLLOUT_CORRECTIONS)
+        AUTO_CORRECTION, "Correct for the sampler-trainer mismatch with per-token loss "
+        f"weights: {choices(ROLLOUT_CORRECTION_CHOICES)} (tis: min(pi_old/pi_sampler, cap); "
+        "mask: drop tokens beyond the cap; auto: none on policy, tis on stale rollouts). "
+        "Needs response_logprobs.", panel="KL and sampler mismatch",
+        choices=ROLLOUT_CORRECTION_CHOICES)
     rollout_correction_cap: float = option(2.0, "The cap C of --rollout-correction.",
                                            panel="KL and sampler mismatch", above=0)
     max_staleness: int = option(0, "Accept rollouts sampled by a policy up to K train steps "

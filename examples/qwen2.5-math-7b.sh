@@ -58,6 +58,18 @@ DP=${DP:-1}
 # evaluations at them, and stop them at the end, on an error or on Ctrl-C: no engine cold
 # start per stage; each step's checkpoint is loaded into the servers in place.
 SERVER=${SERVER:-0}
+# LAG=K (with SERVER=1): overlap generation with training, as verl's one-step-off-policy
+# recipe and prime-rl do, at a fixed lag (examples/tiny_loop.sh, docs/design.md): step s
+# trains checkpoint s on rollouts sampled by checkpoint s - K, and step s+K's rollouts run on
+# the servers while train-step s runs. Generation and training then need GPUs of their own:
+# the servers keep GPUs 0 .. DP*TP-1 (and their KV cache: no --release-between-requests),
+# train-step gets the next TRAIN_PROCS GPUs. On one 8-GPU node: TP=1 DP=4 TRAIN_PROCS=4,
+# half the node to generation (about 70% of a synchronous step at this setting, so its
+# share of the GPUs halves its time) and half to FSDP2 (7B's ~122 GB of fp32 weights and
+# AdamW moments is ~31 GB per GPU on 4, room for the activations of 32k-token micro-batches).
+LAG=${LAG:-0}
+[[ "$LAG" =~ ^[0-9]+$ ]] || { echo "error: LAG must be a number of steps >= 0 (got $LAG)" >&2
+                             exit 2; }
 ENGINE_FLAGS=(--engine "$ENGINE")
 SCORE_FLAGS=()
 [ "$ALGO" != dcpo ] || SCORE_FLAGS=(--no-answer-reward -1)  # the official DCPO reward
@@ -90,6 +102,21 @@ mkdir -p "$RUN"
 prompts=$RUN/train.parquet
 [ -f "$prompts" ] || $DCPO prepare "$DATA" --out "$prompts"
 
+SERVER_PIDS='' ahead=''
+cleanup() {  # on any exit: the background sampling (LAG), then the servers (SERVER=1)
+  if [ -n "$ahead" ]; then
+    pkill -P "$ahead" 2>/dev/null || true
+    kill "$ahead" 2>/dev/null || true
+    wait "$ahead" 2>/dev/null || true
+  fi
+  if [ -n "$SERVER_PIDS" ]; then
+    kill $SERVER_PIDS 2>/dev/null || true
+    wait $SERVER_PIDS 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 benchmark_args=()
 for benchmark in $EVAL_BENCHMARKS; do benchmark_args+=(--benchmark "$benchmark"); done
 
@@ -105,7 +132,7 @@ evaluate() {  # evaluate MODEL LABEL (a re-run reuses finished benchmarks)
 
 start_servers() {  # start_servers MODEL: DP servers, each on its own TP GPUs and free port
   local pids=() release=()
-  [ "$ENGINE" = hf ] || release=(--release-between-requests)
+  [ "$ENGINE" = hf ] || ((LAG > 0)) || release=(--release-between-requests)
   URLS=()
   for ((i = 0; i < DP; i++)); do
     rm -f "$RUN/server-$i.url"
@@ -115,8 +142,6 @@ start_servers() {  # start_servers MODEL: DP servers, each on its own TP GPUs an
     pids+=($!)
   done
   SERVER_PIDS="${pids[*]}"
-  trap 'kill $SERVER_PIDS 2>/dev/null || true; wait $SERVER_PIDS 2>/dev/null || true' EXIT
-  trap 'exit 130' INT TERM
   for ((i = 0; i < DP; i++)); do
     until [ -s "$RUN/server-$i.url" ]; do
       kill -0 "${pids[$i]}" 2>/dev/null || { echo "error: dcpo serve $i did not start" >&2
@@ -143,36 +168,55 @@ rollout() {  # rollout MODEL STEP DIR: DP shards in parallel, one per group of T
   ROLLOUTS=("${shards[@]}")
 }
 
+sample_step() {  # sample_step MODEL STEP: the step's rollout shards, scored
+  local dir=$RUN/steps/$(printf '%06d' "$2")
+  mkdir -p "$dir"
+  [ ! -f "$dir/scored.parquet" ] || return 0
+  rollout "$1" "$2" "$dir"
+  $DCPO score "${ROLLOUTS[@]}" --out "$dir/scored.parquet" "${SCORE_FLAGS[@]}"
+}
+
+checkpoint() {  # checkpoint STEP: the policy that trains step STEP
+  if (($1 <= 0)); then echo "$MODEL"; else echo "$RUN/ckpt/step-$(printf '%06d' "$1")"; fi
+}
+
+# With LAG, train-step runs on the GPUs after the generation ones (see LAG above).
+train_env=()
+((LAG == 0)) || train_env=(env CUDA_VISIBLE_DEVICES="$(seq -s, $((DP * TP)) \
+                                                       $((DP * TP + TRAIN_PROCS - 1)))")
+
 # Resume: redo the newest train-step (it only syncs the SAS state if a kill came between its
 # checkpoint and the state update) and go on from there.
 start=0
 last=$(ls -d "$RUN"/ckpt/step-* 2>/dev/null | sort | tail -n 1 || true)
 [ -z "$last" ] || start=$((10#${last##*step-} - 1))
-model=$MODEL
-[ "$start" -eq 0 ] || model=$RUN/ckpt/step-$(printf '%06d' "$start")
+model=$(checkpoint "$start")
 [ "$SERVER" != 1 ] || start_servers "$model"
 [ -n "$last" ] || evaluate "$model" step-000000
 
 for ((step = start; step < STEPS; step++)); do
-  name=$(printf '%06d' "$step")
-  next=$RUN/ckpt/step-$(printf '%06d' $((step + 1)))
-  mkdir -p "$RUN/steps/$name"
-  scored=$RUN/steps/$name/scored.parquet
-
-  if [ ! -f "$scored" ]; then
-    rollout "$model" "$step" "$RUN/steps/$name"
-    $DCPO score "${ROLLOUTS[@]}" --out "$scored" "${SCORE_FLAGS[@]}"
+  model=$(checkpoint "$step")
+  next=$(checkpoint $((step + 1)))
+  scored=$RUN/steps/$(printf '%06d' "$step")/scored.parquet
+  sample_step "$(checkpoint $((step - LAG)))" "$step"  # LAG: done ahead, but after a resume
+  if ((LAG > 0 && step + LAG < STEPS)); then  # step s+K's rollouts from checkpoint s
+    sample_step "$model" $((step + LAG)) &
+    ahead=$!
   fi
-  $DCPO train-step --model "$model" --scored "$scored" --state "$RUN/state.json" \
+  "${train_env[@]}" $DCPO train-step --model "$model" --scored "$scored" \
+    --state "$RUN/state.json" \
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps "$WARMUP_STEPS" --weight-decay 0.1 \
     --max-grad-norm 1.0 --mini-batch-size "$MINI_BATCH" \
     --micro-batch-tokens "$MICRO_BATCH_TOKENS" \
     --gradient-checkpointing --seed "$SEED" --metrics-log "$RUN/metrics.jsonl" \
-    --keep-training-state "$KEEP_TRAINING_STATE" \
+    --keep-training-state "$KEEP_TRAINING_STATE" --max-staleness "$LAG" \
     $( ((TRAIN_PROCS > 1)) && echo --nproc-per-node "$TRAIN_PROCS")
-  model=$next
+  if [ -n "$ahead" ]; then  # set -e: a failed shard or score stops the run here
+    wait "$ahead"
+    ahead=''
+  fi
   if (((step + 1) % EVAL_EVERY == 0)); then
-    evaluate "$model" "step-$(printf '%06d' $((step + 1)))"
+    evaluate "$next" "step-$(printf '%06d' $((step + 1)))"
   fi
 done
 

@@ -19,6 +19,11 @@
 # `dcpo serve` (hf engine, any free loopback port) before the loop, generates every rollout
 # and evaluation through it (each step's checkpoint is loaded into it in place), and stops
 # it at the end, on an error and on Ctrl-C: the same files, without an engine start per stage.
+# LAG=K [0] overlaps generation with training at a fixed lag: step s trains checkpoint s on
+# rollouts sampled by checkpoint s - K (the base model for the first K steps), so step s+K's
+# rollout and score run in the background while train-step s runs (`--max-staleness K`; the
+# stale steps are corrected by `--rollout-correction auto`, docs/design.md). The files do not
+# depend on timing: the same as running that schedule one stage after another.
 # Copy this file as the starting point of your own runs.
 set -euo pipefail
 
@@ -38,6 +43,9 @@ MAX_ROUNDS=${MAX_ROUNDS:-4}
 TRAIN_PROCS=${TRAIN_PROCS:-1}
 DCPO=${DCPO:-dcpo}
 SERVER=${SERVER:-0}
+LAG=${LAG:-0}
+[[ "$LAG" =~ ^[0-9]+$ ]] || { echo "error: LAG must be a number of steps >= 0 (got $LAG)" >&2
+                             exit 2; }
 
 score_flags=()
 if [ -n "$REWARD" ]; then
@@ -51,6 +59,21 @@ if [ ! -d "$tiny/model" ]; then
   $DCPO tiny init "$tiny" --seed "$SEED" --size "$TINY_SIZE"
 fi
 
+ahead='' server_pid=''
+cleanup() {  # on any exit: the background sampling (LAG), then the server (SERVER=1)
+  if [ -n "$ahead" ]; then
+    pkill -P "$ahead" 2>/dev/null || true
+    kill "$ahead" 2>/dev/null || true
+    wait "$ahead" 2>/dev/null || true
+  fi
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
 engine_flags=(--engine hf)
 if [ "$SERVER" = 1 ]; then
   # one resident engine for the whole loop; the trap stops it however the script ends
@@ -58,8 +81,6 @@ if [ "$SERVER" = 1 ]; then
   rm -f "$url_file"
   $DCPO serve --model "$tiny/model" --engine hf --port 0 --url-file "$url_file" &
   server_pid=$!
-  trap 'kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true' EXIT
-  trap 'exit 130' INT TERM
   until [ -s "$url_file" ]; do
     kill -0 "$server_pid" 2>/dev/null || { echo "error: dcpo serve did not start" >&2; exit 2; }
     sleep 0.2
@@ -80,32 +101,56 @@ sample() {  # sample MODEL STEP ROUND ROLLOUTS SCORED: one rollout round, scored
   [ -f "$5" ] || $DCPO score "$4" --out "$5" "${score_flags[@]}"
 }
 
-evaluate "$tiny/model" step-000000
-
-model=$tiny/model
-for ((step = 0; step < STEPS; step++)); do
-  name=$(printf '%06d' "$step")
-  dir=$RUN/steps/$name
-  next=$RUN/ckpt/step-$(printf '%06d' $((step + 1)))
+sample_step() {  # sample_step MODEL STEP: the step's rollouts, scored
+  local dir=$RUN/steps/$(printf '%06d' "$2")
   mkdir -p "$dir"
-  train_flags=()
   if [ "$ALGO" = dapo ]; then
     # DAPO's dynamic sampling: more rounds until TARGET groups are kept (mixed outcomes)
-    scored=() kept=0
+    local round kept=0
     for ((round = 0; round < MAX_ROUNDS && kept < TARGET; round++)); do
-      sample "$model" "$step" "$round" "$dir/rollouts-r$round.parquet" "$dir/scored-r$round.parquet"
-      scored+=("$dir/scored-r$round.parquet")
+      sample "$1" "$2" "$round" "$dir/rollouts-r$round.parquet" "$dir/scored-r$round.parquet"
       kept=$((kept + $($DCPO inspect "$dir/scored-r$round.parquet" --metadata mixed_groups)))
     done
     if [ "$kept" -lt "$TARGET" ]; then
-      echo "warning: step $step kept $kept of $TARGET groups after $MAX_ROUNDS rounds;" \
+      echo "warning: step $2 kept $kept of $TARGET groups after $MAX_ROUNDS rounds;" \
         "training on those" >&2
     fi
+  else
+    sample "$1" "$2" 0 "$dir/rollouts.parquet" "$dir/scored.parquet"
+  fi
+}
+
+checkpoint() {  # checkpoint STEP: the policy that trains step STEP
+  if (($1 == 0)); then echo "$tiny/model"; else echo "$RUN/ckpt/step-$(printf '%06d' "$1")"; fi
+}
+
+evaluate "$tiny/model" step-000000
+
+for ((step = 0; step < LAG && step < STEPS; step++)); do  # the first K steps: the base model's
+  sample_step "$tiny/model" "$step"
+done
+for ((step = 0; step < STEPS; step++)); do
+  model=$(checkpoint "$step")
+  next=$(checkpoint $((step + 1)))
+  dir=$RUN/steps/$(printf '%06d' "$step")
+  if ((LAG == 0)); then
+    sample_step "$model" "$step"
+  elif ((step + LAG < STEPS)); then  # step s+K's rollouts from checkpoint s, while s trains
+    sample_step "$model" $((step + LAG)) &
+    ahead=$!
+  fi
+  train_flags=()
+  if [ "$ALGO" = dapo ]; then
+    scored=()
+    for ((round = 0; round < MAX_ROUNDS; round++)); do
+      [ -f "$dir/scored-r$round.parquet" ] || break
+      scored+=("$dir/scored-r$round.parquet")
+    done
     train_flags=(--target-prompts "$TARGET")
   else
-    sample "$model" "$step" 0 "$dir/rollouts.parquet" "$dir/scored.parquet"
     scored=("$dir/scored.parquet")
   fi
+  ((LAG == 0)) || train_flags+=(--max-staleness "$LAG")
   # train-step is idempotent: with its checkpoint already written it only finishes the
   # state update (if a kill interrupted it) and returns.
   scored_flags=()
@@ -114,8 +159,12 @@ for ((step = 0; step < STEPS; step++)); do
     --out "$next" --algo "$ALGO" --lr "$LR" --warmup-steps 0 --seed "$SEED" \
     --metrics-log "$RUN/metrics.jsonl" "${train_flags[@]}" ${TRAIN_ARGS:-} \
     $( ((TRAIN_PROCS > 1)) && echo --nproc-per-node "$TRAIN_PROCS")
-  model=$next
+  if [ -n "$ahead" ]; then  # set -e: a failed rollout or score stops the run here
+    wait "$ahead"
+    ahead=''
+  fi
 done
 
+model=$(checkpoint "$STEPS")
 evaluate "$model" "step-$(printf '%06d' "$STEPS")"
 echo "final model: $model"

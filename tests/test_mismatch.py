@@ -16,6 +16,7 @@ from dcpo_cli.core.mismatch import (
     correction_weights,
     mismatch_metrics,
     mismatch_sums,
+    resolve_correction,
     response_mean_weights,
 )
 
@@ -98,6 +99,40 @@ def test_weighted_loss_and_gradient_by_hand():
     loss.backward()
     expected = [[-1.25 / 5, -1 / 5, -2 / 5], [0.5 * 0.25 / 5, 0.5 / 5, 0.0]]
     assert_close(logp.grad, expected)
+
+
+def test_auto_is_none_on_policy_and_tis_on_stale_rollouts():
+    assert resolve_correction("auto", 0) == "none"
+    assert resolve_correction("auto", None) == "none"  # files that do not record the policy
+    assert resolve_correction("auto", 1) == resolve_correction("auto", 3) == "tis"
+    for mode in ("none", "tis", "mask"):  # an explicit choice is kept at every staleness
+        assert resolve_correction(mode, 0) == resolve_correction(mode, 2) == mode
+
+
+def test_decoupled_objective_on_stale_rollouts_by_hand():
+    """Staleness 1 under --rollout-correction auto (docs/design.md 1.4c): the ratio and the
+    DAC bounds are of pi_theta / pi_old, the weight min(pi_old / mu, 2) moves mu's samples
+    to pi_old. Two tokens of one response, A = +1, DCPO's eps_high 0.2:
+      token 0: mu 0.2, pi_old 0.5, pi_theta 0.6: w = min(2.5, 2) = 2; r = 1.2 is inside
+               high(0.5) = 0.5 + 0.5 sqrt(2.6) = 1.30623: loss -2 * 1.2 = -2.4,
+               d loss / d logp = -w r = -2.4.
+      token 1: mu 0.1, pi_old 0.4, pi_theta 0.7: w = min(4, 2) = 2; r = 1.75 is above
+               high(0.4) = 0.5 + 0.5 sqrt(3) = 1.36603 (bounds from mu, high(0.1) = 2,
+               would not clip it): loss -2 * 1.36603 = -2.73205, gradient 0."""
+    config = algorithms.PRESETS["dcpo"]
+    old = torch.tensor([[math.log(0.5), math.log(0.4)]])
+    mu = torch.tensor([[math.log(0.2), math.log(0.1)]])
+    logp = torch.tensor([[math.log(0.6), math.log(0.7)]], requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    weights = correction_weights(old, mu, mask, resolve_correction("auto", 1), cap=2.0)
+    assert_close(weights, [[2.0, 2.0]])
+    terms = algorithms.surrogate_loss(config, logp, old, torch.tensor([1.0]), mask)
+    per_token = terms.per_token * weights
+    high_1 = 0.5 + 0.5 * math.sqrt(3.0)
+    assert_close(per_token.detach(), [[-2.4, -2 * high_1]])
+    assert terms.clipped.tolist() == [[False, True]]
+    per_token.sum().backward()
+    assert_close(logp.grad, [[-2.4, 0.0]])
 
 
 finite_logprobs = st.lists(st.floats(-30.0, 0.0), min_size=1, max_size=12)

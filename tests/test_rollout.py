@@ -276,6 +276,7 @@ def test_rollout_file_meets_the_contract(random_model_dir, prompts_file, tmp_pat
     meta = contracts.read_metadata(tmp_path / "r.parquet")
     assert meta["kind"] == "rollouts" and meta["step"] == 0 and meta["max_new_tokens"] == MAX_NEW
     assert meta["model"] == str(random_model_dir) and len(meta["model_fingerprint"]) == 64
+    assert meta["policy_step"] == 0  # a base model, not a train-step checkpoint
     assert meta["options"]["n"] == 4 and meta["seed"] == 7 and meta["skipped_prompts"] == 0
 
 

@@ -18,18 +18,39 @@ through it; padding gets 0):
   `rollout_is: token` with `rollout_is_threshold: C`).
 - `mask`, masked importance sampling: w = rho where rho <= C, else 0, so the tokens beyond
   the cap drop out of the gradient (TRL `token_mask` with only an upper bound).
+
+Stale rollouts (train-step --max-staleness K, sampled by the policy of an earlier step) are
+the same correction with a larger gap: pi_old stays the trainer's own log-probs of the
+current policy, the clip bounds come from it, and w corrects from pi_sampler to pi_old (the
+decoupled PPO objective of AReaL, verl's rollout correction). `auto` (`resolve_correction`)
+is none on policy and tis on stale rollouts; docs/design.md gives the formula and sources.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dcpo_cli.options import AUTO_CORRECTION
 from dcpo_cli.options import ROLLOUT_CORRECTIONS as CORRECTIONS  # ("none", "tis", "mask")
 
 OUTSIDE_BOUNDS = (0.5, 2.0)
 # exp() of a log-ratio beyond this overflows or underflows fp32 (verl clamps the same way).
 LOG_RATIO_LIMIT = 20.0
 MISMATCH_KEYS = ("mismatch_kl", "mismatch_logprob_diff", "mismatch_outside_ratio")
+
+
+# What "auto" becomes on rollouts of an older policy: verl's rollout correction default
+# (token-level truncated IS, threshold 2.0) and the TIS of Yao et al. 2025.
+STALE_CORRECTION = "tis"
+
+
+def resolve_correction(mode: str, staleness: int | None) -> str:
+    """The correction a step applies: `mode` itself, except "auto", which is "none" on policy
+    (staleness 0, or unknown: files that do not record their sampling policy, trained as
+    before) and STALE_CORRECTION on rollouts `staleness` >= 1 steps old."""
+    if mode != AUTO_CORRECTION:
+        return mode
+    return STALE_CORRECTION if staleness else "none"
 
 
 def log_ratio(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,

@@ -70,6 +70,10 @@ TRAIN_RECORD_COLUMNS: dict[str, pa.DataType | None] = {
     # mean rollout-correction weight over the response's tokens (1 without a correction)
     "rollout_weight_mean": pa.float64(),
 }
+# Written by train-step beside the required columns (older records lack it): how many train
+# steps the policy that sampled the response lags --model; null when the rollouts do not
+# record their sampling policy.
+STALENESS_COLUMN = "staleness"
 EVAL_SAMPLE_COLUMNS: dict[str, pa.DataType | None] = {
     "prompt_id": pa.string(),
     "sample_index": pa.int64(),

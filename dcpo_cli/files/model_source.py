@@ -33,6 +33,7 @@ from dcpo_cli.files import weights_checksum
 
 SMALL_FILE = 1 << 20  # files up to this size are identified by their bytes
 TRAINER_STATE = "trainer_state.json"  # as checkpoint.TRAINER_STATE (kept torch-free here)
+TRAINER_FORMAT = "dcpo-trainer-state"  # as checkpoint.TRAINER_FORMAT
 # A Hub repo id: "name" or "org/name"; letters, digits, '-', '_', '.' (no '--' or '..').
 HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
@@ -144,6 +145,26 @@ def _snapshot(spec: str, repo_id: str, revision: str | None) -> str:
 
 def is_weight_file(path: Path) -> bool:
     return path.suffix in (".safetensors", ".bin", ".pt", ".pth")
+
+
+def policy_step(path: str | Path) -> int:
+    """The train step a model's weights come from: a dcpo checkpoint's `global_step` (its
+    trainer state), 0 for any other model (a base model, a Hub snapshot, another trainer's
+    checkpoint). Rollouts record it as their sampling policy's step; train-step subtracts it
+    from --model's: the step's staleness."""
+    import json
+
+    state = Path(path) / TRAINER_STATE
+    try:
+        record = json.loads(state.read_text()) if state.is_file() else {}
+    except (OSError, ValueError):
+        raise DcpoError(f"{state}: not a readable trainer state") from None
+    if not isinstance(record, dict) or record.get("format") != TRAINER_FORMAT:
+        return 0
+    step = record.get("global_step")
+    if not isinstance(step, int) or step < 0:
+        raise DcpoError(f"{state}: global_step {step!r} is not a step number")
+    return step
 
 
 def model_identity(source: ModelSource | str | Path) -> str:

@@ -35,7 +35,7 @@ from dcpo_cli.engines.base import derive_seed
 from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.files import contracts
-from dcpo_cli.files.model_source import ModelSource, model_identity, resolve_model
+from dcpo_cli.files.model_source import ModelSource, model_identity, policy_step, resolve_model
 from dcpo_cli.options import RolloutOptions, parse_shard  # noqa: F401  (public here too)
 
 
@@ -159,6 +159,7 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
     check_batch_size(table.num_rows, options.batch_size, prompts_path)
     source = resolve_model(model)
     fingerprint = model_identity(source)  # cheap: no weight byte is read
+    sampled_by = policy_step(source.path)  # train-step measures the staleness from it
     load_seconds = None  # the engine's cold start (or the server's weight switch), if paid
     if engine is None:
         started = time.perf_counter()
@@ -216,7 +217,7 @@ def run_rollout(model: str | Path | ModelSource, prompts_path: str | Path, step:
     metadata = contracts.make_metadata(
         "rollouts", "rollout", step=step, options=option_record, inputs=[prompts_path],
         extra={"round": options.round, **source.record(), "model_fingerprint": fingerprint,
-               "engine": engine.name,
+               "policy_step": sampled_by, "engine": engine.name,
                "seed": options.seed, "sampling_seed": settings.seed,
                "max_new_tokens": options.max_new_tokens, "selected_prompts": len(records),
                "skipped_prompts": skipped, **engine_record(engine, engine_settings),

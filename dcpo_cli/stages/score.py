@@ -138,6 +138,22 @@ def sampling_from(metadata: list[dict[str, Any]], paths: list[Path]) -> dict[str
     return sampling
 
 
+def policy_from(metadata: list[dict[str, Any]], paths: list[Path]) -> dict[str, Any]:
+    """Which policy sampled the rollouts, for train-step's staleness check: the rollouts'
+    `policy_step` (the sampling checkpoint's global step) and `model`, carried into the
+    scored metadata as `policy_step` and `policy_model`. None where a shard does not record
+    it (an older dcpo, another tool); shards of one step sampled by different policies are
+    refused."""
+    steps = [m.get("policy_step") for m in metadata]
+    if any(not isinstance(step, int) for step in steps):
+        return {"policy_step": None, "policy_model": None}
+    if len(set(steps)) > 1:
+        names = ", ".join(f"{Path(p).name}: step {s}" for p, s in zip(paths, steps, strict=True))
+        raise DcpoError(f"the rollout shards were sampled by different policies ({names}); "
+                        "shards of one step must come from one checkpoint")
+    return {"policy_step": steps[0], "policy_model": metadata[0].get("model")}
+
+
 def reward_rows(table: pa.Table) -> list[dict[str, Any]]:
     """What a reward function gets as `row`: every column but the per-token lists (they
     would cost more to ship to the workers than most rewards take), plus response_length."""
@@ -244,6 +260,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
     contracts.check_output_path(out)
     table, metadata = read_inputs(paths)
     sampling = sampling_from(metadata, paths)
+    policy = policy_from(metadata, paths)
     rounds = {m.get("round", 0) for m in metadata}
     if len(rounds) > 1:  # train-step orders the rounds by the scored files' metadata
         raise DcpoError(f"the rollouts come from different refill rounds {sorted(rounds)}; "
@@ -280,7 +297,7 @@ def run_score(paths: list[Path], out: Path, options: ScoreOptions) -> ScoreSumma
              "reward_function": options.reward or DEFAULT_REWARD,
              "max_new_tokens": max_length or (lengths.pop() if len(lengths) == 1 else None),
              "accuracy": correct / scored.num_rows, "verify_timeouts": timeouts,
-             "verify_errors": errors, "sampling": sampling}
+             "verify_errors": errors, "sampling": sampling, **policy}
     meta = contracts.make_metadata(kind, "score", step=steps.pop() if len(steps) == 1 else None,
                                options=asdict(options), inputs=paths, extra=extra)
     contracts.write_table(scored, out, meta)

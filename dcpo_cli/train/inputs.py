@@ -44,6 +44,10 @@ class StepData:
     rounds: list[int] = field(default_factory=list)  # the rollout round of each row (refill)
     groups_generated: int | None = None  # groups in the shards, before any selection
     groups_kept: int | None = None  # of those, groups the filter keeps
+    # The policy that sampled the responses (the scored metadata's `policy_step` and
+    # `policy_model`): None when a shard does not record it (older files, other tools).
+    policy_step: int | None = None
+    policy_model: str | None = None
 
     @property
     def num_rows(self) -> int:
@@ -61,6 +65,7 @@ def load_scored(paths: list[Path]) -> StepData:
     steps: dict[str, int] = {}
     limits: set[int | None] = set()
     samplings: dict[str, dict | None] = {}
+    policies: dict[str, tuple] = {}
     sampler: list[list[float]] = []
     for path, name in zip(paths, names, strict=True):
         # response_logprobs are optional here: only the mismatch metrics and the rollout
@@ -71,6 +76,7 @@ def load_scored(paths: list[Path]) -> StepData:
         metadata = contracts.read_metadata(path)
         meta_step = metadata.get("step")
         limits.add(metadata.get("max_new_tokens"))
+        policies[name] = (metadata.get("policy_step"), metadata.get("policy_model"))
         samplings[name] = metadata.get("sampling") if isinstance(metadata.get("sampling"),
                                                                  dict) else None
         if len(column_steps) != 1:
@@ -112,6 +118,7 @@ def load_scored(paths: list[Path]) -> StepData:
     data.max_new_tokens = limits.pop() if len(limits) == 1 else None
     data.sampler_logprobs = sampler if data.sampler_missing is None else None
     data.sampling, data.temperature = _sampling(samplings)
+    data.policy_step, data.policy_model = _policy(policies)
     keys = list(zip(data.prompt_ids, data.sample_index, strict=True))
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -150,6 +157,18 @@ def _sampling(samplings: dict[str, dict | None]) -> tuple[dict | None, float]:
         raise DcpoError(f"{name}: metadata temperature {temperature!r} is not a number >= 0")
     # Greedy rollouts (T = 0) have no sampling distribution; score them at the model's own.
     return sampling, float(temperature) if temperature > 0 else 1.0
+
+
+def _policy(policies: dict[str, tuple]) -> tuple[int | None, str | None]:
+    """The shards' common sampling policy (step, model); (None, None) when one lacks it."""
+    steps = {name: step for name, (step, _) in policies.items()}
+    if any(not isinstance(step, int) or isinstance(step, bool) for step in steps.values()):
+        return None, None
+    if len(set(steps.values())) > 1:
+        listing = ", ".join(f"{n}: step {s}" for n, s in steps.items())
+        raise DcpoError(f"the scored files were sampled by different policies ({listing}); "
+                        "the shards and rounds of one step come from one checkpoint")
+    return next(iter(policies.values()))
 
 
 def check_vocab(data: StepData, vocab: int) -> None:

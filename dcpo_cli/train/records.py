@@ -47,13 +47,15 @@ def step_metrics(data: StepData, advantages: StepAdvantages, state: UpdateState,
 
 
 def records_table(data: StepData, advantages: list[float], state: UpdateState,
-                  correction: str = "none", cap: float = 2.0):
+                  correction: str = "none", cap: float = 2.0, staleness: int | None = None):
     """One row per response the step considered. Responses of dropped groups were not
     trained: their clipped count is 0 and their log-prob means are NaN. Groups sampled after
     --target-prompts was reached are not here at all (see train_inputs.select_groups).
     `new_logprob_mean` is the response's mean log-prob as the loss saw it in the last epoch
     (after the updates before its mini-batch). `rollout_weight_mean` is the mean weight
-    --rollout-correction gave its tokens' losses."""
+    --rollout-correction gave its tokens' losses. `staleness` (contracts.STALENESS_COLUMN,
+    beside the contract's columns): train steps between the sampling policy and --model,
+    null where the scored files do not record their sampling policy."""
     import pyarrow as pa
 
     old, nan = state.old, float("nan")
@@ -71,7 +73,9 @@ def records_table(data: StepData, advantages: list[float], state: UpdateState,
         "rollout_weight_mean": rollout_weight_means(data, state, correction, cap),
     }
     schema = pa.schema([(name, contracts.TRAIN_RECORD_COLUMNS[name]) for name in columns])
-    return pa.table(columns, schema=schema)
+    table = pa.table(columns, schema=schema)
+    return table.append_column(contracts.STALENESS_COLUMN,
+                               pa.array([staleness] * data.num_rows, pa.int64()))
 
 
 def rollout_weight_means(data: StepData, state: UpdateState, correction: str, cap: float

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from dcpo_cli.core import algorithms
+from dcpo_cli.core import algorithms, mismatch
 from dcpo_cli.core.logprobs import check_plain_lm_head
 from dcpo_cli.core.presets import AlgoConfig
 from dcpo_cli.errors import DcpoError
@@ -73,6 +73,7 @@ from dcpo_cli.train.resume import (
     resume_decision,
     state_checksum,
 )
+from dcpo_cli.train.staleness import step_staleness
 from dcpo_cli.train.update import (  # noqa: F401  (forward_logprobs: public here too)
     StepContext,
     UpdateState,
@@ -156,6 +157,11 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
         return _finish_resumed(decision, out, state_path, options, trackers)
     source = resolve_model(model)  # before anything is written: a bad id leaves no trace
     model_dir = source.path
+    staleness = step_staleness(data, source, options.max_staleness)
+    # "auto" becomes the step's own correction (recorded so in the checkpoint)
+    options = dataclasses.replace(options, rollout_correction=mismatch.resolve_correction(
+        options.rollout_correction, staleness))
+    check_rollout_correction(data, options)
     options = lora_options(source, options)
 
     def aligned() -> tuple[SasState, str | None]:
@@ -202,6 +208,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
 
     metrics = step_metrics(data, advantages, update, options.algo)
     metrics.update(mismatch_report(data, update), rollout_temperature=data.temperature,
+                   staleness=staleness,
                    kl_ref=None if ctx.ref is None else reference.kl_ref(update.old, ctx.ref,
                                                                         config.kl_type))
     metrics.update(step=data.step, lr=policy.lr, global_step=policy.global_step + 1,
@@ -220,7 +227,8 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     def write_extra(tmp: Path) -> None:  # inside the checkpoint, before it is committed
         contracts.write_table(records_table(data, advantages.values, update,
                                             options.rollout_correction,
-                                            options.rollout_correction_cap), tmp / RECORDS,
+                                            options.rollout_correction_cap, staleness),
+                              tmp / RECORDS,
                               contracts.make_metadata("train_records", "train-step",
                                                       step=data.step, options=options.record(),
                                                       inputs=scored))
@@ -310,7 +318,9 @@ def resolve_algo(options: TrainOptions) -> AlgoConfig:
 
 
 def check_rollout_correction(data: StepData, options: TrainOptions) -> None:
-    if options.rollout_correction != "none" and data.sampler_logprobs is None:
+    """Refuse a correction without the sampler's log-probs ("auto" is checked once the
+    staleness has resolved it)."""
+    if options.rollout_correction not in ("none", "auto") and data.sampler_logprobs is None:
         raise DcpoError(f"{data.sampler_missing}; --rollout-correction "
                         f"{options.rollout_correction} needs the sampler's log-probs")
 
