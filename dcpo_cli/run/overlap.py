@@ -101,8 +101,8 @@ def _work(conn: Any, run_dir: Path, settings: Any, prompts: Path, threads: int) 
 
     torch.set_num_threads(threads)
     from dcpo_cli.engines import pick_engine
-    from dcpo_cli.run.loop import Sampler, StepTiming
     from dcpo_cli.run.resident import ResidentEngine
+    from dcpo_cli.run.sampling import Sampler, StepTiming
 
     engines = ResidentEngine(pick_engine(settings.rollout.engine), settings.engine,
                              settings.train.lora_rank, settings.server_address)
