@@ -17,9 +17,11 @@ LAYERS = [
     {"core"},
     {"parallel"},
     {"files"},
+    {"policy", "trackers"},
     {"engines", "rewards"},
     {"stages", "train", "evaluate", "tiny", "serve"},
     {"run"},
+    {"report"},
     {"commands"},
     {"cli", "__main__"},
 ]

@@ -71,9 +71,9 @@ def evaluate(
     engine_flags.apply_no_verify(no_verify)
     from dcpo_cli.console import out as console
     from dcpo_cli.evaluate.stage import run_eval, summary_table
-    from dcpo_cli.files.trackers import Trackers, tracker_home_for_eval
     from dcpo_cli.options import from_values
     from dcpo_cli.options import report_to as tracker_names
+    from dcpo_cli.trackers.session import Trackers, tracker_home_for_eval
 
     options = from_values(EvalOptions, locals(), pass_at=sorted(set(pass_at)))
     settings = engine_flags.engine_settings(locals())

@@ -123,12 +123,13 @@ class ResidentEngine:
 
     def _takes_adapter(self, model_dir: Path) -> bool:
         """`model_dir` is a LoRA checkpoint of the base the engine holds."""
-        from dcpo_cli.files import lora
+        from dcpo_cli.files import lora_adapter
 
-        if not lora.is_adapter(model_dir) or not callable(getattr(self.engine, "use_adapter",
-                                                                  None)):
+        if not lora_adapter.is_adapter(model_dir) or not callable(
+                getattr(self.engine, "use_adapter", None)):
             return False
-        return Path(self.engine.base_path).resolve() == lora.base_source(model_dir).path.resolve()
+        return (Path(self.engine.base_path).resolve()
+                == lora_adapter.base_source(model_dir).path.resolve())
 
     def release(self) -> None:
         """Before a train-step: let the engine free memory the training needs (`release`,
@@ -212,7 +213,8 @@ def check_lora_targets(loop: dict[str, Any], targets: str) -> None:
     architecture built on the meta device (no weights read; the tiny one from its size)."""
     import torch
 
-    from dcpo_cli.files import lora
+    from dcpo_cli.files import lora_adapter
+    from dcpo_cli.policy import lora
 
     if lora.target_list(targets) == lora.ALL_LINEAR:
         return
@@ -229,8 +231,9 @@ def check_lora_targets(loop: dict[str, Any], targets: str) -> None:
             from dcpo_cli.files.model_source import resolve_model
 
             source = resolve_model(loop["model"])
-            path = lora.base_source(source.path).path if lora.is_adapter(source.path) \
-                else source.path
+            path = source.path
+            if lora_adapter.is_adapter(path):
+                path = lora_adapter.base_source(path).path
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
             name = loop["model"]
     lora.check_targets(model, targets, name)
@@ -242,12 +245,12 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
     from dcpo_cli.engines import pick_engine
     from dcpo_cli.evaluate.stage import run_eval
     from dcpo_cli.files.model_source import resolve_model
-    from dcpo_cli.files.trackers import Trackers
     from dcpo_cli.options import report_to
     from dcpo_cli.parallel import distributed
     from dcpo_cli.run.colocated import check_world, data_parallel_part, on_leader
     from dcpo_cli.stages.rollout import run_rollout
     from dcpo_cli.stages.score import run_score
+    from dcpo_cli.trackers.session import Trackers
     from dcpo_cli.train.step import run_train_step
 
     run_dir = Path(run_dir)

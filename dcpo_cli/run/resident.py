@@ -44,7 +44,7 @@ class ResidentPolicy:
 
     def policy_for(self, model_dir: Path, options: Any, data: Any) -> Any:
         """The policy as train-step would load it from `model_dir` (None: not this one)."""
-        from dcpo_cli.files.checkpoint import vocab_size
+        from dcpo_cli.policy.build import vocab_size
         from dcpo_cli.train.inputs import check_vocab
         from dcpo_cli.train.step import continue_schedule
 

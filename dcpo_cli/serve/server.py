@@ -152,7 +152,7 @@ class GenerationService:
         if not isinstance(record, dict) or not isinstance(record.get("path"), str):
             raise ProtocolError("model: expected {spec, path, repo_id, revision, commit}")
         path = Path(record["path"])
-        from dcpo_cli.files.lora import is_adapter
+        from dcpo_cli.files.lora_adapter import is_adapter
 
         if is_adapter(path):
             raise Conflict(f"{path}: a LoRA checkpoint; the server loads full weights only "

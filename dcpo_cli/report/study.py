@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.stages.report import _number, gather_run
+from dcpo_cli.report.runs import _number, gather_run
 
 BAND = "min-max over seeds"
 # (key, header, format): the table's figures, in order
