@@ -102,11 +102,12 @@ def run(
     from rich.table import Table
 
     from dcpo_cli.console import out
-    from dcpo_cli.run.config import CONFIG_FILE, resolve_values, write_config
+    from dcpo_cli.files import run_layout
+    from dcpo_cli.run.config import resolve_values, write_config
 
     engine_flags.apply_no_verify(no_verify)
     config, rewrite = resolve_values(run_dir, locals())
-    stored = run_dir / CONFIG_FILE
+    stored = run_layout.config_file(run_dir)
     source = stored if stored.is_file() else None
     from dcpo_cli.parallel.launch import Launch
     from dcpo_cli.run.colocated import check_world
@@ -135,7 +136,7 @@ def run(
     # a second dcpo run on RUN_DIR is refused at once (rank 0, or the launcher, holds it)
     with exclusive(run_dir):
         if rewrite and first_rank:
-            write_config(config, run_dir / CONFIG_FILE)
+            write_config(config, run_layout.config_file(run_dir))
         if launch is not None:
             from dcpo_cli.parallel.launch import current_argv, relaunch
             from dcpo_cli.run.loop import prepare_inputs

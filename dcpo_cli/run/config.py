@@ -23,9 +23,10 @@ from typing import Any
 
 from dcpo_cli.engines.settings import EngineSettings
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
+from dcpo_cli.files.run_layout import CONFIG_FILE
 from dcpo_cli.options import EvalOptions, RolloutOptions, ScoreOptions, TrainOptions
 
-CONFIG_FILE = "run.toml"
 SECTIONS: dict[str, type] = {"rollout": RolloutOptions, "score": ScoreOptions,
                              "train": TrainOptions, "eval": EvalOptions,
                              "engine": EngineSettings}
@@ -195,7 +196,7 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
     the user passed (flag name -> value), `sets`: the --set settings. A RUN_DIR made with
     other settings is refused, naming the first differing one; --steps may change."""
     requested = _requested(given, sets)
-    path = Path(run_dir) / CONFIG_FILE
+    path = run_layout.config_file(run_dir)
     if not path.is_file():
         return new_config(given, sets), True
     stored = read_config(path)

@@ -33,6 +33,7 @@ from typing import Any
 
 from dcpo_cli.console import err, out
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
 from dcpo_cli.run.config import Config, refills, stage_options
 
 
@@ -49,14 +50,6 @@ class StepTiming:
     @property
     def work(self) -> float:
         return sum(x for x in (self.generate, self.score, self.train) if x is not None)
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "steps" / f"{step:06d}"
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "ckpt" / f"step-{step:06d}"
 
 
 class ResidentEngine:
@@ -173,7 +166,7 @@ def check_config(run_dir: Path, config: Config, verbose: bool = False,
     from dcpo_cli.train.step import resolve_algo
 
     sections = ("rollout", "score", "train", "eval", "engine")
-    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
+    fixed = {"train": {"metrics_log": run_layout.metrics_log(run_dir)},
              "engine": {"verbose": verbose}}
     options = tuple(stage_options(config, name, **fixed.get(name, {})) for name in sections)
     checks = [(name, item.check) for name, item in zip(sections, options, strict=True)]
@@ -284,7 +277,7 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         def work() -> None:
             local = resolve_model(model).path
             engine = engines.lazy(local, resident) if eval_shares else None
-            run_eval(model, benchmarks, run_dir / "eval" / label, eval_options,
+            run_eval(model, benchmarks, run_layout.eval_dir(run_dir, label), eval_options,
                      engine=engine, engine_settings=engine_settings,
                      trackers=trackers)
 
@@ -315,8 +308,8 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         for round_index in range(loop["max_rounds"]):
             if kept >= target:
                 break
-            scored.append(sample(step, round_index, folder / f"rollouts-r{round_index}.parquet",
-                                 folder / f"scored-r{round_index}.parquet", model, timing))
+            scored.append(sample(step, round_index, run_layout.rollouts_file(folder, round_index),
+                                 run_layout.scored_file(folder, round_index), model, timing))
             kept += read_metadata(scored[-1])["mixed_groups"]
         if kept < target:
             err.print(f"warning: step {step} kept {kept} of {target} groups after "
@@ -327,23 +320,23 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
         folder.mkdir(parents=True, exist_ok=True)
         if refill:
             return sample_rounds(step, folder, model, timing)
-        return [sample(step, 0, folder / "rollouts.parquet", folder / "scored.parquet", model,
-                       timing)]
+        return [sample(step, 0, run_layout.rollouts_file(folder), run_layout.scored_file(folder),
+                       model, timing)]
 
     refill = refills(config)
     steps, every = loop["steps"], loop["eval_every"]
     model: Any = base_model
     timings = []
     try:
-        evaluate(base_model, "step-000000")
+        evaluate(base_model, run_layout.step_label(0))
         for step in range(steps):
             started = time.perf_counter()
             timing = StepTiming(step, 0.0)
-            following = checkpoint_dir(run_dir, step + 1)
+            following = run_layout.checkpoint_dir(run_dir, step + 1)
             scored = leader(lambda step=step, timing=timing, model=model: step_inputs(
-                step, step_dir(run_dir, step), model, timing))
+                step, run_layout.step_dir(run_dir, step), model, timing))
             engines.release()
-            outcome = run_train_step(model, scored, run_dir / "state.json", following,
+            outcome = run_train_step(model, scored, run_layout.state_file(run_dir), following,
                                      train_options, show_progress=show_progress and main,
                                      resident=resident, trackers=trackers)
             if outcome.policy is not None:
@@ -357,8 +350,8 @@ def run_loop(run_dir: Path, config: Config, show_progress: bool = True,
             if main:
                 out.print(_step_line(timing, outcome), highlight=False)
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                evaluate(model, f"step-{step + 1:06d}")
-        evaluate(model, f"step-{steps:06d}")
+                evaluate(model, run_layout.step_label(step + 1))
+        evaluate(model, run_layout.step_label(steps))
         if engines.loads and main:
             out.print(f"[dim]{kind} engine: {engines.loads} start(s), {engines.pushes} "
                       "in-memory weight update(s)"
@@ -378,7 +371,7 @@ def prepare_inputs(run_dir: Path, loop: dict[str, Any], seed: int
     is built with the same torch threads as in one process (its SFT's float sums depend
     on them)."""
     if loop["model"] is None:
-        tiny = run_dir / "tiny"
+        tiny = run_layout.tiny_dir(run_dir)
         if not (tiny / "model").is_dir():
             from dcpo_cli.tiny.build import init_tiny
 
