@@ -287,6 +287,7 @@ def lora_options(source: ModelSource, options: TrainOptions) -> TrainOptions:
 
 
 def resolve_algo(options: TrainOptions) -> AlgoConfig:
+    """The algorithm of --algo and its overrides (a bad value: `FieldError`, naming it)."""
     try:
         return algorithms.resolve_config(options.algo, **options.overrides)
     except (ValueError, KeyError, TypeError) as exc:
