@@ -14,7 +14,7 @@ adapter directory naming its base (`lora_adapter.py`), plus, beside them:
                       it from older checkpoints of the run (`prune_training_states`).
 - `trainer_state.json` global step, optimizer updates, rollout step absorbed, lr schedule,
                       algorithm config, the scored inputs' checksums (for idempotent re-runs)
-- `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train_step)
+- `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train/step.py)
 
 The lr schedule is a pure function of the global step (`policy.optim.scheduled_lr`), so it
 needs no state file of its own: `trainer_state.json` holds everything it depends on.

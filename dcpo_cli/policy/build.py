@@ -22,7 +22,7 @@ from dcpo_cli.policy import lora
 def device_and_dtype() -> tuple[torch.device, torch.dtype | None]:
     """fp32 on CPU; on GPU fp32 master weights with bf16 autocast (the returned dtype).
     Under torchrun each process uses its LOCAL_RANK's GPU, and FSDP2's mixed precision
-    casts to bf16 instead of autocast (fsdp.py)."""
+    casts to bf16 instead of autocast (parallel/fsdp.py)."""
     world = distributed.world()
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())

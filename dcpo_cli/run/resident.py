@@ -21,7 +21,7 @@ from dcpo_cli.files.checkpoint import read_trainer_state, restore_rng, rng_snaps
 class ResidentPolicy:
     """A train-step's updated policy, kept in memory, and the checkpoint it equals."""
 
-    policy: Any  # train_step.Policy
+    policy: Any  # train.step.Policy
     checkpoint: Path  # resolved
     trainer_state: dict[str, Any]  # as read back from the checkpoint
     rng: dict[str, Any]

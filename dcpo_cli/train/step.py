@@ -8,9 +8,10 @@ new SAS state) -> write STATE atomically -> append the metrics log once. A run k
 anywhere and re-run with the same arguments ends with the same files as an uninterrupted
 run, and STATE never absorbs a step twice.
 
-Each concern lives in its own module: `train_inputs` (scored shards, advantages),
-`train_resume` (idempotence), `train_update` (the passes over the model), `train_report`
-(metrics and records).
+Each concern lives in its own module of train/: `inputs` (scored shards, advantages),
+`resume` (idempotence), `update` (the passes over the model), `records` (metrics and
+records), `reference` (the KL reference); the policy itself (building it, AdamW and the lr
+schedule, LoRA) is `dcpo_cli.policy`, the checkpoint directory `files.checkpoint`.
 """
 
 from __future__ import annotations
