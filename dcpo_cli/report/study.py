@@ -1,10 +1,10 @@
 """`dcpo report STUDY_DIR`: a study's runs side by side, per algorithm over its seeds.
 
-Reading is `report.gather_run` on every run directory of the study (the same metrics and
+Reading is `runs.gather_run` on every run directory of the study (the same metrics and
 eval summaries a single-run report reads); `summarize` reduces each run to the paper's
 figures and each algorithm to their mean and sample standard deviation over seeds, with the
 ratio of the means to a baseline algorithm; `study_curves` gives, per algorithm, the mean
-and the min-max band over seeds at every step. Drawing (`plot_study`) is separate, so
+and the min-max band over seeds at every step. Drawing (`plot_study`, with plots.py) is separate, so
 tests check the numbers without matplotlib.
 
 Per run: the final avg@1 and avg@K are its last evaluation (the one benchmark, or the
