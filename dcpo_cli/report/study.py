@@ -4,8 +4,8 @@ Reading is `runs.gather_run` on every run directory of the study (the same metri
 eval summaries a single-run report reads); `summarize` reduces each run to the paper's
 figures and each algorithm to their mean and sample standard deviation over seeds, with the
 ratio of the means to a baseline algorithm; `study_curves` gives, per algorithm, the mean
-and the min-max band over seeds at every step. Drawing (`plot_study`, with plots.py) is separate, so
-tests check the numbers without matplotlib.
+and the min-max band over seeds at every step. Drawing (`plot_study`, with plots.py) is
+separate, so tests check the numbers without matplotlib.
 
 Per run: the final avg@1 and avg@K are its last evaluation (the one benchmark, or the
 average over several); RUR and TCR are the means over its steps of `nonzero_advantage_ratio`
