@@ -12,15 +12,15 @@ class DcpoError(Exception):
 class FieldError(DcpoError):
     """A bad value of named settings, worded without saying how they were given: `fields`
     (their Python names, `eps_low`), `problem` (what is wrong, after the names) and an
-    optional `prefix` (before them). The message names the fields as they are; the side
-    that took them from the user words them its way (`as_flags`: `--eps-low`)."""
+    optional `prefix` (before them). The message names the fields as they are; the command
+    line words them as its options (`as_flags`: `--eps-low`)."""
 
     def __init__(self, fields: str | tuple[str, ...], problem: str, prefix: str = "",
-                 names=None) -> None:
+                 flags: bool = False) -> None:
         self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
-        self.problem, self.prefix = problem, prefix
-        named = " and ".join((names or str)(field) for field in self.fields)
-        super().__init__(f"{prefix}{named} {problem}")
+        self.problem, self.prefix, self.flags = problem, prefix, flags
+        names = [f"--{f.replace('_', '-')}" if flags else f for f in self.fields]
+        super().__init__(f"{prefix}{' and '.join(names)} {problem}")
 
     @property
     def field(self) -> str:
@@ -28,8 +28,10 @@ class FieldError(DcpoError):
 
     def as_flags(self) -> FieldError:
         """The same error, the fields named as command-line options."""
-        return FieldError(self.fields, self.problem, self.prefix,
-                          names=lambda field: "--" + field.replace("_", "-"))
+        return FieldError(self.fields, self.problem, self.prefix, flags=True)
+
+    def __reduce__(self):  # pickled (a worker process's error) with its fields
+        return FieldError, (self.fields, self.problem, self.prefix, self.flags)
 
 
 def first_line(exc: BaseException) -> str:
