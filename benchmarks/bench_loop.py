@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dcpo_cli.files import run_layout  # noqa: E402  (light: names only)
 
 # the shell loop's defaults (examples/tiny_loop.sh)
 BATCH, N, MAX_NEW_TOKENS, LR, SEED = 32, 8, 48, 2e-4, 0
@@ -71,21 +72,21 @@ def shell_steps(run: Path, tiny: Path, steps: int, nproc: int = 1,
     on `nproc` processes: `--nproc-per-node`)."""
     model, times = str(tiny / "model"), []
     for step in range(steps):
-        folder = run / "steps" / f"{step:06d}"
+        folder = run_layout.step_dir(run, step)
         folder.mkdir(parents=True, exist_ok=True)
-        following = run / "ckpt" / f"step-{step + 1:06d}"
+        following = run_layout.checkpoint_dir(run, step + 1)
         started = time.perf_counter()
         for command in (
             dcpo("rollout", "--model", model, "--prompts", str(tiny / "train.parquet"),
                  "--step", str(step), "--batch-size", str(BATCH), "--n", str(N),
                  "--max-new-tokens", str(MAX_NEW_TOKENS), "--seed", str(SEED), *engine,
-                 "--out", str(folder / "rollouts.parquet")),
-            dcpo("score", str(folder / "rollouts.parquet"), "--out",
-                 str(folder / "scored.parquet")),
-            dcpo("train-step", "--model", model, "--scored", str(folder / "scored.parquet"),
-                 "--state", str(run / "state.json"), "--out", str(following), "--algo",
+                 "--out", str(run_layout.rollouts_file(folder))),
+            dcpo("score", str(run_layout.rollouts_file(folder)), "--out",
+                 str(run_layout.scored_file(folder))),
+            dcpo("train-step", "--model", model, "--scored", str(run_layout.scored_file(folder)),
+                 "--state", str(run_layout.state_file(run)), "--out", str(following), "--algo",
                  "dcpo", "--lr", str(LR), "--warmup-steps", "0", "--seed", str(SEED),
-                 "--metrics-log", str(run / "metrics.jsonl"),
+                 "--metrics-log", str(run_layout.metrics_log(run)),
                  *(["--nproc-per-node", str(nproc)] if nproc > 1 else [])),
         ):
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
@@ -125,6 +126,7 @@ def run_steps(run: Path, tiny: Path, steps: int):
     timing, and the seconds of its old-log-prob pass (part of the update's)."""
     import shutil
 
+    from dcpo_cli.run.checks import check_run
     from dcpo_cli.run.config import resolve
     from dcpo_cli.run.loop import run_loop
     from dcpo_cli.train import step as train_step
@@ -141,7 +143,7 @@ def run_steps(run: Path, tiny: Path, steps: int):
 
     train_step.old_logprobs = timed
     try:
-        timings = run_loop(run, config, show_progress=False)
+        timings = run_loop(run, check_run(config, run), show_progress=False)
     finally:
         train_step.old_logprobs = original
     return timings, old_pass
@@ -168,7 +170,7 @@ def rollout_tokens(run: Path, steps: int) -> list[tuple[float, int]]:
 
     found = []
     for step in range(steps):
-        table = pq.read_table(run / "steps" / f"{step:06d}" / "rollouts.parquet",
+        table = pq.read_table(run_layout.rollouts_file(run_layout.step_dir(run, step)),
                               columns=["prompt_token_ids", "response_token_ids"]).to_pydict()
         found.append((statistics.mean(len(p) for p in table["prompt_token_ids"]),
                       sum(len(r) for r in table["response_token_ids"])))

@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/bench_rollout.py [--prompts 16] [--n 4] [--max-new-tokens 128]
 
-Target: our overhead under 10%. The model is tiny_model.build_model(DEFAULT_SIZE), untrained;
+Target: our overhead under 10%. The model is tiny.model.build_model(DEFAULT_SIZE), untrained;
 the bare loop does the same work minus log-prob recording, eos cutting and decoding.
 """
 

@@ -72,7 +72,8 @@ def bare_pass(model_dir: Path, scored: Path, micro_tokens: int, mini_batch_size:
         micro_batches,
         mini_batches,
     )
-    from dcpo_cli.files.checkpoint import build_optimizer, build_policy, device_and_dtype
+    from dcpo_cli.policy.build import build_policy, device_and_dtype
+    from dcpo_cli.policy.optim import build_optimizer
     from dcpo_cli.train.step import load_scored
 
     device, dtype = device_and_dtype()

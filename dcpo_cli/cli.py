@@ -28,7 +28,7 @@ from dcpo_cli.commands import (
     tiny_cmd,
     train_step_cmd,
 )
-from dcpo_cli.errors import DcpoError, first_line
+from dcpo_cli.errors import DcpoError, FieldError, first_line
 
 app = typer.Typer(
     name="dcpo",
@@ -121,7 +121,10 @@ def run(argv: list[str] | None = None) -> int:
 
 def _report_error(exc: DcpoError) -> int:
     """One line from rank 0 (every rank of a torchrun job finds the same bad input). Under
-    `--nproc-per-node` the line goes to the launcher, which prints it and exits 2."""
+    `--nproc-per-node` the line goes to the launcher, which prints it and exits 2. A bad
+    setting is named as the option that gives it (`FieldError`: --eps-low, not eps_low)."""
+    if isinstance(exc, FieldError):
+        exc = exc.as_flags()
     rank = os.environ.get("RANK", "0")
     error_file = os.environ.get("DCPO_ERROR_FILE")
     if error_file:

@@ -41,7 +41,7 @@ REWARD_LEVELS = ("correct", "wrong", "no_answer")  # no_answer: no parseable \bo
 LORA_ALPHA = 32.0
 LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = "all-linear"
-# Experiment trackers of --report-to (dcpo_cli.files.trackers), each an optional extra.
+# Experiment trackers of --report-to (dcpo_cli.trackers), each an optional extra.
 TRACKERS = ("none", "tensorboard", "wandb", "trackio", "mlflow")
 # The algorithm presets (core/presets.py) and the choices of their components.
 ALGORITHMS = ("dcpo", "grpo", "dapo", "gspo")

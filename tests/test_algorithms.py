@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from dcpo_cli.core import algorithms as alg
 from dcpo_cli.core.algorithms import PromptStats
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, FieldError
 
 PRESET_NAMES = list(alg.PRESETS)
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -408,19 +408,27 @@ def test_every_component_is_overridable_on_its_own():
     assert alg.resolve_config("dcpo", eps_low=0.2, eps_high=0.28).eps_high == 0.28
 
 
-@pytest.mark.parametrize(("algo", "overrides", "fragment"), [
-    ("ppo", {}, "unknown --algo"),
-    ("dcpo", {"clip": "symmetric"}, "--clip"),
-    ("dcpo", {"loss_agg": "mean"}, "--loss-agg"),
-    ("dcpo", {"advantage": "rloo"}, "--advantage"),
-    ("grpo", {"eps_low": 1.5}, "--eps-low"),
-    ("dcpo", {"dual_clip": 0.5}, "--dual-clip"),
-    ("dcpo", {"ratio_max": 1.0}, "--ratio-max"),
-    ("dcpo", {"temperature": 1.0}, "temperature"),
+@pytest.mark.parametrize(("algo", "overrides", "field", "flagged"), [
+    ("ppo", {}, "algo", "unknown --algo 'ppo'; choose one of dcpo, grpo, dapo, gspo"),
+    ("dcpo", {"clip": "symmetric"}, "clip", "--clip must be one of"),
+    ("dcpo", {"loss_agg": "mean"}, "loss_agg", "--loss-agg must be one of"),
+    ("dcpo", {"advantage": "rloo"}, "advantage", "--advantage must be one of"),
+    ("grpo", {"eps_low": 1.5}, "eps_low", "--eps-low must be < 1"),
+    ("grpo", {"eps_high": -0.1}, "eps_low", "--eps-low and --eps-high must be >= 0"),
+    ("dcpo", {"dual_clip": 0.5}, "dual_clip", "--dual-clip must be > 1"),
+    ("dcpo", {"ratio_max": 1.0}, "ratio_max", "--ratio-max must be > 1"),
 ])
-def test_bad_configs_are_refused_with_the_option_named(algo, overrides, fragment):
-    with pytest.raises(DcpoError, match=fragment):
+def test_bad_configs_are_refused_with_the_field_named(algo, overrides, field, flagged):
+    """The presets name the field; the command line words it as its option."""
+    with pytest.raises(FieldError) as caught:
         alg.resolve_config(algo, **overrides)
+    assert caught.value.field == field and "--" not in str(caught.value)
+    assert str(caught.value.as_flags()).startswith(flagged)
+
+
+def test_an_unknown_override_is_refused_by_name():
+    with pytest.raises(DcpoError, match="unknown algorithm option.*temperature"):
+        alg.resolve_config("dcpo", temperature=1.0)
 
 
 def test_step_metrics_by_hand():

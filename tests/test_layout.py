@@ -18,9 +18,11 @@ LAYERS = [
     {"core"},
     {"parallel"},
     {"files"},
+    {"policy", "trackers"},
     {"engines", "rewards"},
     {"stages", "train", "evaluate", "tiny", "serve"},
     {"run"},
+    {"report"},
     {"commands"},
     {"cli", "__main__"},
 ]
@@ -122,3 +124,15 @@ def test_no_function_takes_more_than_six_positional_parameters():
                 if len(positional) > 6:
                     crowded.append(f"{name}.{node.name}: {len(positional)}")
     assert crowded == []
+
+
+def test_the_run_directory_is_named_in_one_light_module():
+    """files/run_layout.py owns the run directory's names (no other module spells them) and
+    imports only the standard library, so any layer may ask it."""
+    owner = "dcpo_cli.files.run_layout"
+    spelled = ('"metrics.jsonl"', '"state.json"', '"run.toml"', '"rollouts.parquet"',
+               '"scored.parquet"', "rollouts-r{", "step-{", ":06d}")
+    found = [f"{name}: {text}" for name, path in MODULES.items() if name != owner
+             for text in spelled if text in path.read_text()]
+    assert found == []
+    assert imports_of(owner) <= {"__future__", "re", "pathlib"}

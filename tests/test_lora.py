@@ -83,8 +83,8 @@ def hand_count(config: dict, rank: int) -> int:
 
 
 def test_zero_b_adapter_gives_the_base_logprobs_exactly(random_model_dir, tokenizer):
-    from dcpo_cli.files import lora
-    from dcpo_cli.files.checkpoint import build_policy
+    from dcpo_cli.policy import lora
+    from dcpo_cli.policy.build import build_policy
 
     base, _ = build_policy(random_model_dir, torch.device("cpu"))
     wrapped, _ = build_policy(random_model_dir, torch.device("cpu"))

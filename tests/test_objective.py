@@ -18,7 +18,7 @@ from conftest import assert_one_line_error, run_dcpo
 
 from dcpo_cli.core import algorithms
 from dcpo_cli.core.presets import resolve_config
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, FieldError
 from dcpo_cli.files import contracts
 from dcpo_cli.options import TrainOptions
 from dcpo_cli.train.inputs import load_scored
@@ -140,10 +140,12 @@ def test_presets_carry_the_kl():
     assert resolve_config("dcpo").kl_coef == 0 and resolve_config("dapo").kl_coef == 0
     assert resolve_config("grpo", kl_coef=0).kl_coef == 0
     assert resolve_config("dcpo", kl_type="k3").kl_type == "low_var_kl"
-    with pytest.raises(DcpoError, match="--kl-coef must be >= 0"):
+    with pytest.raises(FieldError, match="kl_coef must be >= 0") as caught:
         resolve_config("grpo", kl_coef=-0.1)
-    with pytest.raises(DcpoError, match="--kl-type"):
+    assert caught.value.fields == ("kl_coef",)
+    with pytest.raises(FieldError, match="kl_type must be one of") as caught:
         resolve_config("grpo", kl_type="k9")
+    assert caught.value.fields == ("kl_type",)
 
 
 # ------------------------------------------------------------------ the KL in train-step

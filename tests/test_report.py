@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.stages.report import (
+from dcpo_cli.report.runs import (
     eval_series,
     gather,
     gather_run,

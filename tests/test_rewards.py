@@ -143,7 +143,7 @@ def test_the_pool_kills_an_overrunning_job_and_reports_a_raising_one():
 
 
 def test_the_pool_fork_server_is_warmed_by_a_throw_away_check():
-    """The fork server preloads verifier_warmup, whose import runs one full check (so every
+    """The fork server preloads dcpo_cli.rewards.warmup, whose import runs one full check (so every
     worker forked from the server starts with math-verify's parsers built)."""
     import subprocess
     import sys

@@ -356,7 +356,7 @@ def fake_run(algo: str, seed: int, rur: list[float], clip: list[float],
 
 
 def test_summary_by_hand():
-    from dcpo_cli.run.study_report import study_curves, summarize
+    from dcpo_cli.report.study import study_curves, summarize
 
     data = {"study": "s", "algos": ["dcpo", "grpo"], "missing": [], "runs": [
         fake_run("dcpo", 0, [1.0, 0.5], [0.0, 0.02], [(4, 4), (4, 4)],
@@ -397,7 +397,7 @@ def test_summary_by_hand():
 
 def test_report_baseline_must_be_an_algorithm_of_the_study():
     from dcpo_cli.errors import DcpoError
-    from dcpo_cli.run.study_report import summarize
+    from dcpo_cli.report.study import summarize
 
     data = {"study": "s", "algos": ["dcpo", "grpo"], "missing": ["grpo-s0"], "runs": [
         fake_run("dcpo", 0, [1.0], [0.0], [(4, 4)], {"avg@1": 1.0, "avg@4": 1.0}, 1.0)]}

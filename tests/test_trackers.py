@@ -16,8 +16,10 @@ from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
 
 from dcpo_cli.cli import run
-from dcpo_cli.files import trackers as tr
-from dcpo_cli.files.trackers import TRACKERS_FILE, Trackers, tracker_values
+from dcpo_cli.trackers import session as tr
+from dcpo_cli.trackers.base import Backend, tracker_values
+from dcpo_cli.trackers.session import TRACKERS_FILE, Trackers
+from dcpo_cli.trackers.tensorboard import TensorBoard
 
 REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [0, 1, 0, 0]}
 REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
@@ -31,7 +33,7 @@ def tokenizer(random_model_dir):
     return AutoTokenizer.from_pretrained(random_model_dir)
 
 
-class Recorder(tr.Backend):
+class Recorder(Backend):
     """A backend that keeps what it is sent (class-level, across 'processes')."""
 
     name = "recorder"
@@ -105,7 +107,7 @@ def test_a_failing_tracker_warns_once_and_the_others_go_on(recorder, tmp_path, c
     def broken(self, values, step):
         raise ConnectionError("network is down")
 
-    monkeypatch.setattr(tr.TensorBoard, "log", broken)
+    monkeypatch.setattr(TensorBoard, "log", broken)
     trackers = Trackers(["tensorboard", "recorder"], tmp_path, "run", {})
     trackers.log("train", {"train/loss": 1.0}, 1)
     trackers.log("train", {"train/loss": 2.0}, 2)
@@ -255,7 +257,7 @@ def test_a_tracker_that_raises_never_fails_the_step(random_model_dir, tokenizer,
     def broken(self, values, step):
         raise RuntimeError("disk quota exceeded")
 
-    monkeypatch.setattr(tr.TensorBoard, "log", broken)
+    monkeypatch.setattr(TensorBoard, "log", broken)
     monkeypatch.setitem(sys.modules, "wandb", None)
     scored = write_scored(tmp_path / "scored-0.parquet", tokenizer, 0, REWARDS_0)
     code = run(["train-step", "--model", str(random_model_dir), "--scored", str(scored),
@@ -325,7 +327,7 @@ def test_eval_logs_its_summary_at_the_checkpoints_step_in_the_runs_tracker(recor
 
     from dcpo_cli.evaluate.stage import EvalOptions, run_eval
     from dcpo_cli.files.checkpoint import TRAINER_FORMAT, TRAINER_STATE
-    from dcpo_cli.files.trackers import tracker_home_for_eval
+    from dcpo_cli.trackers.session import tracker_home_for_eval
 
     run_dir = tmp_path / "run"
     checkpoint = run_dir / "ckpt" / "step-000007"
@@ -369,7 +371,7 @@ def test_dcpo_eval_command_reports_to_tensorboard(random_model_dir, tmp_path):
 TRACKIO_CHECK = """
 import json, sys
 from pathlib import Path
-from dcpo_cli.files.trackers import Trackers
+from dcpo_cli.trackers.session import Trackers
 home = Path(sys.argv[1])
 for step in (1, 2):  # two processes' worth: the second resumes the run by name
     trackers = Trackers(["trackio"], home, "run", {"train": {"lr": 0.1}})

@@ -358,7 +358,7 @@ def test_dr_grpo_normalizes_by_the_rollouts_generation_limit(random_model_dir, t
 def test_the_policy_is_built_without_dropout(random_model_dir, tmp_path):
     """Old log-probs must be reproducible by the training forward (same weights, same
     numbers), so a model configured with dropout trains with it off."""
-    from dcpo_cli.files.checkpoint import build_policy
+    from dcpo_cli.policy.build import build_policy
 
     model_dir = tmp_path / "model"
     shutil.copytree(random_model_dir, model_dir)

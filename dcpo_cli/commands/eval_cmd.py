@@ -34,7 +34,7 @@ def _evaluate(
     from dcpo_cli.commands.shared import apply_load_options, server_address
     from dcpo_cli.console import out as console
     from dcpo_cli.evaluate.stage import run_eval, summary_table
-    from dcpo_cli.files.trackers import Trackers, tracker_home_for_eval
+    from dcpo_cli.trackers.session import Trackers, tracker_home_for_eval
 
     apply_load_options(load)
     engine.check()

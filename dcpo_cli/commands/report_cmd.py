@@ -30,7 +30,7 @@ def report(
 
     from dcpo_cli.console import err, out
     from dcpo_cli.errors import DcpoError
-    from dcpo_cli.run.study_report import is_study
+    from dcpo_cli.report.study import is_study
 
     if is_study(run_dirs[0]):
         if compare or len(run_dirs) > 1:
@@ -39,7 +39,7 @@ def report(
     if baseline is not None or table_path is not None:
         raise DcpoError(f"{run_dirs[0]}: --baseline and --table are for a study directory "
                         "(made by `dcpo study`)")
-    from dcpo_cli.stages.report import evals_table, gather, metrics_table, plot_runs
+    from dcpo_cli.report.runs import evals_table, gather, metrics_table, plot_runs
 
     # `A --compare B C` parses as run_dirs [A, C], compare [B]: put them back in typed order.
     runs = gather([run_dirs[0], *compare, *run_dirs[1:]])
@@ -61,7 +61,7 @@ def study_report(directory: Path, figure_path: Path | None, table_path: Path | N
     import json
 
     from dcpo_cli.console import err, out
-    from dcpo_cli.run.study_report import (
+    from dcpo_cli.report.study import (
         gather_study,
         plot_study,
         summarize,

@@ -49,7 +49,7 @@ def _train_step(
         with exclusive(out, state):
             code = relaunch(strip_option(current_argv(), "--nproc-per-node"), nproc_per_node)
         raise typer.Exit(code)
-    from dcpo_cli.files.trackers import Trackers
+    from dcpo_cli.trackers.session import Trackers
 
     home = tracker_dir or state.resolve().parent
     run_trackers = Trackers(list(trackers.report_to), home, home.name,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dcpo_cli.errors import DcpoError
+from dcpo_cli.errors import DcpoError, FieldError
 from dcpo_cli.options import ADVANTAGES, ALGORITHMS, CLIP_MODES, KL_TYPES, LOSS_AGGS
 
 __all__ = ["ADVANTAGES", "CLIP_MODES", "KL_TYPES", "LOSS_AGGS", "PRESETS", "AlgoConfig",
@@ -63,9 +63,11 @@ assert tuple(PRESETS) == ALGORITHMS, "options.ALGORITHMS names the presets"
 
 
 def resolve_config(algo: str, **overrides) -> AlgoConfig:
-    """The preset `algo` with the given fields replaced (None means "keep the preset's")."""
+    """The preset `algo` with the given fields replaced (None means "keep the preset's").
+    A bad value raises `FieldError` naming the field (`algo`, `eps_low`, ...)."""
     if algo not in PRESETS:
-        raise DcpoError(f"unknown --algo {algo!r}; choose one of {', '.join(PRESETS)}")
+        raise FieldError("algo", f"{algo!r}; choose one of {', '.join(PRESETS)}",
+                         prefix="unknown ")
     fields = {f.name for f in dataclasses.fields(AlgoConfig)} - {"name"}
     unknown = set(overrides) - fields
     if unknown:
@@ -82,23 +84,23 @@ def resolve_config(algo: str, **overrides) -> AlgoConfig:
 
 def validate_config(config: AlgoConfig) -> None:
     if config.clip not in CLIP_MODES:
-        raise DcpoError(f"--clip must be one of {', '.join(CLIP_MODES)}, not {config.clip!r}")
+        raise FieldError("clip", f"must be one of {', '.join(CLIP_MODES)}, not {config.clip!r}")
     if config.advantage not in ADVANTAGES:
-        raise DcpoError(f"--advantage must be one of {', '.join(ADVANTAGES)}, "
-                        f"not {config.advantage!r}")
+        raise FieldError("advantage", f"must be one of {', '.join(ADVANTAGES)}, "
+                         f"not {config.advantage!r}")
     if config.loss_agg not in LOSS_AGGS:
-        raise DcpoError(f"--loss-agg must be one of {', '.join(LOSS_AGGS)}, "
-                        f"not {config.loss_agg!r}")
+        raise FieldError("loss_agg", f"must be one of {', '.join(LOSS_AGGS)}, "
+                         f"not {config.loss_agg!r}")
     if not (config.eps_low >= 0 and config.eps_high >= 0):
-        raise DcpoError("--eps-low and --eps-high must be >= 0")
+        raise FieldError(("eps_low", "eps_high"), "must be >= 0")
     if config.clip != "dac" and config.eps_low >= 1:
-        raise DcpoError("--eps-low must be < 1 for fixed or sequence clipping")
+        raise FieldError("eps_low", "must be < 1 for fixed or sequence clipping")
     if not config.ratio_max > 1:
-        raise DcpoError("--ratio-max must be > 1")
+        raise FieldError("ratio_max", "must be > 1")
     if config.dual_clip is not None and not config.dual_clip > 1:
-        raise DcpoError("--dual-clip must be > 1 (or 0 for off)")
+        raise FieldError("dual_clip", "must be > 1 (or 0 for off)")
     if not config.kl_coef >= 0:
-        raise DcpoError(f"--kl-coef must be >= 0 (got {config.kl_coef}; 0 turns it off)")
+        raise FieldError("kl_coef", f"must be >= 0 (got {config.kl_coef}; 0 turns it off)")
     if config.kl_type not in KL_TYPES:
-        raise DcpoError(f"--kl-type must be one of {', '.join(KL_TYPES)}, "
-                        f"not {config.kl_type!r}")
+        raise FieldError("kl_type", f"must be one of {', '.join(KL_TYPES)}, "
+                         f"not {config.kl_type!r}")

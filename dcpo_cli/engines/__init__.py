@@ -56,7 +56,7 @@ def engine_options(kind: str, settings, server=None, source=None) -> dict:
 def load_engine(kind: str, model_path: str | Path, **options) -> Engine:
     kind = pick_engine(kind)
     model_path = Path(model_path)
-    from dcpo_cli.files.lora import is_adapter
+    from dcpo_cli.files.lora_adapter import is_adapter
 
     if not model_path.is_dir() or not ((model_path / "config.json").is_file()
                                        or is_adapter(model_path)):

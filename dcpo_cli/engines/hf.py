@@ -22,7 +22,7 @@ from dcpo_cli.engines.base import (
     share,
 )
 from dcpo_cli.errors import DcpoError, first_line
-from dcpo_cli.files import lora
+from dcpo_cli.files import lora_adapter
 
 
 def token_budget_batches(lengths: list[int], max_new_tokens: int, budget: int) -> list[list[int]]:
@@ -83,8 +83,8 @@ class HFEngine:
         torch_dtype = getattr(torch, dtype) if dtype else (
             torch.bfloat16 if self.device == "cuda" else torch.float32)
         # A LoRA checkpoint: its base model, then the adapter on top (`use_adapter`)
-        adapter = Path(model_path) if lora.is_adapter(model_path) else None
-        self.base_path = lora.base_source(adapter).path if adapter else Path(model_path)
+        adapter = Path(model_path) if lora_adapter.is_adapter(model_path) else None
+        self.base_path = lora_adapter.base_source(adapter).path if adapter else Path(model_path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
             self.model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=torch_dtype)
@@ -193,10 +193,11 @@ class HFEngine:
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        same_shape = self.adapter is not None and \
-            lora.checkpoint_settings(directory) == lora.checkpoint_settings(self.adapter)
+        same_shape = self.adapter is not None and (
+            lora_adapter.checkpoint_settings(directory)
+            == lora_adapter.checkpoint_settings(self.adapter))
         if same_shape:
-            weights = load_file(directory / lora.ADAPTER_WEIGHTS)
+            weights = load_file(directory / lora_adapter.ADAPTER_WEIGHTS)
             with torch.no_grad():
                 set_peft_model_state_dict(self.model, weights)
         else:

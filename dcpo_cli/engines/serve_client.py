@@ -184,7 +184,7 @@ class ServerEngine:
                  source: ModelSource | None = None) -> None:
         from transformers import AutoTokenizer
 
-        from dcpo_cli.files.lora import is_adapter
+        from dcpo_cli.files.lora_adapter import is_adapter
 
         if is_adapter(model_path):
             raise DcpoError(f"{model_path}: a LoRA checkpoint; dcpo serve loads full weights "

@@ -25,7 +25,7 @@ from typing import Any
 from dcpo_cli.engines import base
 from dcpo_cli.engines.base import Completion, ProgressCallback, SamplingSettings
 from dcpo_cli.errors import DcpoError, first_line
-from dcpo_cli.files import lora
+from dcpo_cli.files import lora_adapter
 
 
 def quiet_vllm(verbose: bool) -> None:
@@ -130,10 +130,10 @@ class VllmEngine:
         # A LoRA checkpoint: vLLM serves its base with LoRA on, and each generate call names
         # the adapter (a LoRARequest); `dcpo run` passes `lora_rank` to start that way from
         # the base model already
-        adapter = Path(model_path) if lora.is_adapter(model_path) else None
-        base_path = lora.base_source(adapter).path if adapter else Path(model_path)
+        adapter = Path(model_path) if lora_adapter.is_adapter(model_path) else None
+        base_path = lora_adapter.base_source(adapter).path if adapter else Path(model_path)
         if adapter is not None:
-            lora_rank = max(lora_rank or 0, lora.checkpoint_settings(adapter)["lora_rank"])
+            lora_rank = max(lora_rank or 0, lora_adapter.checkpoint_settings(adapter)["lora_rank"])
         if lora_rank:
             options.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_lora_rank(lora_rank))
         self.lora_request: Any = None

@@ -69,7 +69,7 @@ def run_eval(model: str | Path | ModelSource, specs: list[str], out: Path, optio
     loaded once, with `engine_settings`, only when some benchmark is not already done. With
     `--engine server` the `dcpo serve` at `server` generates: the samples record its engine
     and settings, so they are interchangeable with that engine's in-process samples.
-    `trackers` (`files.trackers.Trackers`) get the summary once written, at the global step
+    `trackers` (`trackers.session.Trackers`) get the summary once written, at the global step
     of the checkpoint measured (0 for a model that is not a train-step checkpoint).
     """
     options.check()

@@ -1,9 +1,10 @@
-"""Policy building, loading and saving: the one place that knows what a checkpoint holds.
+"""The checkpoint directory: the one place that knows what a checkpoint holds, reading and
+writing it (building the policy it holds is `dcpo_cli.policy`).
 
 A train-step checkpoint is a Hugging Face model directory (safetensors, config, generation
 config, tokenizer; `from_pretrained` and vLLM load it as is), its weights in the model's own
 dtype (`config.json`'s dtype: bf16 for Qwen, fp32 for the tiny model), or with LoRA a peft
-adapter directory naming its base (`lora.py`), plus, beside them:
+adapter directory naming its base (`lora_adapter.py`), plus, beside them:
 
 - `training_state/`   what continuing needs and evaluating does not, written with
                       torch.distributed.checkpoint (each rank its own shard; it loads onto
@@ -13,10 +14,10 @@ adapter directory naming its base (`lora.py`), plus, beside them:
                       it from older checkpoints of the run (`prune_training_states`).
 - `trainer_state.json` global step, optimizer updates, rollout step absorbed, lr schedule,
                       algorithm config, the scored inputs' checksums (for idempotent re-runs)
-- `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train_step)
+- `train_records.parquet`, `metrics.json`, `sas_state.json` (written by train/step.py)
 
-The lr schedule is a pure function of the global step (see `scheduled_lr`), so it needs no
-state file of its own: `trainer_state.json` holds everything it depends on.
+The lr schedule is a pure function of the global step (`policy.optim.scheduled_lr`), so it
+needs no state file of its own: `trainer_state.json` holds everything it depends on.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from dcpo_cli.errors import DcpoError, first_line
-from dcpo_cli.files import lora, weights_checksum
+from dcpo_cli.files import lora_adapter, weights_checksum
 from dcpo_cli.parallel import distributed
 
 TRAINER_STATE = "trainer_state.json"
@@ -59,7 +60,7 @@ def read_trainer_state(directory: Path) -> dict[str, Any] | None:
 
 def check_model_dir(directory: Path) -> None:
     directory = Path(directory)
-    if directory.is_dir() and lora.is_adapter(directory):
+    if directory.is_dir() and lora_adapter.is_adapter(directory):
         return
     if not directory.is_dir():
         raise DcpoError(f"{directory}: no such model directory")
@@ -69,52 +70,10 @@ def check_model_dir(directory: Path) -> None:
         raise DcpoError(f"{directory}: not a model directory (no weights)")
 
 
-def device_and_dtype() -> tuple[torch.device, torch.dtype | None]:
-    """fp32 on CPU; on GPU fp32 master weights with bf16 autocast (the returned dtype).
-    Under torchrun each process uses its LOCAL_RANK's GPU, and FSDP2's mixed precision
-    casts to bf16 instead of autocast (fsdp.py)."""
-    world = distributed.world()
-    if torch.cuda.is_available():
-        device = torch.device("cuda", torch.cuda.current_device())
-        return device, None if world.sharded else torch.bfloat16
-    return torch.device("cpu"), None
-
-
-def build_policy(directory: Path, device: torch.device, gradient_checkpointing: bool = False):
-    """Load model and tokenizer from a model directory (a base model or a checkpoint).
-
-    The weights are upcast to fp32 (master weights); the dtype they were stored in is kept
-    as `model.dcpo_save_dtype`, the dtype `save_checkpoint` writes them back in. Under
-    torchrun, `fsdp.shard_policy` then shards the model.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if lora.is_adapter(directory):  # a LoRA checkpoint: its base, with the adapter trainable
-        model, tokenizer = build_policy(lora.base_source(directory).path, device,
-                                        gradient_checkpointing)
-        return lora.load(model, directory, trainable=True), tokenizer
-    hf_logging.disable_progress_bar()  # our own progress bar is the one on screen
-    check_model_dir(directory)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        reason = first_line(exc)
-        raise DcpoError(f"{directory}: cannot load the model ({reason})") from None
-    model.dcpo_save_dtype = stored_dtype(directory)
-    model.to(device)
-    model.config.use_cache = False
-    disable_dropout(model)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
-
-
 def stored_dtype(directory: Path) -> torch.dtype:
     """The dtype a model directory's config names for its weights (fp32 if none)."""
-    if lora.is_adapter(directory):
-        return stored_dtype(lora.base_source(directory).path)
+    if lora_adapter.is_adapter(directory):
+        return stored_dtype(lora_adapter.base_source(directory).path)
     try:
         config = json.loads((Path(directory) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -125,65 +84,23 @@ def stored_dtype(directory: Path) -> torch.dtype:
         else torch.float32
 
 
-def disable_dropout(model) -> None:
-    """A deterministic forward in train mode: the old log-probs (and the first mini-batch's
-    reuse of its own forward as them) assume that the same weights give the same numbers.
-    The saved config keeps its values; only this process's modules change."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout"):  # transformers' functional dropouts
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-
-
-def vocab_size(model) -> int:
-    return model.get_input_embeddings().weight.shape[0]
-
-
-def build_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # Decay on every trained parameter, as the paper's verl actor does (with LoRA: the
-    # adapter's; the frozen base has no optimizer state).
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                             weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-
-
 def state_dict_options(model, **options):
     """DCP state-dict options: with LoRA only the trainable (adapter) parameters, so the
     training state holds no copy of the frozen base."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(ignore_frozen_params=lora.peft_of(model) is not None, **options)
+    return StateDictOptions(ignore_frozen_params=lora_adapter.peft_of(model) is not None, **options)
 
 
 def trainable_only(model, state: dict[str, Any]) -> dict[str, Any]:
     """With LoRA, a model state dict without the frozen base: `ignore_frozen_params` keeps
     a tied lm-head (the embedding matrix under its second name), which would put
     vocabulary x hidden floats into every checkpoint."""
-    if lora.peft_of(model) is None:
+    if lora_adapter.peft_of(model) is None:
         return state
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False)
               if not p.requires_grad}
     return {k: v for k, v in state.items() if k not in frozen}
-
-
-def scheduled_lr(base_lr: float, global_step: int, warmup_steps: int) -> float:
-    """Linear warm-up counted in train steps (rollout steps), as the paper's 10 warm-up steps:
-    train step k (0-based) uses base_lr * min(1, (k + 1) / warmup_steps), then constant.
-    Every optimizer update within one train step uses the same lr. (The first step trains
-    with base_lr / warmup_steps rather than 0.)"""
-    if warmup_steps <= 0:
-        return base_lr
-    return base_lr * min(1.0, (global_step + 1) / warmup_steps)
-
-
-def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float
-                        ) -> None:
-    """This step's lr and --weight-decay; loading a checkpoint's optimizer state would
-    otherwise bring back the values it was saved with."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        group["weight_decay"] = weight_decay
 
 
 def has_training_state(directory: Path) -> bool:
@@ -267,8 +184,8 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer: torch.optim.Optimize
         full = trainable_only(model, get_model_state_dict(model, options=state_dict_options(
             model, full_state_dict=True, cpu_offload=True)))
         if main:
-            if lora.peft_of(model) is not None:  # the adapter alone, in peft's layout
-                lora.save_adapter(tmp, model, full)
+            if lora_adapter.peft_of(model) is not None:  # the adapter alone, in peft's layout
+                lora_adapter.save_adapter(tmp, model, full)
             else:
                 save_weights(tmp, model, full)
             tokenizer.save_pretrained(tmp)

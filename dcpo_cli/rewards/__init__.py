@@ -9,7 +9,7 @@ which `dcpo score` turns into 1 / --wrong-reward / --no-answer-reward. The defau
 response's columns except the per-token lists, plus `response_length` in tokens.
 
 `judge` is the one path every reward takes (score, eval, the tiny model's summary): each
-call runs in reward_pool's worker processes under a deadline, so neither a slow sympy
+call runs in pool.py's worker processes under a deadline, so neither a slow sympy
 comparison nor a user's hanging function can stall a stage.
 """
 

@@ -47,7 +47,7 @@ def _worker_main(conn, function: Callable[..., Any]) -> None:
 
 
 READY = "ready"
-# What the pool's fork server imports once; verifier_warmup also runs one check there.
+# What the pool's fork server imports once; rewards.warmup also runs one check there.
 FORKSERVER_PRELOAD = ["math_verify", "dcpo_cli.rewards", "dcpo_cli.rewards.warmup"]
 
 

@@ -1,4 +1,4 @@
-"""Preloaded by the verifier pool's fork server (`reward_pool.FORKSERVER_PRELOAD`): one
+"""Preloaded by the verifier pool's fork server (`pool.FORKSERVER_PRELOAD`): one
 throw-away check builds math-verify's parsers and sympy's caches there (about 0.25 s), so
 every worker forked from the server starts warm instead of paying it again on its first
 response, in every `verify_batch` call (each `dcpo run` step starts a fresh pool)."""

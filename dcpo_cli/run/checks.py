@@ -17,6 +17,7 @@ from typing import Any
 from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import OptionError
+from dcpo_cli.files import run_layout
 from dcpo_cli.options import (
     EvalOptions,
     LaunchOptions,
@@ -80,7 +81,7 @@ class SettingError(DcpoError):
 def settings_of(config: Config, run_dir: Path, verbose: bool = False) -> RunSettings:
     import os
 
-    fixed = {"train": {"metrics_log": Path(run_dir) / "metrics.jsonl"},
+    fixed = {"train": {"metrics_log": run_layout.metrics_log(run_dir)},
              "engine": {"verbose": verbose},
              "server": {"token": os.environ.get("DCPO_SERVER_TOKEN")}}
     tables = {section: stage_options(config, section, **fixed.get(section, {}))
@@ -166,7 +167,8 @@ def check_lora_targets(loop: LoopOptions, targets: str) -> None:
     architecture built on the meta device (no weights read; the tiny one from its size)."""
     import torch
 
-    from dcpo_cli.files import lora
+    from dcpo_cli.files import lora_adapter
+    from dcpo_cli.policy import lora
 
     if lora.target_list(targets) == lora.ALL_LINEAR:
         return
@@ -183,8 +185,8 @@ def check_lora_targets(loop: LoopOptions, targets: str) -> None:
             from dcpo_cli.files.model_source import resolve_model
 
             source = resolve_model(loop.model)
-            path = lora.base_source(source.path).path if lora.is_adapter(source.path) \
-                else source.path
+            path = lora_adapter.base_source(source.path).path \
+                if lora_adapter.is_adapter(source.path) else source.path
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
             name = loop.model
     lora.check_targets(model, targets, name)

@@ -24,6 +24,8 @@ from typing import Any
 from dcpo_cli.engines.settings import EngineSettings, ServerAddress
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import Spec, hints, spec_of
+from dcpo_cli.files import run_layout
+from dcpo_cli.files.run_layout import CONFIG_FILE
 from dcpo_cli.options import (
     EvalOptions,
     LaunchOptions,
@@ -33,7 +35,6 @@ from dcpo_cli.options import (
     TrainOptions,
 )
 
-CONFIG_FILE = "run.toml"
 SECTIONS: dict[str, type] = {"loop": LoopOptions, "launch": LaunchOptions,
                              "rollout": RolloutOptions, "score": ScoreOptions,
                              "train": TrainOptions, "eval": EvalOptions,
@@ -230,7 +231,7 @@ def resolve(run_dir: Path, given: dict[str, Any], sets: dict[tuple[str, str], An
     the user passed (flag name -> value), `sets`: the --set settings. A RUN_DIR made with
     other settings is refused, naming the first differing one; --steps may change."""
     requested = _requested(given, sets)
-    path = Path(run_dir) / CONFIG_FILE
+    path = run_layout.config_file(run_dir)
     if not path.is_file():
         return new_config(given, sets), True
     stored = read_config(path)

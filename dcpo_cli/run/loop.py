@@ -29,15 +29,11 @@ from typing import Any
 
 from dcpo_cli.console import out
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
 from dcpo_cli.options import LoopOptions
 from dcpo_cli.run.checks import RunSettings
 from dcpo_cli.run.resident import ResidentEngine, ResidentPolicy
-from dcpo_cli.run.sampling import (  # noqa: F401  (public here too)
-    Sampler,
-    StepTiming,
-    checkpoint_dir,
-    step_dir,
-)
+from dcpo_cli.run.sampling import Sampler, StepTiming
 
 
 def run_loop(run_dir: Path, settings: RunSettings, show_progress: bool = True
@@ -61,9 +57,9 @@ class RunLoop:
 
     def __init__(self, run_dir: Path, settings: RunSettings, show_progress: bool) -> None:
         from dcpo_cli.engines import pick_engine
-        from dcpo_cli.files.trackers import Trackers
         from dcpo_cli.parallel import distributed
         from dcpo_cli.run.colocated import data_parallel_part
+        from dcpo_cli.trackers.session import Trackers
 
         self.run_dir, self.settings = run_dir, settings
         self.world = distributed.init()
@@ -85,7 +81,7 @@ class RunLoop:
     def run(self) -> list[StepTiming]:
         steps, every = self.settings.loop.steps, self.settings.loop.eval_every
         timings = [StepTiming(step, 0.0) for step in range(steps)]
-        self.evaluate(self.base_model, "step-000000")
+        self.evaluate(self.base_model, run_layout.step_label(0))
         if self.lag:
             from dcpo_cli.run.overlap import GenerationWorker
 
@@ -108,8 +104,8 @@ class RunLoop:
             if self.world.is_main:
                 out.print(_step_line(timings[step], outcome), highlight=False)
             if every and (step + 1) % every == 0 and step + 1 < steps:
-                self.evaluate(self.model_of(step + 1), f"step-{step + 1:06d}")
-        self.evaluate(self.model_of(steps), f"step-{steps:06d}")
+                self.evaluate(self.model_of(step + 1), run_layout.step_label(step + 1))
+        self.evaluate(self.model_of(steps), run_layout.step_label(steps))
         if self.engines.loads and self.world.is_main:
             out.print(f"[dim]{self.kind} engine: {self.engines.loads} start(s), "
                       f"{self.engines.pushes} in-memory weight update(s)"
@@ -119,7 +115,7 @@ class RunLoop:
 
     def model_of(self, step: int) -> Any:
         """The model step `step` trains (the policy before it): the base or a checkpoint."""
-        return self.base_model if step == 0 else checkpoint_dir(self.run_dir, step)
+        return self.base_model if step == 0 else run_layout.checkpoint_dir(self.run_dir, step)
 
     def sampling_model(self, step: int) -> Any:
         """The policy that samples step `step`'s responses: `step - lag` steps old."""
@@ -142,8 +138,8 @@ class RunLoop:
         from dcpo_cli.train.step import run_train_step
 
         self.engines.release()
-        following = checkpoint_dir(self.run_dir, step + 1)
-        outcome = run_train_step(self.model_of(step), scored, self.run_dir / "state.json",
+        following = run_layout.checkpoint_dir(self.run_dir, step + 1)
+        outcome = run_train_step(self.model_of(step), scored, run_layout.state_file(self.run_dir),
                                  following, self.settings.train,
                                  show_progress=self.show_progress, resident=self.policy,
                                  trackers=self.trackers)
@@ -164,7 +160,7 @@ class RunLoop:
         def work() -> None:
             local = resolve_model(model).path
             engine = self.engines.lazy(local, self.policy) if shares else None
-            run_eval(model, self.benchmarks, self.run_dir / "eval" / label,
+            run_eval(model, self.benchmarks, run_layout.eval_dir(self.run_dir, label),
                      self.settings.eval, engine=engine, engine_settings=self.settings.engine,
                      trackers=self.trackers)
 
@@ -179,7 +175,7 @@ def prepare_inputs(run_dir: Path, loop: LoopOptions, seed: int
     is built with the same torch threads as in one process (its SFT's float sums depend
     on them)."""
     if loop.model is None:
-        tiny = Path(run_dir) / "tiny"
+        tiny = run_layout.tiny_dir(run_dir)
         if not (tiny / "model").is_dir():
             from dcpo_cli.tiny.build import init_tiny
 

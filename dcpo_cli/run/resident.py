@@ -126,12 +126,13 @@ class ResidentEngine:
 
     def _takes_adapter(self, model_dir: Path) -> bool:
         """`model_dir` is a LoRA checkpoint of the base the engine holds."""
-        from dcpo_cli.files import lora
+        from dcpo_cli.files import lora_adapter
 
-        if not lora.is_adapter(model_dir) or not callable(getattr(self.engine, "use_adapter",
-                                                                  None)):
+        if not lora_adapter.is_adapter(model_dir) or not callable(
+                getattr(self.engine, "use_adapter", None)):
             return False
-        return Path(self.engine.base_path).resolve() == lora.base_source(model_dir).path.resolve()
+        return (Path(self.engine.base_path).resolve()
+                == lora_adapter.base_source(model_dir).path.resolve())
 
     def release(self) -> None:
         """Before a train-step: let the engine free memory the training needs (`release`,

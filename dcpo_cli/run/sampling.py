@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.console import err
+from dcpo_cli.files import run_layout
 from dcpo_cli.run.checks import RunSettings
 from dcpo_cli.run.config import refills
 from dcpo_cli.run.resident import ResidentEngine, ResidentPolicy
@@ -30,14 +31,6 @@ class StepTiming:
         return sum(x for x in (self.generate, self.score, self.train) if x is not None)
 
 
-def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "steps" / f"{step:06d}"
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "ckpt" / f"step-{step:06d}"
-
-
 class Sampler:
     """A step's inputs: its rollouts (DAPO's refill rounds too) and their scores, from a given
     model, each stage skipped when its file exists. The loop's own (one process, or rank 0
@@ -51,11 +44,11 @@ class Sampler:
 
     def step_inputs(self, step: int, model: Any, timing: StepTiming,
                     policy: ResidentPolicy | None = None) -> list[Path]:
-        folder = step_dir(self.run_dir, step)
+        folder = run_layout.step_dir(self.run_dir, step)
         folder.mkdir(parents=True, exist_ok=True)
         if not self.refill:
-            return [self.sample(step, 0, folder / "rollouts.parquet",
-                                folder / "scored.parquet", model, timing=timing,
+            return [self.sample(step, 0, run_layout.rollouts_file(folder),
+                                run_layout.scored_file(folder), model, timing=timing,
                                 policy=policy)]
         # DAPO's dynamic sampling, as examples/tiny_loop.sh does it with ALGO=dapo: rounds
         # until --target-prompts groups have mixed outcomes, or loop.max_rounds are done
@@ -68,8 +61,8 @@ class Sampler:
             if kept >= target:
                 break
             scored.append(self.sample(step, round_index,
-                                      folder / f"rollouts-r{round_index}.parquet",
-                                      folder / f"scored-r{round_index}.parquet", model,
+                                      run_layout.rollouts_file(folder, round_index),
+                                      run_layout.scored_file(folder, round_index), model,
                                       timing=timing, policy=policy))
             kept += read_metadata(scored[-1])["mixed_groups"]
         if kept < target:

@@ -16,8 +16,9 @@ from typing import Any
 
 from dcpo_cli.console import err
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
 from dcpo_cli.run.checks import RunSettings, SettingError, check_run, flag_origin
-from dcpo_cli.run.config import CONFIG_FILE, parse_set, read_config, resolve, write_config
+from dcpo_cli.run.config import parse_set, read_config, resolve, write_config
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def plan_run(run_dir: Path, given: dict[str, Any], set_items: list[str],
     -> value), `set_items`: the --set values."""
     run_dir = Path(run_dir)
     sets = parse_set(set_items)
-    stored_path = run_dir / CONFIG_FILE
+    stored_path = run_layout.config_file(run_dir)
     stored = read_config(stored_path) if stored_path.is_file() else None
     config, rewrite = resolve(run_dir, given, sets)
     under_torchrun = "RANK" in os.environ
@@ -93,7 +94,7 @@ def start_run(plan: RunPlan, show_progress: bool = True) -> list | int:
     # a second dcpo run on RUN_DIR is refused at once (rank 0, or the launcher, holds it)
     with exclusive(plan.run_dir):
         if plan.rewrite and first_rank:
-            write_config(plan.settings.config, plan.run_dir / CONFIG_FILE)
+            write_config(plan.settings.config, run_layout.config_file(plan.run_dir))
         if plan.launch is not None:
             from dcpo_cli.parallel.launch import current_argv, relaunch
             from dcpo_cli.run.loop import prepare_inputs

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
 from dcpo_cli.parallel.processes import cores as count_cores
 from dcpo_cli.parallel.processes import die_with_parent
 from dcpo_cli.run.config import (
     CHANGEABLE,
-    CONFIG_FILE,
     Config,
     first_difference,
     flag_of,
@@ -95,7 +95,7 @@ class Study:
         """The run's configuration, the study's; a run.toml already there that differs in any
         field but the changeable ones (steps, trackers) is refused."""
         config = self.new_config(run)
-        path = self.run_dir(run) / CONFIG_FILE
+        path = run_layout.config_file(self.run_dir(run))
         if path.is_file():
             stored = read_config(path)
             for section, name in CHANGEABLE:
@@ -226,16 +226,14 @@ def check_runs(study: Study, verbose: bool = False) -> None:
 def is_finished(run_dir: Path, config: Config) -> bool:
     """Whether `dcpo run` has nothing left to do: run.toml asks for these steps, the last
     checkpoint is complete and the final evaluation written (when the run evaluates)."""
-    from dcpo_cli.run.loop import checkpoint_dir
-
     steps = config["loop"]["steps"]
-    path = Path(run_dir) / CONFIG_FILE
+    path = run_layout.config_file(run_dir)
     if not path.is_file() or read_config(path)["loop"]["steps"] != steps:
         return False
-    if not (checkpoint_dir(Path(run_dir), steps) / "trainer_state.json").is_file():
+    if not (run_layout.checkpoint_dir(run_dir, steps) / "trainer_state.json").is_file():
         return False
     evaluates = config["loop"]["model"] is None or bool(config["loop"]["benchmark"])
-    summary = Path(run_dir) / "eval" / f"step-{steps:06d}" / "summary.json"
+    summary = run_layout.eval_dir(run_dir, run_layout.step_label(steps)) / "summary.json"
     return summary.is_file() or not evaluates
 
 
@@ -243,7 +241,7 @@ def steps_done(run_dir: Path) -> tuple[int, float | None]:
     """Steps trained (distinct steps in metrics.jsonl) and the last one's reward; a line
     being written (no newline yet) is not counted."""
     try:
-        text = (Path(run_dir) / "metrics.jsonl").read_text()
+        text = run_layout.metrics_log(run_dir).read_text()
     except (OSError, UnicodeDecodeError):
         return 0, None
     steps, reward = set(), None
@@ -312,7 +310,7 @@ def execute(study: Study, passed: list[str], jobs: int = 1, poll: float = 0.5
                 while pending and len(active) < max(1, jobs):
                     run = pending.pop(0)
                     log = study.directory / LOGS / f"{run.name}.log"
-                    write_config(configs[run], study.run_dir(run) / CONFIG_FILE)
+                    write_config(configs[run], run_layout.config_file(study.run_dir(run)))
                     command = python_command(study.run_dir(run), passed)
                     active[run] = (_start(command, log, env), time.monotonic(),
                                    wall.get(run.name, 0.0))

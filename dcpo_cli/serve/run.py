@@ -46,7 +46,7 @@ def serve(model: str, engine: str, settings: EngineSettings, *, host: str = "127
     if url_file is not None:
         contracts.check_output_path(url_file)
     source = resolve_model(model)
-    from dcpo_cli.files.lora import is_adapter
+    from dcpo_cli.files.lora_adapter import is_adapter
 
     if is_adapter(source.path):
         raise DcpoError(f"{model}: a LoRA checkpoint; dcpo serve holds full weights only "

@@ -340,7 +340,7 @@ class GenerationService:
         if not isinstance(record.get("spec"), str | None):
             raise ProtocolError("model.spec: expected a string or null")
         path = Path(record["path"])
-        from dcpo_cli.files.lora import is_adapter
+        from dcpo_cli.files.lora_adapter import is_adapter
 
         if is_adapter(path):
             raise Conflict(f"{path}: a LoRA checkpoint; the server loads full weights only "

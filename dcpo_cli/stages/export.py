@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcpo_cli.errors import DcpoError, first_line
-from dcpo_cli.files import lora
+from dcpo_cli.files import lora_adapter
 from dcpo_cli.files.model_source import resolve_model
 
 
@@ -32,14 +32,15 @@ def run_export(model: str | Path, out: Path) -> Exported:
 
     from dcpo_cli.files.checkpoint import check_model_dir, stored_dtype, tied_copies
     from dcpo_cli.files.contracts import atomic_path
+    from dcpo_cli.policy import lora
 
     out = Path(out)
     if out.exists():
         raise DcpoError(f"{out}: exists already; export writes a new directory")
     source = resolve_model(model)
     check_model_dir(source.path)
-    adapter = lora.is_adapter(source.path)
-    base = lora.base_source(source.path) if adapter else source
+    adapter = lora_adapter.is_adapter(source.path)
+    base = lora_adapter.base_source(source.path) if adapter else source
     try:
         network = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(base.path)
@@ -47,7 +48,7 @@ def run_export(model: str | Path, out: Path) -> Exported:
         raise DcpoError(f"{base.path}: cannot load the model ({first_line(exc)})") from None
     if adapter:
         network = lora.load(network, source.path, trainable=False)
-        network = lora.peft_of(network).merge_and_unload()
+        network = lora_adapter.peft_of(network).merge_and_unload()
     dtype = stored_dtype(base.path)
     with contextlib.suppress(OSError):  # the base's own sampling defaults travel with it
         network.generation_config = GenerationConfig.from_pretrained(base.path)
@@ -58,5 +59,5 @@ def run_export(model: str | Path, out: Path) -> Exported:
         tmp.mkdir()
         network.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return Exported(out, adapter, lora.base_spec(source.path) if adapter else None,
+    return Exported(out, adapter, lora_adapter.base_spec(source.path) if adapter else None,
                     sum(p.numel() for p in network.parameters()))

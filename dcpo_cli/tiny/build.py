@@ -3,7 +3,7 @@
 `init_tiny(DIR)` writes, atomically (for seed 0 and the default size it copies the prebuilt
 files shipped in dcpo_cli/data/tiny, which are this code's output; `rebuild=True` trains
 them again):
-  DIR/model/          a Hugging Face model directory (tiny_model.py), after a short SFT
+  DIR/model/          a Hugging Face model directory (tiny/model.py), after a short SFT
   DIR/train.parquet   prompts (the prompts contract), for RL
   DIR/test.parquet    held-out prompts (different expressions), for `dcpo eval`
   DIR/summary.json    how the initial policy samples, and the loop settings to use

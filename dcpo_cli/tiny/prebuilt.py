@@ -70,7 +70,7 @@ def refresh_prebuilt(built: Path, target: Path) -> None:
     """Maintainers: replace the shipped files with `built` (the output of
     `dcpo tiny init --rebuild built`, in this process's environment) and record that
     environment in BUILD.json. From the repository root:
-    python -c "from pathlib import Path; from dcpo_cli import tiny_prebuilt as t;
+    python -c "from pathlib import Path; from dcpo_cli.tiny import prebuilt as t;
                t.refresh_prebuilt(Path('built'), Path('dcpo_cli/data/tiny'))"
     """
     import shutil

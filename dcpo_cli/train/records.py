@@ -50,7 +50,7 @@ def records_table(data: StepData, advantages: list[float], state: UpdateState,
                   correction: str = "none", cap: float = 2.0, staleness: int | None = None):
     """One row per response the step considered. Responses of dropped groups were not
     trained: their clipped count is 0 and their log-prob means are NaN. Groups sampled after
-    --target-prompts was reached are not here at all (see train_inputs.select_groups).
+    --target-prompts was reached are not here at all (see inputs.select_groups).
     `new_logprob_mean` is the response's mean log-prob as the loss saw it in the last epoch
     (after the updates before its mini-batch). `rollout_weight_mean` is the mean weight
     --rollout-correction gave its tokens' losses. `staleness` (contracts.STALENESS_COLUMN,

@@ -20,9 +20,10 @@ import torch
 
 from dcpo_cli.core.logprobs import check_plain_lm_head
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.files.checkpoint import build_policy, is_checkpoint, read_trainer_state, vocab_size
+from dcpo_cli.files.checkpoint import is_checkpoint, read_trainer_state
 from dcpo_cli.files.model_source import ModelSource, resolve_model
 from dcpo_cli.parallel import distributed
+from dcpo_cli.policy.build import build_policy, vocab_size
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def step_reference_logprobs(source: ModelSource, ctx, plans, policy_vocab: int, 
 def base_logprobs(model, ctx, plans, bar=None) -> dict[int, torch.Tensor]:
     """With LoRA: the reference is the base model, which is the policy with its adapter
     disabled (peft's `disable_adapter`): no second copy of the weights is loaded."""
-    from dcpo_cli.files import lora
+    from dcpo_cli.policy import lora
 
     with lora.adapter_disabled(model):
         return reference_logprobs(ctx.model, ctx, plans[0] if plans else [], bar)

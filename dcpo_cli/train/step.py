@@ -8,9 +8,10 @@ new SAS state) -> write STATE atomically -> append the metrics log once. A run k
 anywhere and re-run with the same arguments ends with the same files as an uninterrupted
 run, and STATE never absorbs a step twice.
 
-Each concern lives in its own module: `train_inputs` (scored shards, advantages),
-`train_resume` (idempotence), `train_update` (the passes over the model), `train_report`
-(metrics and records).
+Each concern lives in its own module of train/: `inputs` (scored shards, advantages),
+`resume` (idempotence), `update` (the passes over the model), `records` (metrics and
+records), `reference` (the KL reference); the policy itself (building it, AdamW and the lr
+schedule, LoRA) is `dcpo_cli.policy`, the checkpoint directory `files.checkpoint`.
 """
 
 from __future__ import annotations
@@ -28,26 +29,28 @@ from dcpo_cli.core import algorithms, mismatch
 from dcpo_cli.core.logprobs import check_plain_lm_head
 from dcpo_cli.core.presets import AlgoConfig
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.files import contracts, lora
+from dcpo_cli.files import contracts, lora_adapter
 from dcpo_cli.files.checkpoint import (
-    build_optimizer,
-    build_policy,
-    device_and_dtype,
     has_training_state,
     is_checkpoint,
     load_training_state,
     prune_training_states,
     read_trainer_state,
     save_checkpoint,
-    scheduled_lr,
-    set_hyperparameters,
-    vocab_size,
 )
 from dcpo_cli.files.model_source import ModelSource, resolve_model
 from dcpo_cli.files.sas_state import SasState
-from dcpo_cli.files.trackers import TRAIN, tracker_values
 from dcpo_cli.options import TrainOptions
 from dcpo_cli.parallel import distributed
+from dcpo_cli.policy import lora
+from dcpo_cli.policy.build import build_policy, device_and_dtype, vocab_size
+from dcpo_cli.policy.optim import (
+    build_optimizer,
+    optimizer_state_bytes,
+    scheduled_lr,
+    set_hyperparameters,
+)
+from dcpo_cli.trackers.base import TRAIN, tracker_values
 from dcpo_cli.train import reference
 from dcpo_cli.train.inputs import (  # noqa: F401  (StepData, load_scored: public here too)
     StepAdvantages,
@@ -139,7 +142,7 @@ def run_train_step(model: str | Path | ModelSource, scored: list[Path], state_pa
     tells the others) and alone writes files, apart from each rank's training-state shard.
     `resident` (`dcpo run`): a `KeptPolicy` whose in-memory policy replaces loading `model`
     when it is exactly what the `model` checkpoint holds; the updated policy comes back in
-    `Outcome.policy`. `trackers` (a `MetricsSink`, `files.trackers.Trackers`): where rank 0
+    `Outcome.policy`. `trackers` (a `MetricsSink`, `trackers.session.Trackers`): where rank 0
     mirrors the metrics after the metrics log (a step logged before is not logged again)."""
     started = time.perf_counter()
     world = distributed.init()
@@ -273,7 +276,7 @@ def _peak_memory() -> dict[str, Any]:
 
 def trained_figures(policy: Policy) -> dict[str, Any]:
     """What the step trained and what that costs in optimizer memory (all ranks' state)."""
-    state_bytes = distributed.all_reduce_sum([lora.optimizer_state_bytes(policy.optimizer)])
+    state_bytes = distributed.all_reduce_sum([optimizer_state_bytes(policy.optimizer)])
     return {"trainable_parameters": lora.trainable_count(policy.model),
             "parameters": sum(p.numel() for p in policy.model.parameters()),
             "optimizer_state_bytes": int(state_bytes[0]),
@@ -285,9 +288,9 @@ def lora_options(source: ModelSource, options: TrainOptions) -> TrainOptions:
     continues with its own (given ones must match it), and with LoRA the KL reference is the
     base model (the adapter disabled), so another --ref-model is refused."""
     base = reference.Reference(source.name, source.commit)
-    if lora.is_adapter(source.path):
-        recorded = lora.checkpoint_settings(source.path)
-        config = lora.adapter_config(source.path)
+    if lora_adapter.is_adapter(source.path):
+        recorded = lora_adapter.checkpoint_settings(source.path)
+        config = lora_adapter.adapter_config(source.path)
         base = reference.Reference(config["base_model_name_or_path"], config.get("revision"))
         if options.lora_rank is None:
             options = dataclasses.replace(options, **recorded)
@@ -299,8 +302,8 @@ def lora_options(source: ModelSource, options: TrainOptions) -> TrainOptions:
                 if not same:
                     raise DcpoError(f"--{key.replace('_', '-')} {given}: {source.spec} is a LoRA "
                                     f"checkpoint with {key} = {value} "
-                                    f"({lora.ADAPTER_CONFIG}); every step of a run uses the "
-                                    "same LoRA settings")
+                                    f"({lora_adapter.ADAPTER_CONFIG}); every step of a run uses "
+                                    "the same LoRA settings")
     if options.lora_rank is not None and options.ref_model is not None:
         given = resolve_model(options.ref_model)
         if reference.Reference(given.name, given.commit) != base:
@@ -311,6 +314,7 @@ def lora_options(source: ModelSource, options: TrainOptions) -> TrainOptions:
 
 
 def resolve_algo(options: TrainOptions) -> AlgoConfig:
+    """The algorithm of --algo and its overrides (a bad value: `FieldError`, naming it)."""
     try:
         return algorithms.resolve_config(options.algo, **options.overrides)
     except (ValueError, KeyError, TypeError) as exc:
@@ -340,7 +344,7 @@ def choose_reference(source: ModelSource, options: TrainOptions, config: AlgoCon
     if not config.kl_coef:
         return StepReference(reference.recorded_reference(source.path), None)
     base = reference.Reference(policy.base_model, policy.base_model_revision)
-    if lora.peft_of(policy.model) is not None:
+    if lora_adapter.peft_of(policy.model) is not None:
         return StepReference(base, None, adapter_off=True)
     chosen, ref_source = reference.choose_reference(options.ref_model, source.path, base,
                                                     source)
@@ -395,7 +399,7 @@ def load_policy(source: ModelSource, options: TrainOptions, data: StepData) -> P
                                     else device, options.gradient_checkpointing)
     check_plain_lm_head(model)
     check_vocab(data, vocab_size(model))
-    if options.lora_rank is not None and lora.peft_of(model) is None:
+    if options.lora_rank is not None and lora_adapter.peft_of(model) is None:
         if trainer is not None:
             raise DcpoError(f"{model_dir}: a full fine-tuning checkpoint; --lora-rank starts "
                             "LoRA from a base model (or continues a LoRA checkpoint)")

@@ -1,70 +1,26 @@
-"""LoRA adapters through Hugging Face peft: wrapping a policy, loading and saving an adapter.
-
-A LoRA checkpoint is a train-step checkpoint whose model directory is a peft adapter
-(`adapter_config.json`, `adapter_model.safetensors`: `PeftModel.from_pretrained(base, CKPT)`
-loads it) instead of full weights. `adapter_config.json` names the base model
-(`base_model_name_or_path`: a Hub id or an absolute directory) and its revision (the Hub
-commit, or none for a directory), so every stage finds the base without being told.
+"""LoRA through Hugging Face peft: wrapping a policy with a fresh adapter, loading a
+checkpoint's adapter into its base, and what the update needs of it (dropout off, the
+adapter disabled for the KL reference).
 
 In train-step the policy is the transformers model with peft's LoRA layers injected in place
 (`peft_model.get_base_model()`): the chunked log-prob code, FSDP2's per-layer sharding and the
 DCP training state see the usual module tree, with only the adapter's parameters trainable.
 The `PeftModel` that wraps it rides along as `model.dcpo_peft` (an attribute outside the
-module tree) for what needs peft: saving the adapter, and `disable_adapter()`, which gives
-the base model's log-probs for the KL reference without a second copy of the weights.
-
-The light helpers (`is_adapter`, `adapter_config`, `base_spec`) import nothing heavy.
+module tree, `lora_adapter.peft_of`) for what needs peft: saving the adapter, and
+`disable_adapter()`, which gives the base model's log-probs for the KL reference without a
+second copy of the weights. The adapter directory on disk is `dcpo_cli.files.lora_adapter`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files.lora_adapter import PEFT_ATTRIBUTE, adapter_config, peft_of
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ALL_LINEAR = "all-linear"  # peft's shorthand: every linear layer but the output head
-PEFT_PREFIX = "base_model.model."  # the PeftModel's names of the injected model's weights
-
-
-def is_adapter(directory: str | Path) -> bool:
-    """A peft adapter directory (a LoRA checkpoint) rather than a full model directory."""
-    directory = Path(directory)
-    return (directory / ADAPTER_CONFIG).is_file() and not (directory / "config.json").is_file()
-
-
-def adapter_config(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DcpoError(f"{path}: unreadable adapter config ({exc})") from None
-    if config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
-        raise DcpoError(f"{path}: not a LoRA adapter that names its base model")
-    return config
-
-
-def base_spec(directory: str | Path) -> str:
-    """The base model of a LoRA checkpoint, as `--model` takes it: `id@commit` or a path."""
-    config = adapter_config(directory)
-    name, revision = config["base_model_name_or_path"], config.get("revision")
-    return f"{name}@{revision}" if revision else name
-
-
-def base_source(directory: str | Path):
-    """The base model's `ModelSource` (a Hub id is found in the cache, as --model is)."""
-    from dcpo_cli.files.model_source import resolve_model
-
-    spec = base_spec(directory)
-    try:
-        return resolve_model(spec)
-    except DcpoError as exc:
-        raise DcpoError(f"{directory}: its base model {spec} cannot be loaded ({exc})") \
-            from None
 
 
 def target_list(targets: str) -> str | list[str]:
@@ -136,13 +92,8 @@ def _attached(peft_model):
     model = peft_model.get_base_model()
     # object.__setattr__: not a submodule (the PeftModel contains `model`; a cycle would
     # break state_dict and FSDP2's module walk)
-    object.__setattr__(model, "dcpo_peft", peft_model)
+    object.__setattr__(model, PEFT_ATTRIBUTE, peft_model)
     return model
-
-
-def peft_of(model):
-    """The `PeftModel` of a LoRA policy, None for a full fine-tuning one."""
-    return getattr(model, "__dict__", {}).get("dcpo_peft")
 
 
 def settings_of(model) -> dict[str, Any] | None:
@@ -156,16 +107,6 @@ def settings_of(model) -> dict[str, Any] | None:
             "lora_dropout": float(config.lora_dropout),
             "lora_target_modules": targets if isinstance(targets, str)
             else ",".join(sorted(targets))}
-
-
-def checkpoint_settings(directory: Path) -> dict[str, Any]:
-    """The same four settings as a LoRA checkpoint's adapter_config.json records them."""
-    config = adapter_config(directory)
-    targets = config.get("target_modules")
-    return {"lora_rank": int(config["r"]), "lora_alpha": float(config["lora_alpha"]),
-            "lora_dropout": float(config.get("lora_dropout") or 0.0),
-            "lora_target_modules": targets if isinstance(targets, str)
-            else ",".join(sorted(targets or []))}
 
 
 def same_targets(given: str, recorded: str) -> bool:
@@ -205,35 +146,6 @@ def adapter_disabled(model):
         yield
 
 
-def save_adapter(directory: Path, model, trainable_full: dict[str, Any]) -> None:
-    """Write the adapter in peft's layout (adapter_config.json naming the base and its
-    revision, adapter_model.safetensors in fp32: the adapter is small, and the rollouts then
-    sample from exactly the trained values). `trainable_full`: the full (gathered) state
-    dict of the trainable parameters under the injected model's names."""
-    import torch
-
-    peft_model = peft_of(model)
-    state = {PEFT_PREFIX + k: v.detach().to(torch.float32).contiguous()
-             for k, v in trainable_full.items()}
-    peft_model.save_pretrained(str(directory), state_dict=state, safe_serialization=True,
-                               save_embedding_layers=False)
-
-
 def trainable_count(model) -> int:
     """Trainable parameters (full sizes: a DTensor shard's numel is the global one)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of this process's optimizer state (AdamW: two moments per trainable element).
-    Scalar entries (the step counters, one per tensor on every rank) are left out, so the
-    sum over ranks does not depend on the world size."""
-    import torch
-
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                local = value.to_local() if hasattr(value, "to_local") else value
-                total += local.numel() * local.element_size()
-    return total

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.files import run_layout
 from dcpo_cli.files.jsonl import parse_jsonl
+from dcpo_cli.report import plots
 
 # (metrics key, table header, format) for the per-step table, in display order.
 TABLE_COLUMNS: list[tuple[str, str, str]] = [
@@ -38,10 +39,7 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("seconds", "seconds", ".1f"),
 ]
 
-_EVAL_LABEL = re.compile(r"step-(\d+)$")
-
-
-def _number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """A finite number or None: metrics may hold nulls, strings or NaN, which are not drawn."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -69,7 +67,7 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
 def _step_of(record: dict[str, Any], position: int) -> int:
     """The rollout step of a record (falling back to global_step, then to its position)."""
     for key in ("step", "global_step"):
-        value = _number(record.get(key))
+        value = as_number(record.get(key))
         if value is not None:
             return int(value)
     return position
@@ -80,11 +78,11 @@ def load_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], Path]:
 
     A step logged twice (a train step rerun after a crash appends again) keeps its last record.
     """
-    log = run_dir / "metrics.jsonl"
+    log = run_layout.metrics_log(run_dir)
     if log.is_file():
         records, source = read_metrics_log(log), log
     else:
-        records, source = [], run_dir / "ckpt"
+        records, source = [], run_dir / run_layout.CHECKPOINTS
         for path in sorted(source.glob("*/metrics.json")):
             record = _read_json(path)
             if not isinstance(record, dict):
@@ -102,20 +100,21 @@ def load_evals(run_dir: Path) -> list[dict[str, Any]]:
     summary's `_step`, else None), benchmark and its numbers. Keys starting with `_` are
     not benchmarks."""
     rows = []
-    for path in sorted((run_dir / "eval").glob("*/summary.json")):
+    for path in sorted((run_dir / run_layout.EVALS).glob("*/summary.json")):
         summary = _read_json(path)
         if not isinstance(summary, dict):
             raise DcpoError(f"{path}: expected a JSON object, got {type(summary).__name__}")
         label = path.parent.name
-        match = _EVAL_LABEL.match(label)
-        step = int(match.group(1)) if match else _number(summary.get("_step"))
+        step = run_layout.label_step(label)
+        if step is None:
+            step = as_number(summary.get("_step"))
         benchmarks = [b for b in summary if not b.startswith("_") and b != "average"]
         for benchmark, values in summary.items():
             if benchmark.startswith("_") or not isinstance(values, dict):
                 continue
             if benchmark == "average" and len(benchmarks) == 1:
                 continue  # the average of one benchmark is that benchmark again
-            numbers = {k: v for k, v in values.items() if _number(v) is not None}
+            numbers = {k: v for k, v in values.items() if as_number(v) is not None}
             rows.append({"label": label, "step": None if step is None else int(step),
                          "benchmark": benchmark, **numbers})
     return rows
@@ -145,7 +144,7 @@ def gather(run_dirs: list[Path]) -> list[dict[str, Any]]:
 
 def series(run: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric over a run, leaving out steps that lack it."""
-    points = [(r["step"], _number(r.get(key))) for r in run["metrics"]]
+    points = [(r["step"], as_number(r.get(key))) for r in run["metrics"]]
     points = [(s, v) for s, v in points if v is not None]
     return [s for s, _ in points], [v for _, v in points]
 
@@ -166,7 +165,7 @@ def eval_series(run: dict[str, Any]) -> dict[tuple[str, str], tuple[list[int], l
 
 
 def _format(value: Any, spec: str) -> str:
-    number = _number(value)
+    number = as_number(value)
     if number is None:
         return "–"
     return format(int(number), spec) if spec == "d" else format(number, spec)
@@ -176,9 +175,10 @@ def metrics_table(run: dict[str, Any]):
     """A rich table with one row per step; columns with no data in this run are left out."""
     from rich.table import Table
 
-    columns = [c for c in TABLE_COLUMNS if any(_number(r.get(c[0])) is not None
+    columns = [c for c in TABLE_COLUMNS if any(as_number(r.get(c[0])) is not None
                                                for r in run["metrics"])]
-    source = "metrics.jsonl" if run["metrics_source"].endswith(".jsonl") else "ckpt/*/metrics.json"
+    source = run_layout.METRICS_LOG if run["metrics_source"].endswith(".jsonl") \
+        else f"{run_layout.CHECKPOINTS}/*/metrics.json"
     table = Table(title=f"{run['label']}: {len(run['metrics'])} steps (from {source})")
     table.add_column("step", justify="right")
     for _, header, _ in columns:
@@ -228,10 +228,7 @@ def _style(n_runs: int, run_index: int, series_index: int) -> dict[str, Any]:
 def _legend_entry(n_runs: int, line, label: str) -> Any:
     """The panel legend shows series, not runs: with several runs, a grey stand-in line."""
     if n_runs > 1:
-        from matplotlib.lines import Line2D
-
-        line = Line2D([], [], color="0.35", linestyle=line.get_linestyle(),
-                      marker=line.get_marker())
+        return plots.stand_in(label, line.get_linestyle(), line.get_marker())
     line.set_label(label)
     return line
 
@@ -252,22 +249,7 @@ def _lines(ax, runs, keys: list[tuple[str, str]], first_series: int = 0) -> list
 
 
 def _finish(ax, title: str, ylabel: str, handles: list, legend_ax=None) -> None:
-    """Titles, labels and the legend (drawn on `legend_ax`, the top twin axis, if given)."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    low, high = ax.get_xlim()
-    if high - low < 2:  # one step: widen, or the integer locator falls back to fractions
-        ax.set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
-    ax.set_title(title)
-    ax.set_xlabel("rollout step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if handles:
-        (legend_ax or ax).legend(handles=handles, fontsize="small", framealpha=0.7)
-    else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
-                color="grey")
+    plots.finish_panel(ax, title, ylabel, handles, empty=not handles, legend_ax=legend_ax)
 
 
 def _reward_panel(ax, runs) -> None:
@@ -306,19 +288,7 @@ def _length_panel(ax, runs) -> None:
 def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
     """Write the report figure (nine panels) to `out_path`, atomically; the format follows
     the suffix (png by default)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dcpo_cli.files.contracts import atomic_path
-
-    out_path = Path(out_path)
-    fmt = out_path.suffix.lstrip(".").lower() or "png"
-    fig, axes = plt.subplots(3, 3, figsize=(18, 14))
-    try:
-        if fmt not in fig.canvas.get_supported_filetypes():
-            raise DcpoError(f"{out_path}: cannot write a '.{fmt}' figure (use .png, .pdf or .svg)")
+    with plots.figure(out_path, 3, 3, (18, 14), dpi=100) as (fig, axes):
         (reward, clip, rur), (length, kl, entropy), (kl_ref, mismatch, outside) = axes
         _reward_panel(reward, runs)
         _finish(clip, "Token clipping ratio", "fraction of response tokens clipped",
@@ -342,18 +312,8 @@ def plot_runs(runs: list[dict[str, Any]], out_path: Path) -> Path:
         fig.suptitle("dcpo report: " + " vs ".join(run["label"] for run in runs))
         top = 0.97
         if len(runs) > 1:  # colours name the runs, once for the whole figure
-            from matplotlib.lines import Line2D
-
-            fig.legend(handles=[Line2D([], [], color=f"C{r % 10}", linewidth=3,
-                                       label=run["label"]) for r, run in enumerate(runs)],
-                       loc="upper center", ncol=min(len(runs), 4), bbox_to_anchor=(0.5, 0.965))
+            plots.colour_legend(fig, [run["label"] for run in runs], ncol=min(len(runs), 4),
+                          top=0.965)
             top = 0.97 - 0.024 * math.ceil(len(runs) / 4)
         fig.tight_layout(rect=(0, 0, 1, top))
-        try:
-            with atomic_path(out_path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=100)
-        except OSError as exc:
-            raise DcpoError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        plt.close(fig)
-    return out_path
+    return Path(out_path)

@@ -1,11 +1,11 @@
 """`dcpo report STUDY_DIR`: a study's runs side by side, per algorithm over its seeds.
 
-Reading is `report.gather_run` on every run directory of the study (the same metrics and
+Reading is `runs.gather_run` on every run directory of the study (the same metrics and
 eval summaries a single-run report reads); `summarize` reduces each run to the paper's
 figures and each algorithm to their mean and sample standard deviation over seeds, with the
 ratio of the means to a baseline algorithm; `study_curves` gives, per algorithm, the mean
-and the min-max band over seeds at every step. Drawing (`plot_study`) is separate, so
-tests check the numbers without matplotlib.
+and the min-max band over seeds at every step. Drawing (`plot_study`, with plots.py) is
+separate, so tests check the numbers without matplotlib.
 
 Per run: the final avg@1 and avg@K are its last evaluation (the one benchmark, or the
 average over several); RUR and TCR are the means over its steps of `nonzero_advantage_ratio`
@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.stages.report import _number, gather_run
+from dcpo_cli.files import run_layout
+from dcpo_cli.report import plots
+from dcpo_cli.report.runs import as_number, gather_run, series
 
 BAND = "min-max over seeds"
 # (key, header, format): the table's figures, in order
@@ -63,8 +65,8 @@ def gather_study(directory: Path) -> dict[str, Any]:
     runs, missing = [], []
     for run in study.runs():
         run_dir = study.run_dir(run)
-        if not (run_dir / "metrics.jsonl").is_file() and not list(
-                run_dir.glob("ckpt/*/metrics.json")):
+        if not run_layout.metrics_log(run_dir).is_file() and not list(
+                (run_dir / run_layout.CHECKPOINTS).glob("*/metrics.json")):
             missing.append(run.name)
             continue
         data = gather_run(run_dir)
@@ -78,34 +80,37 @@ def gather_study(directory: Path) -> dict[str, Any]:
 
 
 def final_eval(run: dict[str, Any]) -> dict[str, Any] | None:
-    """The run's last evaluation: its step, benchmark (the one, or "average" over several),
-    avg@1 and avg@K (the largest K > 1), or None without any evaluation at a step."""
-    rows = [r for r in run["evals"] if r["step"] is not None]
-    if not rows:
-        return None
-    step = max(r["step"] for r in rows)
-    rows = [r for r in rows if r["step"] == step]
+    """The run's last evaluation (`eval_at` its last eval step), or None without any
+    evaluation at a step."""
+    steps = [r["step"] for r in run["evals"] if r["step"] is not None]
+    return eval_at(run, max(steps)) if steps else None
+
+
+def eval_at(run: dict[str, Any], step: int) -> dict[str, Any]:
+    """The evaluation at `step`: its benchmark (the one, or "average" over several), avg@1
+    and avg@K (the largest K > 1; None without one)."""
+    rows = [r for r in run["evals"] if r["step"] == step]
     row = next((r for r in rows if r["benchmark"] == "average"), rows[0])
     ks = sorted(int(key[4:]) for key in row if key.startswith("avg@") and key[4:].isdigit()
                 and int(key[4:]) > 1)
-    return {"step": step, "benchmark": row["benchmark"], "avg@1": _number(row.get("avg@1")),
+    return {"step": step, "benchmark": row["benchmark"], "avg@1": as_number(row.get("avg@1")),
             "k": ks[-1] if ks else None,
-            "avg@k": _number(row.get(f"avg@{ks[-1]}")) if ks else None}
+            "avg@k": as_number(row.get(f"avg@{ks[-1]}")) if ks else None}
 
 
 def run_figures(run: dict[str, Any]) -> dict[str, Any]:
     """The table's figures for one run (None where the run has no data for one)."""
     def mean_of(key: str) -> float | None:
-        values = [v for v in (_number(r.get(key)) for r in run["metrics"]) if v is not None]
+        values = [v for v in (as_number(r.get(key)) for r in run["metrics"]) if v is not None]
         return sum(values) / len(values) if values else None
 
-    generated = sum(_number(r.get("groups_generated")) or 0 for r in run["metrics"])
-    trained = sum(_number(r.get("groups_trained")) or 0 for r in run["metrics"])
+    generated = sum(as_number(r.get("groups_generated")) or 0 for r in run["metrics"])
+    trained = sum(as_number(r.get("groups_trained")) or 0 for r in run["metrics"])
     final = final_eval(run) or {}
     return {"final_avg@1": final.get("avg@1"), "final_avg@k": final.get("avg@k"),
             "rur": mean_of("nonzero_advantage_ratio"), "tcr": mean_of("clip_ratio"),
             "sampled_per_trained": generated / trained if trained else None,
-            "wall_seconds": _number(run.get("wall_seconds")),
+            "wall_seconds": as_number(run.get("wall_seconds")),
             "steps": len(run["metrics"]), "eval_step": final.get("step"),
             "benchmark": final.get("benchmark"), "k": final.get("k")}
 
@@ -247,12 +252,12 @@ def _metric_series(run: dict[str, Any], key: str) -> dict[int, float]:
     if key == "sampled_per_trained":
         points = {}
         for r in run["metrics"]:
-            generated, trained = _number(r.get("groups_generated")), _number(
+            generated, trained = as_number(r.get("groups_generated")), as_number(
                 r.get("groups_trained"))
             if generated is not None and trained:
                 points[r["step"]] = generated / trained
         return points
-    return {r["step"]: v for r in run["metrics"] if (v := _number(r.get(key))) is not None}
+    return dict(zip(*series(run, key), strict=True))
 
 
 def _eval_series(run: dict[str, Any], which: str) -> dict[int, float]:
@@ -260,12 +265,7 @@ def _eval_series(run: dict[str, Any], which: str) -> dict[int, float]:
     benchmark or the average over several."""
     points = {}
     for step in sorted({r["step"] for r in run["evals"] if r["step"] is not None}):
-        rows = [r for r in run["evals"] if r["step"] == step]
-        row = next((r for r in rows if r["benchmark"] == "average"), rows[0])
-        ks = sorted(int(k[4:]) for k in row if k.startswith("avg@") and k[4:].isdigit()
-                    and int(k[4:]) > 1)
-        key = "avg@1" if which == "1" else (f"avg@{ks[-1]}" if ks else None)
-        value = _number(row.get(key)) if key else None
+        value = eval_at(run, step)["avg@1" if which == "1" else "avg@k"]
         if value is not None:
             points[step] = value
     return points
@@ -294,24 +294,10 @@ def study_curves(data: dict[str, Any]) -> dict[str, dict[str, dict[str, list[flo
 def plot_study(data: dict[str, Any], out_path: Path) -> Path:
     """Write the study figure (eight panels: the mean over seeds per algorithm, shaded
     min-max band) to `out_path`, atomically; the format follows the suffix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    from dcpo_cli.files.contracts import atomic_path
-
-    out_path = Path(out_path)
-    fmt = out_path.suffix.lstrip(".").lower() or "png"
     curves = study_curves(data)
     algos = [a for a in data["algos"] if any(r["algo"] == a for r in data["runs"])]
     colors = {algo: f"C{i % 10}" for i, algo in enumerate(algos)}
-    fig, axes = plt.subplots(2, 4, figsize=(22, 10))
-    try:
-        if fmt not in fig.canvas.get_supported_filetypes():
-            raise DcpoError(f"{out_path}: cannot write a '.{fmt}' figure (use .png, .pdf or .svg)")
+    with plots.figure(out_path, 2, 4, (22, 10), dpi=90) as (fig, axes):
         for ax, (key, title, ylabel) in zip(axes.flat, CURVES, strict=True):
             drawn = []
             parts = [("eval avg@1", "-"), ("eval avg@k", "--")] if key == "eval" else [(key, "-")]
@@ -323,37 +309,19 @@ def plot_study(data: dict[str, Any], out_path: Path) -> Path:
                     ax.fill_between(curve["steps"], curve["low"], curve["high"],
                                     color=colors[algo], alpha=0.2, linewidth=0)
                     drawn.append(name)
+            handles = []
             if key == "eval" and drawn:
                 k = sorted({f["k"] for r in data["runs"]
                             if (f := final_eval(r)) and f["k"] is not None})
-                ax.legend(handles=[Line2D([], [], color="0.35", linestyle="-",
-                                          label="avg@1 (greedy)"),
-                                   Line2D([], [], color="0.35", linestyle="--",
-                                          label=f"avg@{k[-1] if k else 'k'}")],
-                          fontsize="small")
-            if not drawn:
-                ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes,
-                        color="grey")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_title(title)
-            ax.set_xlabel("rollout step")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
+                handles = [plots.stand_in("avg@1 (greedy)"),
+                           plots.stand_in(f"avg@{k[-1] if k else 'k'}", linestyle="--")]
+            plots.finish_panel(ax, title, ylabel, handles, empty=not drawn)
         seeds = sorted({r["seed"] for r in data["runs"]})
         fig.suptitle(f"dcpo study {Path(data['study']).name}: mean over seeds "
                      f"({', '.join(map(str, seeds))}); shaded: {BAND}")
-        fig.legend(handles=[Line2D([], [], color=colors[a], linewidth=3, label=a)
-                            for a in algos], loc="upper center", ncol=len(algos),
-                   bbox_to_anchor=(0.5, 0.955))
+        plots.colour_legend(fig, algos, ncol=len(algos), top=0.955)
         fig.tight_layout(rect=(0, 0, 1, 0.93))
-        try:
-            with atomic_path(out_path) as tmp:
-                fig.savefig(tmp, format=fmt, dpi=90)
-        except OSError as exc:
-            raise DcpoError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        plt.close(fig)
-    return out_path
+    return Path(out_path)
 
 
 def is_study(directory: Path) -> bool:
