@@ -207,14 +207,21 @@ class VllmEngine:
 
     def _load_in_process(self, named_tensors) -> None:
         """Colocated (external launcher): the worker is this process, so `collective_rpc`
-        calls it directly, tensors and all (no pickling). The weights go in one at a time,
-        as `named_tensors` yields them (each gathered from the FSDP2 shards just before:
-        no whole extra copy), through the model's own `load_weights`, which maps checkpoint
-        names onto vLLM's fused and tensor-parallel-sharded parameters (TRL's colocate mode
-        does the same)."""
-        for name, tensor in named_tensors:
-            self.llm.collective_rpc("dcpo_load_weight_tensors", args=([(name, tensor)],))
+        calls it directly and the (name, tensor) iterator goes as it is, into the same
+        in-place reload. It is consumed one tensor at a time, each gathered from the FSDP2
+        shards just before (`fsdp.full_weights`: a collective every rank runs in the same
+        order) and kept only until its layer is complete: never a whole extra copy."""
+        self.llm.collective_rpc("dcpo_load_weight_tensors", args=(named_tensors,))
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the engine now rather than at interpreter exit. Colocated, this must come
+        before `torch.distributed` is shut down: vLLM's teardown destroys its groups and
+        then the default process group, and run at exit (after ours) it fails with a
+        traceback on every rank ("Invalid process group specified")."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def release(self) -> None:
         """Free the KV cache while the policy trains (weights kept in CPU memory: vLLM's
