@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dcpo_cli.errors import DcpoError
+from dcpo_cli.extras import require
 
 # The paper's instruction. The official layout (its verl evaluation files) puts it in the
 # system message and the bare problem in the user message; `--instruction-in user` appends
@@ -63,7 +64,10 @@ def report_to(values: list[str] | tuple[str, ...] | None) -> list[str]:
     for name in names:
         if name not in TRACKERS:
             raise DcpoError(f"--report-to {name!r}: expected {choices(TRACKERS)}")
-    return [n for n in dict.fromkeys(names) if n != "none"]
+    picked = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in picked:  # each tracker is the extra of its name
+        require(name, f"--report-to {name}")
+    return picked
 
 
 def check_instruction_in(place: str) -> None:
@@ -233,6 +237,8 @@ def check_lora(rank: int | None, alpha: float, dropout: float, targets: str) -> 
     if rank is not None and rank < 1:
         raise DcpoError(f"--lora-rank must be at least 1 (got {rank}; leave it out to train "
                         "every weight)")
+    if rank is not None:
+        require("lora", "--lora-rank")
     if not alpha > 0:
         raise DcpoError(f"--lora-alpha must be > 0 (got {alpha})")
     if not 0 <= dropout < 1:

