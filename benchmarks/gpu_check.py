@@ -46,6 +46,7 @@ QWEN25_15B = {
 PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("H800", 989e12),
              ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10", 125e12)]
+FIRST_ID = 5  # after the tokenizer's special tokens: random ids are ordinary ones
 REWARD = "def parity(response_text, answer, row):\n    return float(len(response_text) % 2)\n"
 
 
@@ -182,7 +183,7 @@ def synthetic_scored(path: Path, plan: Plan, vocab: int, eos: int, prompt: list[
     generator = torch.Generator().manual_seed(0)
     rows: dict[str, list] = {name: [] for name in contracts.SCORED_COLUMNS}
     for index in range(plan.train_responses):
-        response = torch.randint(300, vocab, (plan.train_length - 1,),
+        response = torch.randint(FIRST_ID, vocab, (plan.train_length - 1,),
                                  generator=generator).tolist() + [eos]
         reward = float(index % 2)
         values = dict(step=0, prompt_id=f"p{index // plan.n}", sample_index=index % plan.n,
@@ -261,7 +262,7 @@ def bare_pass(model_dir: Path, config: dict, tokens: int, length: int, device: s
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).train()
     rows = max(1, tokens // length)
-    ids = torch.randint(300, config["vocab_size"], (rows, length), device=device)
+    ids = torch.randint(FIRST_ID, config["vocab_size"], (rows, length), device=device)
     timings = []
     for _ in range(4):  # the first warms the kernels up
         if device == "cuda":
@@ -293,12 +294,13 @@ def report(figures: dict, out: Path) -> None:
     from rich.table import Table
 
     console = Console()
+    console.width = max(console.width, 120)  # the table whole, even in a narrow log
     peak = figures["peak_flops"]
-    table = Table(title=f"dcpo GPU check: {figures['size']} ({figures['parameters'] / 1e9:.2f} B "
+    table = Table(title=f"dcpo GPU check: {figures['size']} ({figures['parameters'] / 1e6:,.1f} M "
                   f"parameters) on {figures['device_name']}, {figures['date']}")
-    for column in ("step", "wall s", "generate s", "score s", "train s", "load+save s",
+    for column in ("", "wall s", "generate s", "score s", "train s", "load+save s",
                    "gen tok/s", "train tok/s", "MFU", "peak GiB"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
 
     def cell(value, form=".1f"):
         return "-" if value is None else format(value, form)
@@ -364,7 +366,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the check's own lines stay readable
     started = time.perf_counter()
     plan = PLANS[args.size]
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -417,9 +421,9 @@ def check(plan: Plan, size: str, device: str, out: Path, work: Path,
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(work / "model")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "1+2*3"}],
-                                           add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "1+2*3"}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     scored = synthetic_scored(work / "scored.parquet", plan, config["vocab_size"],
                               tokenizer.eos_token_id, prompt)
     dcpo(["train-step", "--model", str(work / "model"), "--scored", str(scored),
