@@ -195,18 +195,36 @@ class VllmEngine:
         if self.colocated:
             self._load_in_process(named_tensors)
             return
+        tensors = {name: tensor.detach().cpu() for name, tensor in named_tensors}
         buffer = io.BytesIO()
-        torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
+        torch.save(self._with_tied_head(tensors), buffer)
         self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
         # Cached prompt blocks hold keys and values of the old weights
         self.llm.reset_prefix_cache()
+
+    def _with_tied_head(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """A tied output head named as well, when the tensors give only the embedding (a
+        saved checkpoint: `save_pretrained` leaves the tied `lm_head.weight` out; a trainer's
+        state dict has it). The reload redoes the after-loading processing of the layers it
+        is given weights for, and the CPU build's head computes the logits from a packed
+        copy of its weight made there (`dispatch_cpu_unquantized_gemm`): given the
+        embedding alone, the embedding was new and the logits still came from the old
+        head. Served `/load-weights` sampled from such a mixed model."""
+        config = self.llm.llm_engine.model_config.hf_config
+        if not getattr(config, "tie_word_embeddings", False) or "lm_head.weight" in tensors:
+            return tensors
+        embedding = next((t for n, t in tensors.items() if n.endswith("embed_tokens.weight")),
+                         None)
+        return tensors if embedding is None else {**tensors, "lm_head.weight": embedding}
 
     def _load_in_process(self, named_tensors) -> None:
         """Colocated (external launcher): the worker is this process, so `collective_rpc`
         calls it directly and the (name, tensor) iterator goes as it is, into the same
         in-place reload. It is consumed one tensor at a time, each gathered from the FSDP2
         shards just before (`fsdp.full_weights`: a collective every rank runs in the same
-        order) and kept only until its layer is complete: never a whole extra copy."""
+        order) and kept only until its layer is complete: never a whole extra copy. (A
+        trainer's state dict names the tied head too, so its packed copy is redone as well:
+        see `_with_tied_head`.)"""
         self.llm.collective_rpc("dcpo_load_weight_tensors", args=(named_tensors,))
         self.llm.reset_prefix_cache()
 
