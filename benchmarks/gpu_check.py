@@ -15,7 +15,8 @@ It prints, as a table and in OUT/gpu_check.json: generation tokens/s, train toke
 on an H100/H200), peak memory, each run step's time split, and a bare forward+backward of
 the same model on one micro-batch: the MFU the model's shape and kernels allow, so the
 gap to train-step's is dcpo's own overhead. The large files (model, checkpoints: ~50 GB at
-the full size) go to a work folder that is deleted at the end unless --keep.
+the full size, checked before anything runs) go to a temporary work folder, deleted at the
+end unless --keep.
 """
 
 from __future__ import annotations
@@ -334,8 +335,9 @@ def limits(figures: dict) -> list[str]:
     if alone["mfu"] is None:
         return ["MFU needs the device's peak FLOP/s (--peak-tflops)"]
     lines.append(f"a bare forward+backward of this shape reaches {bare['mfu']:.0%} (HF's "
-                 "kernels, hidden size 1536: small matmuls); train-step "
-                 f"{alone['mfu']:.0%}, i.e. {alone['mfu'] / bare['mfu']:.0%} of it")
+                 f"kernels; hidden size {figures['config']['hidden_size']}: small matmuls "
+                 f"keep a GPU below its peak); train-step {alone['mfu']:.0%}, i.e. "
+                 f"{alone['mfu'] / bare['mfu']:.0%} of it")
     lines.append(f"train-step's pass over {alone['tokens']:,} tokens counts old log-probs + "
                  "forward/backward (4 forwards' FLOPs); its time also holds the AdamW steps "
                  f"({alone['updates']} updates over fp32 master weights) and FSDP2's "
@@ -352,14 +354,42 @@ def limits(figures: dict) -> list[str]:
 # ---------------------------------------------------------------- main
 
 
+def disk_needed(plan: Plan) -> float:
+    """Bytes the check writes at its peak: the base model and a run's checkpoints in bf16
+    (2 bytes a parameter), two training states at once (fp32 master weights and AdamW's
+    two moments: 12 bytes a parameter; the newest is written before the one before it
+    goes), and a margin."""
+    config = {**plan.model, "vocab_size": plan.model["vocab_size"] or 261}
+    parameters = matmul_params(config)
+    return parameters * (2 * (plan.steps + 1) + 2 * 12) * 1.1
+
+
+def pick_work_dir(given: Path | None, out: Path, needed: float) -> Path:
+    """--work, else a new temporary folder where there is room: the system's temporary
+    folder, else beside --out."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        places = [given]
+    else:
+        places = [Path(tempfile.gettempdir()), out]
+    for place in places:
+        if shutil.disk_usage(place).free >= needed:
+            if given is not None:
+                return given.resolve()
+            return Path(tempfile.mkdtemp(prefix="dcpo-gpu-check-", dir=place)).resolve()
+    sys.exit(f"gpu_check: needs {needed / 1e9:.0f} GB of free disk for the model and its "
+             f"checkpoints; {', '.join(str(p) for p in places)} "
+             f"{'has' if len(places) == 1 else 'have'} less: pass --work DIR on a larger disk")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu-check"),
                         help="folder for gpu_check.json and the runs' logs")
     parser.add_argument("--size", choices=sorted(PLANS), default="qwen2.5-1.5b")
     parser.add_argument("--work", type=Path, default=None,
-                        help="folder for the model and checkpoints (default: a temporary one "
-                        "beside --out, deleted at the end)")
+                        help="folder for the model and checkpoints (~50 GB at the full size; "
+                        "default: a new temporary folder, deleted at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's dense bf16 peak, when not in the built-in list")
@@ -376,8 +406,7 @@ def main() -> None:
         sys.exit("gpu_check: no GPU here; --size tiny runs the check on a CPU")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-", dir=out))).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work = pick_work_dir(args.work, out, disk_needed(plan))
     try:
         figures = check(plan, args.size, device, out, work, args.peak_tflops, started)
     finally:
