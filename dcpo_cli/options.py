@@ -18,6 +18,7 @@ from typing import Any
 
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.fields import check_fields, choices, fail, new_default, option  # noqa: F401
+from dcpo_cli.extras import require
 
 # The paper's instruction. The official layout (its verl evaluation files) puts it in the
 # system message and the bare problem in the user message; `--instruction-in user` appends
@@ -64,7 +65,10 @@ def report_to(values: list[str] | tuple[str, ...] | None) -> list[str]:
     for name in names:
         if name not in TRACKERS:
             raise DcpoError(f"--report-to {name!r}: expected {choices(TRACKERS)}")
-    return [n for n in dict.fromkeys(names) if n != "none"]
+    picked = [n for n in dict.fromkeys(names) if n != "none"]
+    for name in picked:  # each tracker is the extra of its name
+        require(name, f"--report-to {name}")
+    return picked
 
 
 def check_instruction_in(place: str) -> None:
@@ -330,6 +334,8 @@ class TrainOptions:
 
     def check(self) -> None:
         check_fields(self)
+        if self.lora_rank is not None:
+            require("lora", "--lora-rank")
         if not self.lora_dropout < 1:
             raise fail(TrainOptions, "lora_dropout",
                        f"must be in [0, 1) (got {self.lora_dropout})")

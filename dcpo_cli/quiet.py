@@ -51,7 +51,7 @@ def configure(verbose: bool | None = None) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    if "datasets" in sys.modules:
+    if sys.modules.get("datasets") is not None:  # None: blocked (the tests of extras)
         import datasets
 
         datasets.logging.set_verbosity_error()

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dcpo_cli"
 # Bottom to top. A module may import its own layer and the layers below it. Folders are named
 # by their first component; the top-level modules by their own name.
 LAYERS = [
-    {"errors", "__init__"},
+    {"errors", "extras", "__init__"},
     {"fields"},
     {"options", "console", "quiet"},
     {"core"},

@@ -372,38 +372,6 @@ def test_dapo_runs_refill_to_the_batch_size_unless_told_otherwise(tmp_path):
     assert refills(grpo) and grpo["train"]["target_prompts"] == 32
 
 
-# ---------------------------------------------------------------- the vLLM engine
-
-
-@pytest.mark.vllm
-def test_vllm_engine_generates_with_the_updated_weights(tmp_path, env):
-    """`dcpo run --engine vllm`: step 1's rollouts come from the weights train-step 0 wrote
-    (their sampler log-probs equal the checkpoint's teacher-forced ones), as in the shell
-    loop, with one engine for the whole run: each train-step's weights went into it in
-    memory, none was started again from a checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    run_dir = tmp_path / "run"
-    flags = [*RUN_FLAGS, "--engine", "vllm", "--set", "engine.dtype=float32",
-             "--set", "engine.enforce_eager=true",
-             "--set", 'engine.engine_args={"kv_cache_memory_bytes": 67108864}']
-    stdout = finish(dcpo_run(run_dir, 2, flags=flags), env)
-    assert "vllm engine: 1 start(s), 2 in-memory weight update(s)" in stdout
-    assert "loading a new vllm engine" not in stdout
-    table = pq.read_table(run_dir / "steps" / "000001" / "rollouts.parquet").to_pylist()
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "ckpt" / "step-000001",
-                                                 dtype=torch.float32).eval()
-    worst = 0.0
-    for row in table[:8]:
-        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([prompt + response])).logits[0].float()
-        logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
-        teacher = logp.gather(1, torch.tensor(response)[:, None])[:, 0]
-        worst = max(worst, float((teacher - torch.tensor(row["response_logprobs"])).abs().max()))
-    assert worst < 1e-4  # tests/test_vllm_real.py's LOGPROB_TOLERANCE
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_three_epochs_of_dcpo_run_finish_with_distinct_prompts_per_step(tmp_path, env, seed):

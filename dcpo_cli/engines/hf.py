@@ -188,6 +188,10 @@ class HFEngine:
         so the rollouts' log-probs are the trainer's up to summation order. A later adapter
         of the same shape replaces the weights in place (`dcpo run`, once per step)."""
         import torch
+
+        from dcpo_cli.extras import require
+
+        require("lora", f"{directory}: a LoRA checkpoint (the hf engine applies it with peft)")
         from peft import PeftModel
         from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file

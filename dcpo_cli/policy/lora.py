@@ -76,6 +76,9 @@ def _name_base(peft_model, name: str, revision: str | None) -> None:
 
 def load(model, directory: Path, trainable: bool):
     """The adapter of LoRA checkpoint `directory` injected into the base `model`."""
+    from dcpo_cli.extras import require
+
+    require("lora", f"{directory}: a LoRA checkpoint")
     from peft import PeftModel
 
     try:

@@ -78,13 +78,9 @@ def _load_local(path: Path) -> list[dict]:
 
 
 def _load_hub(name: str, split: str | None, config: str | None) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise DcpoError(
-            f"{name}: loading Hub datasets (or a folder of one) needs the `datasets` package "
-            "(pip install 'dcpo-cli[hub]'), or pass a local file"
-        ) from None
+    from dcpo_cli.extras import load
+
+    datasets = load("hub", f"{name}: a Hub dataset or a folder of one (not a local file)")
     try:
         dataset = datasets.load_dataset(name, config, split=split or "train")
     except Exception as exc:  # network, missing split, unknown dataset: one line for all
