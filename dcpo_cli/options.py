@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.fields import check_fields, choices, fail, new_default, option  # noqa: F401
 from dcpo_cli.extras import require
+from dcpo_cli.fields import check_fields, choices, fail, new_default, option  # noqa: F401
 
 # The paper's instruction. The official layout (its verl evaluation files) puts it in the
 # system message and the bare problem in the user message; `--instruction-in user` appends

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from dcpo_cli.engines.base import Completion, Engine, SamplingSettings
 from dcpo_cli.errors import DcpoError
-from dcpo_cli.options import ENGINES, SERVABLE
 from dcpo_cli.extras import installed, require
+from dcpo_cli.options import ENGINES, SERVABLE
 
 # The engine registry: name -> "module:class", imported only when chosen. A new back end is
 # one module implementing `Engine` (see base.py), one entry here and its name in
