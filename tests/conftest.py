@@ -102,6 +102,61 @@ def random_model_dir(tmp_path_factory) -> Path:
     return build_random_model_dir(tmp_path_factory.mktemp("random-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def tokenizer(random_model_dir):
+    """The tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(random_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """`dcpo tiny init --size test` (seed 0): model/, train.parquet, test.parquet, built once
+    per session and shared, so no test may write into it (copy it first)."""
+    from dcpo_cli.tiny.build import init_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny"
+    init_tiny(folder, seed=0, size="test")
+    return folder
+
+
+# ---------------------------------------------------------------- the reduced tiny loop
+# (tests/loop_runs.py): its environment and the reference runs several test files compare
+# with, each run once per session. Tests read them and never write into them.
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The shell loop's settings (loop_runs.LOOP_ENV) with the parity reward importable as
+    loop_reward:parity, for examples/tiny_loop.sh and `dcpo run`/`dcpo study` alike."""
+    from loop_runs import PARITY_REWARD, loop_env
+
+    directory = tmp_path_factory.mktemp("reward")
+    (directory / "loop_reward.py").write_text(PARITY_REWARD)
+    return loop_env(directory)
+
+
+@pytest.fixture(scope="session")
+def shell_reference(tmp_path_factory, env) -> Path:
+    """examples/tiny_loop.sh, loop_runs.STEPS steps, uninterrupted."""
+    from loop_runs import STEPS, finish, shell_loop
+
+    run_dir = tmp_path_factory.mktemp("shell") / "run"
+    finish(shell_loop(run_dir, STEPS, env), env)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def run_reference(tmp_path_factory, env) -> Path:
+    """`dcpo run` with the shell loop's settings, loop_runs.STEPS steps, uninterrupted."""
+    from loop_runs import STEPS, dcpo_run, finish
+
+    run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
+    finish(dcpo_run(run_dir, STEPS), env)
+    return run_dir
+
+
 def pytest_collection_modifyitems(config, items):
     """The real-engine tests need vLLM, which only `.venv-vllm` has (`make test-vllm`):
     elsewhere a `-m` that selects them anyway (`pytest -m "not slow"`) skips them, saying why,

@@ -10,30 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
-from test_run import (
-    RUN_FLAGS,
-    STEPS,
-    assert_same_run,
-    dcpo_run,
-    env,  # noqa: F401  (the module's fixture, used here too)
-    finish,
-    run_files,
-    shell_loop,
-)
+from loop_runs import RUN_FLAGS, STEPS, assert_same_run, dcpo_run, finish, run_files, shell_loop
 
 # Measure the run, not the update: the world size (by design) and float sums over ranks
 APPROX = 1e-5
 
 
 @pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory, env):  # noqa: F811
+def parallel_run(tmp_path_factory, env):
     run_dir = tmp_path_factory.mktemp("parallel") / "run"
     finish(dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"], env)
     return run_dir
 
 
 @pytest.mark.slow
-def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, env):  # noqa: F811
+def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, env):
     """The shell loop with train-step on 2 processes: everything equal, byte for byte."""
     shell = tmp_path / "shell"
     finish(shell_loop(shell, STEPS, env), {**env, "TRAIN_PROCS": "2"})
@@ -41,10 +32,8 @@ def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, env):  # 
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(parallel_run, tmp_path, env):  # noqa: F811
-    one = tmp_path / "one"
-    finish(dcpo_run(one, STEPS), env)
-    ours, theirs = run_files(parallel_run), run_files(one)
+def test_two_ranks_match_one_process(parallel_run, run_reference):
+    ours, theirs = run_files(parallel_run), run_files(run_reference)
     assert ours["state"] == theirs["state"]  # SAS state, byte for byte
     for step in range(STEPS):
         for name in ("rollouts", "scored"):
@@ -162,7 +151,7 @@ def _rank_pids(root: int, rank: str) -> list[int]:
 
 @pytest.mark.slow
 def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_run, tmp_path,
-                                                                       env):  # noqa: F811
+                                                                       env):
     run_dir = tmp_path / "run"
     command = dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"]
     import subprocess
@@ -182,7 +171,7 @@ def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_
 
 @pytest.mark.slow
 def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_path,
-                                                          env):  # noqa: F811
+                                                          env):
     """SIGKILL of rank 0 or 1 (not the launcher) after a random number of the reference
     run's files have appeared, then the same command: the same end state."""
     import os

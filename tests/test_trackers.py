@@ -24,13 +24,6 @@ REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [
 FAST = ["--lr", "1e-3", "--warmup-steps", "0", "--micro-batch-tokens", "256"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
-
-
 class Recorder(tr.Backend):
     """A backend that keeps what it is sent (class-level, across 'processes')."""
 
