@@ -121,6 +121,25 @@ def tiny(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def other_weights(tiny, tmp_path_factory) -> Path:
+    """The tiny model with other weights (same vocabulary and config): a second checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("other") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        shutil.copy(tiny / "model" / name, folder / name)
+    return folder
+
+
 # ---------------------------------------------------------------- the reduced tiny loop
 # (tests/loop_runs.py): its environment and the reference runs several test files compare
 # with, each run once per session. Tests read them and never write into them.
@@ -155,6 +174,31 @@ def run_reference(tmp_path_factory, env) -> Path:
     run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
     finish(dcpo_run(run_dir, STEPS), env)
     return run_dir
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in `vllm` module whose LLM is fakes.FakeLLM (the last one made: FakeLLM.last)."""
+    import types
+
+    from fakes import FakeLLM
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True,
+                                                       is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    lora_request = types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_request)
+    return vllm
 
 
 def pytest_collection_modifyitems(config, items):

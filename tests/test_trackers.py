@@ -314,7 +314,7 @@ def test_mlflow_continues_one_run(tmp_path, monkeypatch):
 
 def test_eval_logs_its_summary_at_the_checkpoints_step_in_the_runs_tracker(recorder,
                                                                            tmp_path):
-    from test_eval import ScriptedEngine
+    from fakes import ScriptedEngine
 
     from dcpo_cli.evaluate.stage import EvalOptions, run_eval
     from dcpo_cli.files.checkpoint import TRAINER_FORMAT, TRAINER_STATE
