@@ -1,10 +1,11 @@
 """`dcpo run --nproc-per-node 2` (gloo, CPU) against the shell loop with `train-step
---nproc-per-node 2` (the same files, byte for byte) and against the one-process `dcpo run`
-(the same tokens, rewards and SAS state; weights and log-probs within 1e-5), bad inputs,
-and the engines' data-parallel shares."""
+--nproc-per-node 2` (the same files, byte for byte, at the same torch thread count) and
+against the one-process `dcpo run` (the same tokens, rewards and SAS state; weights and
+log-probs within 1e-5), bad inputs, and the engines' data-parallel shares."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,17 +18,31 @@ APPROX = 1e-5
 
 
 @pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory, env):
+def rank_env(env) -> dict[str, str]:
+    """The loop's environment at one torch thread count for every process. A CPU float
+    reduction big enough to be split across threads is summed in one chunk per thread, so
+    its last bits depend on the count: the launcher gives each of the 2 ranks cores / 2
+    threads (OMP_NUM_THREADS) while a one-process stage of the shell loop (rollout, eval)
+    would use every core, and the sampler's log-probs (response_logprobs, then
+    mismatch_logprob_diff) would differ in the last bits (tokens, weights and the training
+    state do not). Pinned here for both runs: the same computation, the same bytes."""
+    threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    return {**env, "OMP_NUM_THREADS": threads}
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory, rank_env):
     run_dir = tmp_path_factory.mktemp("parallel") / "run"
-    finish(dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"], env)
+    finish(dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"], rank_env)
     return run_dir
 
 
 @pytest.mark.slow
-def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, env):
-    """The shell loop with train-step on 2 processes: everything equal, byte for byte."""
+def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, rank_env):
+    """The shell loop with train-step on 2 processes, at the ranks' thread count (rank_env):
+    everything equal, byte for byte."""
     shell = tmp_path / "shell"
-    finish(shell_loop(shell, STEPS, env), {**env, "TRAIN_PROCS": "2"})
+    finish(shell_loop(shell, STEPS, rank_env), {**rank_env, "TRAIN_PROCS": "2"})
     assert_same_run(parallel_run, shell)
 
 
@@ -151,13 +166,13 @@ def _rank_pids(root: int, rank: str) -> list[int]:
 
 @pytest.mark.slow
 def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_run, tmp_path,
-                                                                       env):
+                                                                       rank_env):
     run_dir = tmp_path / "run"
     command = dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"]
     import subprocess
 
     # rank 1 exits in the middle of step 0's second optimizer update
-    died = subprocess.run(command, env={**env, "DCPO_TEST_KILL_AT": "1:2"},
+    died = subprocess.run(command, env={**rank_env, "DCPO_TEST_KILL_AT": "1:2"},
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in died.stderr.splitlines() if line.startswith("error:")]
     assert died.returncode == 2, died.stderr[-2000:]
@@ -165,13 +180,13 @@ def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_
     assert "Traceback" not in died.stderr
     assert not (run_dir / "ckpt").exists() and not (run_dir / "state.json").exists()
     assert (run_dir / "steps" / "000000" / "scored.parquet").is_file()  # committed before
-    finish(command, env)
+    finish(command, rank_env)
     assert_same_run(run_dir, parallel_run)
 
 
 @pytest.mark.slow
 def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_path,
-                                                          env):
+                                                          rank_env):
     """SIGKILL of rank 0 or 1 (not the launcher) after a random number of the reference
     run's files have appeared, then the same command: the same end state."""
     import os
@@ -186,7 +201,7 @@ def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_pat
     total = sum(1 for _ in parallel_run.rglob("*"))
     kills = 0
     for threshold in sorted(rng.sample(range(total // 4, total), 2)):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(command, env=rank_env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
             time.sleep(0.05)
@@ -200,5 +215,5 @@ def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_pat
             assert process.returncode == 2, stderr[-2000:]
             assert "died (killed by SIGKILL)" in stderr, stderr[-2000:]
     assert kills >= 1
-    finish(command, env)
+    finish(command, rank_env)
     assert_same_run(run_dir, parallel_run)
