@@ -52,6 +52,17 @@ def dcpo_run(run_dir: Path, steps: int | None, flags: list[str] | None = None) -
                                                                    else flags)
 
 
+def with_tiny_of(run_dir: Path, reference_dir: Path) -> Path:
+    """`run_dir`, new, holding a copy of `reference_dir`'s tiny model and task (built with
+    the same seed and size), so that a loop started there skips `dcpo tiny init` as a resumed
+    run does: for the tests whose subject is not the init (the reference runs build theirs,
+    and comparing with them checks the copy)."""
+    import shutil
+
+    shutil.copytree(reference_dir / "tiny", run_dir / "tiny")
+    return run_dir
+
+
 def finish(command: list[str], env: dict[str, str]) -> str:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

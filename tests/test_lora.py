@@ -12,7 +12,7 @@ import pytest
 import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
-from loop_runs import RUN_FLAGS, assert_same_run, dcpo_run, finish, shell_loop
+from loop_runs import RUN_FLAGS, assert_same_run, dcpo_run, finish, shell_loop, with_tiny_of
 
 from dcpo_cli.files import contracts
 from dcpo_cli.train.step import TrainOptions, run_train_step
@@ -371,7 +371,7 @@ def test_dcpo_run_with_lora_writes_the_shell_loops_files(lora_shell_run, env, tm
     points and resumed."""
     from conftest import kill_at_random_progress
 
-    run_dir = tmp_path / "run"
+    run_dir = with_tiny_of(tmp_path / "run", lora_shell_run)
     output = finish(dcpo_run(run_dir, 2, [*RUN_FLAGS, *LORA_RUN]), env)
     assert "2 in-memory weight update(s)" in output  # both adapters went into the engine
     assert_same_run(run_dir, lora_shell_run, steps=2)

@@ -10,7 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import assert_one_line_error, kill_at_random_progress, run_dcpo
-from loop_runs import RUN_FLAGS, STEPS, assert_same_run, dcpo_run, finish, run_files, shell_loop
+from loop_runs import (
+    RUN_FLAGS,
+    STEPS,
+    assert_same_run,
+    dcpo_run,
+    finish,
+    run_files,
+    shell_loop,
+    with_tiny_of,
+)
 
 
 @pytest.mark.slow
@@ -38,7 +47,7 @@ def test_rerun_without_flags_is_a_no_op(run_reference, env):
 @pytest.mark.parametrize("first", ["dcpo-run", "shell"])
 def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, env, tmp_path):
     """Two steps by one, the third by the other: the files of an uninterrupted run."""
-    run_dir = tmp_path / "run"
+    run_dir = with_tiny_of(tmp_path / "run", shell_reference)
     if first == "dcpo-run":
         finish(dcpo_run(run_dir, 2), env)
         finish(shell_loop(run_dir, STEPS, env), env)
@@ -61,10 +70,12 @@ def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_dapo_refill_rounds_are_the_shell_loops(env, tmp_path):
+def test_dapo_refill_rounds_are_the_shell_loops(env, shell_reference, tmp_path):
     """--algo dapo: rounds of further prompts until --target-prompts groups are mixed, with
     the files (rollouts-rK, scored-rK) and the training of `ALGO=dapo tiny_loop.sh`."""
     dapo_env = {**env, "ALGO": "dapo", "MAX_ROUNDS": "3"}
+    for name in ("shell", "run"):  # the same seed: the reference's tiny task
+        with_tiny_of(tmp_path / name, shell_reference)
     finish(shell_loop(tmp_path / "shell", 2, dapo_env), dapo_env)
     finish(dcpo_run(tmp_path / "run", 2, [*RUN_FLAGS, "--algo", "dapo", "--set",
                                           "loop.max_rounds=3"]), dapo_env)

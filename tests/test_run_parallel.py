@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
-from loop_runs import RUN_FLAGS, STEPS, assert_same_run, dcpo_run, finish, run_files, shell_loop
+from loop_runs import (
+    RUN_FLAGS,
+    STEPS,
+    assert_same_run,
+    dcpo_run,
+    finish,
+    run_files,
+    shell_loop,
+    with_tiny_of,
+)
 
 # Measure the run, not the update: the world size (by design) and float sums over ranks
 APPROX = 1e-5
@@ -41,7 +50,7 @@ def parallel_run(tmp_path_factory, rank_env):
 def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, rank_env):
     """The shell loop with train-step on 2 processes, at the ranks' thread count (rank_env):
     everything equal, byte for byte."""
-    shell = tmp_path / "shell"
+    shell = with_tiny_of(tmp_path / "shell", parallel_run)
     finish(shell_loop(shell, STEPS, rank_env), {**rank_env, "TRAIN_PROCS": "2"})
     assert_same_run(parallel_run, shell)
 
@@ -167,7 +176,7 @@ def _rank_pids(root: int, rank: str) -> list[int]:
 @pytest.mark.slow
 def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_run, tmp_path,
                                                                        rank_env):
-    run_dir = tmp_path / "run"
+    run_dir = with_tiny_of(tmp_path / "run", parallel_run)
     command = dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"]
     import subprocess
 

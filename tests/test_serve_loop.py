@@ -6,7 +6,7 @@ identity), scores, records, metrics, evaluations, final weights and SAS state.""
 from __future__ import annotations
 
 import pytest
-from loop_runs import STEPS, finish, run_files, shell_loop
+from loop_runs import STEPS, finish, run_files, shell_loop, with_tiny_of
 
 # What a served loop records differently, by design: the engine the user named for the
 # rollouts (options.engine), and the server (generation_server: its URL and the weights'
@@ -31,7 +31,8 @@ def _without_server(files: dict) -> dict:
 @pytest.mark.slow
 def test_the_served_shell_loop_writes_the_shell_loops_files(env, shell_reference, tmp_path):
     served_env = {**env, "SERVER": "1"}
-    finish(shell_loop(tmp_path / "served", STEPS, served_env), served_env)
+    served = with_tiny_of(tmp_path / "served", shell_reference)
+    finish(shell_loop(served, STEPS, served_env), served_env)
     assert not (tmp_path / "served" / "server.url").exists()  # the server was stopped
     import pyarrow.parquet as pq
 
