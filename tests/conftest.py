@@ -102,6 +102,126 @@ def random_model_dir(tmp_path_factory) -> Path:
     return build_random_model_dir(tmp_path_factory.mktemp("random-model") / "model")
 
 
+@pytest.fixture(scope="session")
+def tokenizer(random_model_dir):
+    """The tiny model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(random_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """`dcpo tiny init --size test` (seed 0): model/, train.parquet, test.parquet, built once
+    per session and shared, so no test may write into it (copy it first)."""
+    from dcpo_cli.tiny.build import init_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny"
+    init_tiny(folder, seed=0, size="test")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def other_weights(tiny, tmp_path_factory) -> Path:
+    """The tiny model with other weights (same vocabulary and config): a second checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("other") / "model"
+    model = AutoModelForCausalLM.from_pretrained(tiny / "model")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        shutil.copy(tiny / "model" / name, folder / name)
+    return folder
+
+
+# ---------------------------------------------------------------- the reduced tiny loop
+# (tests/loop_runs.py): its environment and the reference runs several test files compare
+# with, each run once per session. Tests read them and never write into them.
+
+
+@pytest.fixture(scope="session")
+def in_process(tiny, tmp_path_factory):
+    """In-process hf rollouts, made once per (model, shard) (test_serve*.py)."""
+    from servers import rollout
+
+    folder = tmp_path_factory.mktemp("in-process")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(model: Path, shard: str = "0/1") -> Path:
+        key = (str(model), shard)
+        if key not in made:
+            out = folder / f"{len(made)}.parquet"
+            result = rollout(model, tiny, out, "--engine", "hf", "--shard", shard)
+            assert result.code == 0, result.stderr
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+
+@pytest.fixture(scope="session")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The shell loop's settings (loop_runs.LOOP_ENV) with the parity reward importable as
+    loop_reward:parity, for examples/tiny_loop.sh and `dcpo run`/`dcpo study` alike."""
+    from loop_runs import PARITY_REWARD, loop_env
+
+    directory = tmp_path_factory.mktemp("reward")
+    (directory / "loop_reward.py").write_text(PARITY_REWARD)
+    return loop_env(directory)
+
+
+@pytest.fixture(scope="session")
+def shell_reference(tmp_path_factory, env) -> Path:
+    """examples/tiny_loop.sh, loop_runs.STEPS steps, uninterrupted."""
+    from loop_runs import STEPS, finish, shell_loop
+
+    run_dir = tmp_path_factory.mktemp("shell") / "run"
+    finish(shell_loop(run_dir, STEPS, env), env)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def run_reference(tmp_path_factory, env) -> Path:
+    """`dcpo run` with the shell loop's settings, loop_runs.STEPS steps, uninterrupted."""
+    from loop_runs import STEPS, dcpo_run, finish
+
+    run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
+    finish(dcpo_run(run_dir, STEPS), env)
+    return run_dir
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    """A stand-in `vllm` module whose LLM is fakes.FakeLLM (the last one made: FakeLLM.last)."""
+    import types
+
+    from fakes import FakeLLM
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = FakeLLM
+    vllm.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    inputs = types.ModuleType("vllm.inputs")
+    inputs.TokensPrompt = dict
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True,
+                                                       is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    lora_request = types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = lambda **kwargs: types.SimpleNamespace(**kwargs)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_request)
+    return vllm
+
+
 def pytest_collection_modifyitems(config, items):
     """The real-engine tests need vLLM, which only `.venv-vllm` has (`make test-vllm`):
     elsewhere a `-m` that selects them anyway (`pytest -m "not slow"`) skips them, saying why,

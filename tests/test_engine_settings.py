@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import assert_one_line_error, run_dcpo
-from test_vllm_engine import FakeLLM, fake_vllm  # noqa: F401 (fixture)
+from fakes import FakeLLM
 
 from dcpo_cli.engines import load_engine
 from dcpo_cli.engines import settings as es
@@ -65,7 +65,7 @@ def test_tensor_parallel_larger_than_the_devices(monkeypatch):
         es.check_tensor_parallel(8)
 
 
-def test_vllm_is_given_every_setting(fake_vllm, random_model_dir, monkeypatch):  # noqa: F811
+def test_vllm_is_given_every_setting(fake_vllm, random_model_dir, monkeypatch):
     monkeypatch.setattr(es, "visible_devices", lambda: (4, "GPU"))
     monkeypatch.setattr("dcpo_cli.engines.vllm.check_engine_args", lambda args: None)
     settings = EngineSettings(tensor_parallel_size=4, gpu_memory_utilization=0.7,

@@ -12,43 +12,13 @@ import textwrap
 import pyarrow.parquet as pq
 import pytest
 from conftest import BUNDLED, assert_one_line_error
+from fakes import ScriptedEngine
 
 from dcpo_cli.engines.settings import EngineSettings
 from dcpo_cli.errors import DcpoError
 from dcpo_cli.evaluate.sets import REGISTRY, load_benchmark
 from dcpo_cli.evaluate.stage import EvalOptions, run_eval
 from dcpo_cli.files import contracts
-
-
-class ScriptedEngine:
-    """Returns given texts instead of generating: `reply(prompt_text, prompt_index,
-    sample_index, greedy) -> str`, where prompt_text is the decoded prompt."""
-
-    def __init__(self, reply):
-        from dcpo_cli.tiny.model import build_tokenizer
-
-        self.tokenizer = build_tokenizer()
-        self.reply = reply
-        self.calls = []
-
-    def generate(self, prompt_token_ids, settings, on_progress=None):
-        from dcpo_cli.engines import Completion
-
-        self.calls.append(settings)
-        greedy = settings.temperature == 0
-        results = []
-        for i, prompt_ids in enumerate(prompt_token_ids):
-            prompt = self.tokenizer.decode(prompt_ids)
-            group = []
-            for j in range(settings.n):
-                text = self.reply(prompt, i, j, greedy)
-                ids = self.tokenizer.encode(text, add_special_tokens=False)
-                group.append(Completion(token_ids=ids, logprobs=[0.0] * len(ids), text=text,
-                                        finish_reason="stop"))
-            results.append(group)
-            if on_progress:
-                on_progress((i + 1) * settings.n, 0)
-        return results
 
 
 def answers_of(name, limit=None):

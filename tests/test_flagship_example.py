@@ -38,11 +38,7 @@ def snapshot(run: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_flagship_example_runs_two_tiny_steps_and_resumes(tmp_path):
-    from dcpo_cli.tiny.build import init_tiny
-
-    tiny = tmp_path / "tiny"
-    init_tiny(tiny, seed=0, size="test")
+def test_flagship_example_runs_two_tiny_steps_and_resumes(tiny, tmp_path):
     run = tmp_path / "run"
     first = run_example(run, tiny)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -14,9 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from builders import write_rollouts, write_scored
-from conftest import assert_one_line_error, run_dcpo
+from conftest import assert_one_line_error, kill_at_random_progress, run_dcpo
+from loop_runs import RUN_FLAGS, assert_same_run, dcpo_run, finish, shell_loop
 
 from dcpo_cli.files import contracts
+from dcpo_cli.run.config import read_config
 
 REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [0, 1, 0, 0]}
 REWARDS_1 = {"p0": [1, 0, 1, 1], "p1": [0, 0, 1, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
@@ -150,18 +152,6 @@ def test_a_stale_step_trains_with_tis_and_reports_its_staleness(tmp_path, random
 # ---------------------------------------------------------------- the lag-1 loop
 
 
-@pytest.fixture(scope="module")
-def loop_env(tmp_path_factory) -> dict[str, str]:
-    import os
-
-    from test_run import LOOP_ENV, PARITY_REWARD
-
-    directory = tmp_path_factory.mktemp("reward")
-    (directory / "loop_reward.py").write_text(PARITY_REWARD)
-    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, **LOOP_ENV, "PYTHONPATH": path, "COLUMNS": "200"}
-
-
 def lag_schedule(run_dir: Path, steps: int, env: dict[str, str]) -> None:
     """The lag-1 schedule of `LAG=1 examples/tiny_loop.sh`, one stage after another: step
     s+1's rollout and score (from checkpoint s) before train-step s, each step trained by its
@@ -205,23 +195,69 @@ def lag_schedule(run_dir: Path, steps: int, env: dict[str, str]) -> None:
     evaluate(checkpoint(steps), f"step-{steps:06d}")
 
 
-@pytest.mark.slow
-def test_lag_1_shell_loop_writes_the_lag_1_schedules_files(tmp_path, loop_env):
-    from test_run import REPO, assert_same_run, finish
+LAG_STEPS = 6
 
-    steps = 3
-    shell = tmp_path / "shell"
-    finish(["bash", str(REPO / "examples" / "tiny_loop.sh"), str(shell), str(steps)],
-           {**loop_env, "LAG": "1"})
+
+@pytest.fixture(scope="module")
+def one_thread_env(env) -> dict[str, str]:
+    """Every process at one torch thread: `dcpo run --max-staleness 1` gives its trainer and
+    its generation worker one thread each on this 2-core machine (or OMP_NUM_THREADS each),
+    and float sums split over threads differ in their last bits (docs/loop.md)."""
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def lag_shell(tmp_path_factory, one_thread_env) -> Path:
+    """`LAG=1 examples/tiny_loop.sh` for LAG_STEPS steps."""
+    shell = tmp_path_factory.mktemp("lag") / "shell"
+    finish(shell_loop(shell, LAG_STEPS, one_thread_env), {**one_thread_env, "LAG": "1"})
+    return shell
+
+
+@pytest.mark.slow
+def test_lag_1_shell_loop_writes_the_lag_1_schedules_files(tmp_path, lag_shell,
+                                                           one_thread_env):
     staged = tmp_path / "staged"
-    lag_schedule(staged, steps, loop_env)
-    assert_same_run(shell, staged, steps)
-    metrics = [json.loads(line) for line in (shell / "metrics.jsonl").read_text().splitlines()]
-    assert [m["staleness"] for m in metrics] == [0, 1, 1]
-    policies = [contracts.read_metadata(shell / "steps" / f"{s:06d}" / "scored.parquet")
-                ["policy_step"] for s in range(steps)]
-    assert policies == [0, 0, 1]  # step s sampled by checkpoint s - 1 (the base model first)
-    corrections = [json.loads((shell / "ckpt" / f"step-{s:06d}" / "trainer_state.json")
+    lag_schedule(staged, LAG_STEPS, one_thread_env)
+    assert_same_run(lag_shell, staged, LAG_STEPS)
+    metrics = [json.loads(line) for line in (lag_shell / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["staleness"] for m in metrics] == [0] + [1] * (LAG_STEPS - 1)
+    policies = [contracts.read_metadata(lag_shell / "steps" / f"{s:06d}" / "scored.parquet")
+                ["policy_step"] for s in range(LAG_STEPS)]
+    assert policies == [0, *range(LAG_STEPS - 1)]  # step s sampled by checkpoint s - 1
+    corrections = [json.loads((lag_shell / "ckpt" / f"step-{s:06d}" / "trainer_state.json")
                               .read_text())["options"]["rollout_correction"]
-                   for s in range(1, steps + 1)]
-    assert corrections == ["none", "tis", "tis"]
+                   for s in range(1, LAG_STEPS + 1)]
+    assert corrections == ["none"] + ["tis"] * (LAG_STEPS - 1)
+
+
+def lag_run(run_dir: Path) -> list[str]:
+    return dcpo_run(run_dir, LAG_STEPS, [*RUN_FLAGS, "--max-staleness", "1"])
+
+
+@pytest.mark.slow
+def test_dcpo_run_max_staleness_1_writes_the_lag_1_loops_files(tmp_path, lag_shell,
+                                                              one_thread_env):
+    """Generation overlapped with training in dcpo run: the files of the same schedule run
+    by the shell loop (wall-clock fields aside); run.toml keeps the lag."""
+    run_dir = tmp_path / "run"
+    finish(lag_run(run_dir), one_thread_env)
+    assert_same_run(run_dir, lag_shell, LAG_STEPS)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [m["staleness"] for m in metrics] == [0] + [1] * (LAG_STEPS - 1)
+    assert read_config(run_dir / "run.toml")["train"]["max_staleness"] == 1
+
+
+@pytest.mark.slow
+def test_an_overlapped_run_killed_at_random_points_resumes_to_the_same_files(
+        tmp_path, lag_shell, one_thread_env):
+    """SIGKILL while both sides work (trainer and generation worker), then the same command:
+    the same end state, nothing absorbed twice (the SAS state and metrics are compared)."""
+    run_dir = tmp_path / "run"
+    kills = kill_at_random_progress(lag_run(run_dir), one_thread_env, run_dir, lag_shell,
+                                    seed=33)
+    assert kills >= 1
+    finish(lag_run(run_dir), one_thread_env)
+    assert_same_run(run_dir, lag_shell, LAG_STEPS)

@@ -1,6 +1,8 @@
 """The package's import structure (README, code map): imports point one way, down the layers
 below; nothing imports back up, no two modules import each other through any path, and what
-`dcpo --help` loads stays light (no torch, pyarrow, transformers, ... at import time)."""
+`dcpo --help` loads stays light (no torch, pyarrow, transformers, ... at import time). In
+tests/, what several test files need lives in conftest.py and helper modules, never in a
+test module another one imports."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dcpo_cli"
+TESTS = Path(__file__).resolve().parent
 
 # Bottom to top. A module may import its own layer and the layers below it. Folders are named
 # by their first component; the top-level modules by their own name.
@@ -136,3 +139,23 @@ def test_the_run_directory_is_named_in_one_light_module():
              for text in spelled if text in path.read_text()]
     assert found == []
     assert imports_of(owner) <= {"__future__", "re", "pathlib"}
+
+
+def test_no_test_module_imports_another():
+    """A test file imports conftest.py and the helper modules (builders, fakes, loop_runs,
+    servers), not another test_*.py: importing one would run its fixtures' definitions
+    and tests' module code twice, and tie two files' helpers together by accident."""
+    test_modules = {path.stem for path in TESTS.glob("test_*.py")}
+    found = []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            found += [f"{path.name}:{node.lineno} imports {name.strip('.')}" for name in names
+                      if test_modules & set(name.split("."))]
+    assert found == []

@@ -1,47 +1,19 @@
-"""The shell loop end to end: two steps of examples/tiny_loop.sh, SIGKILL at random moments
-and resume to bit-identical weights and SAS state, `dcpo report` on the run, and the example
-scripts using only options the CLI has."""
+"""The shell loop end to end: examples/tiny_loop.sh (conftest's shell_reference), SIGKILL at
+random moments and resume to bit-identical weights and SAS state, `dcpo report` on the run,
+and the example scripts using only options the CLI has."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO, kill_at_random_progress, run_dcpo
-
-STEPS = 2
-# The reduced tiny configuration keeps each stage to a few seconds on 2 cores.
-LOOP_ENV = {"TINY_SIZE": "test", "BATCH": "4", "N": "4", "MAX_NEW_TOKENS": "12",
-            "EVAL_AT": "2", "LR": "1e-3", "SEED": "3",
-            "DCPO": f"{sys.executable} -m dcpo_cli"}
-
-
-def loop_command(run_dir: Path) -> list[str]:
-    return ["bash", str(REPO / "examples" / "tiny_loop.sh"), str(run_dir), str(STEPS)]
-
-
-# The reduced model never writes a correct answer, so the loop scores with a reward that
-# gives every group mixed outcomes: the updates then have real gradients to replay.
-PARITY_REWARD = ("def parity(response_text, answer, row):\n"
-                 "    return float(len(response_text) % 2)\n")
-
-
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("reward")
-    (directory / "loop_reward.py").write_text(PARITY_REWARD)
-    return directory
-
-
-def loop_env(reward_dir: Path) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(reward_dir), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, **LOOP_ENV, "REWARD": "loop_reward:parity", "PYTHONPATH": path}
+from loop_runs import LOOP_ENV, STEPS, finish, shell_loop
 
 
 def final_files(run_dir: Path) -> dict[str, bytes]:
@@ -50,20 +22,10 @@ def final_files(run_dir: Path) -> dict[str, bytes]:
             "state": (run_dir / "state.json").read_bytes()}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, reward_dir):
-    """One uninterrupted loop; the reference the killed runs must reproduce."""
-    run_dir = tmp_path_factory.mktemp("loop") / "run"
-    started = time.perf_counter()
-    result = subprocess.run(loop_command(run_dir), env=loop_env(reward_dir), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, time.perf_counter() - started
-
-
 @pytest.mark.slow
-def test_two_steps_end_to_end(finished_run):
-    run_dir, _ = finished_run
+def test_the_loop_end_to_end(shell_reference, tmp_path):
+    """conftest's shell_reference: loop_runs.STEPS steps of the reduced loop."""
+    run_dir = shell_reference
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(STEPS))
     assert all(r["responses"] == 16 for r in records)
@@ -78,25 +40,25 @@ def test_two_steps_end_to_end(finished_run):
         scores = summary["test"]  # the benchmark is named after the file stem
         assert {"avg@1", "avg@2", "pass@2", "maj@2"} <= scores.keys()
 
-    result = run_dcpo("report", run_dir)
+    report_dir = tmp_path / "run"  # `dcpo report` writes into the run: a copy of the shared one
+    shutil.copytree(run_dir, report_dir)
+    result = run_dcpo("report", report_dir)
     assert result.code == 0, result.stderr
-    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert (report_dir / "report.png").stat().st_size > 10_000
     assert "TCR" in result.stdout and "avg@2" in result.stdout
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_is_bit_identical(finished_run, reward_dir,
+def test_sigkill_at_random_moments_then_resume_is_bit_identical(shell_reference, env,
                                                                 tmp_path):
     """Killed at random points of its progress (conftest.kill_at_random_progress), then run
     again to the end."""
-    reference_dir, _ = finished_run
+    reference_dir = shell_reference
     run_dir = tmp_path / "run"
-    kills = kill_at_random_progress(loop_command(run_dir), loop_env(reward_dir), run_dir,
+    kills = kill_at_random_progress(shell_loop(run_dir, STEPS, env), env, run_dir,
                                     reference_dir)
     assert kills >= 2  # the loop was really interrupted, more than once
-    result = subprocess.run(loop_command(run_dir), env=loop_env(reward_dir), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    finish(shell_loop(run_dir, STEPS, env), env)
     assert final_files(run_dir) == final_files(reference_dir)
     records = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in records] == list(range(STEPS))

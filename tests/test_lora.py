@@ -5,7 +5,6 @@ adapter disabled, FSDP2, resuming, and the refusals."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from builders import write_scored
 from conftest import assert_one_line_error, run_dcpo
+from loop_runs import RUN_FLAGS, assert_same_run, dcpo_run, finish, shell_loop, with_tiny_of
 
 from dcpo_cli.files import contracts
 from dcpo_cli.train.step import TrainOptions, run_train_step
@@ -21,13 +21,6 @@ REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [
 REWARDS_1 = {"p0": [1, 1, 0, 1], "p1": [0, 1, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
 FAST = ["--lr", "1e-2", "--warmup-steps", "0", "--micro-batch-tokens", "256"]
 LORA = ["--lora-rank", "4"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +159,7 @@ def test_the_checkpoint_is_a_peft_adapter_naming_its_base(lora_step, random_mode
 
 
 @pytest.mark.slow
-def test_rollout_from_the_lora_checkpoint_samples_base_plus_adapter(lora_step, scored,
+def test_rollout_from_the_lora_checkpoint_samples_base_plus_adapter(lora_step, scored, tiny,
                                                                     random_model_dir, tmp_path):
     """`dcpo rollout --model CKPT` generates with the adapter: its log-probs are those of
     PeftModel.from_pretrained(base, CKPT), not the base's; a second LoRA step continues."""
@@ -174,10 +167,8 @@ def test_rollout_from_the_lora_checkpoint_samples_base_plus_adapter(lora_step, s
     from transformers import AutoModelForCausalLM
 
     root, ckpt = lora_step
-    result = run_dcpo("tiny", "init", tmp_path / "tiny", "--size", "test")
-    assert result.code == 0, result.stderr
     rollouts = tmp_path / "rollouts.parquet"
-    result = run_dcpo("rollout", "--model", ckpt, "--prompts", tmp_path / "tiny" / "train.parquet",
+    result = run_dcpo("rollout", "--model", ckpt, "--prompts", tiny / "train.parquet",
                       "--step", "0", "--batch-size", "2", "--n", "2", "--max-new-tokens", "6",
                       "--engine", "hf", "--out", rollouts)
     assert result.code == 0, result.stderr
@@ -366,21 +357,8 @@ LORA_RUN = ["--lora-rank", "4", "--lora-dropout", "0.1"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    """tests/test_run.py's environment of the shell loop (the reduced tiny model)."""
-    from test_run import LOOP_ENV, PARITY_REWARD
-
-    directory = tmp_path_factory.mktemp("reward")
-    (directory / "loop_reward.py").write_text(PARITY_REWARD)
-    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, **LOOP_ENV, "PYTHONPATH": path, "COLUMNS": "200"}
-
-
-@pytest.fixture(scope="module")
 def lora_shell_run(tmp_path_factory, env):
     """examples/tiny_loop.sh with LoRA (TRAIN_ARGS), 2 steps: the reference."""
-    from test_run import finish, shell_loop
-
     run_dir = tmp_path_factory.mktemp("lora-shell") / "run"
     finish(shell_loop(run_dir, 2, env), {**env, "TRAIN_ARGS": " ".join(LORA_RUN)})
     return run_dir
@@ -392,9 +370,8 @@ def test_dcpo_run_with_lora_writes_the_shell_loops_files(lora_shell_run, env, tm
     rollouts, adapters, training state, RNG and metrics; so does a run SIGKILLed at random
     points and resumed."""
     from conftest import kill_at_random_progress
-    from test_run import RUN_FLAGS, assert_same_run, dcpo_run, finish
 
-    run_dir = tmp_path / "run"
+    run_dir = with_tiny_of(tmp_path / "run", lora_shell_run)
     output = finish(dcpo_run(run_dir, 2, [*RUN_FLAGS, *LORA_RUN]), env)
     assert "2 in-memory weight update(s)" in output  # both adapters went into the engine
     assert_same_run(run_dir, lora_shell_run, steps=2)

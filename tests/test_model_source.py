@@ -60,16 +60,6 @@ def ok(result: Result) -> Result:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """The test-size tiny model and task (model/, train.parquet, test.parquet)."""
-    from dcpo_cli.tiny.build import init_tiny
-
-    path = tmp_path_factory.mktemp("tiny") / "tiny"
-    init_tiny(path, seed=0, size="test")
-    return path
-
-
-@pytest.fixture(scope="module")
 def hf_home(tmp_path_factory, tiny) -> Path:
     home = tmp_path_factory.mktemp("hf-home")
     make_hub_cache(home, REPO_ID, tiny / "model", COMMIT)

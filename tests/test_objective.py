@@ -31,13 +31,6 @@ REWARDS = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1]}
 RHOS = [3.0, 0.4, 1.5, 1.0, 2.5, 0.8]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
-
-
 def rewrite(path: Path, columns: dict[str, list] | None = None, drop: str | None = None,
             **extra) -> Path:
     """A scored file with some columns replaced or dropped and metadata keys added."""

@@ -5,183 +5,27 @@ run.toml refusing a re-run with other settings."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import REPO, assert_one_line_error, kill_at_random_progress, run_dcpo
-
-STEPS = 3
-# As tests/test_loop.py: the reduced tiny model, a few seconds per stage on 2 cores.
-LOOP_ENV = {"TINY_SIZE": "test", "BATCH": "4", "N": "4", "MAX_NEW_TOKENS": "12",
-            "EVAL_AT": "2", "LR": "1e-3", "SEED": "3", "REWARD": "loop_reward:parity",
-            "DCPO": f"{sys.executable} -m dcpo_cli"}
-RUN_FLAGS = ["--tiny-size", "test", "--batch-size", "4", "--n", "4", "--max-new-tokens", "12",
-             "--eval-at", "2", "--lr", "1e-3", "--seed", "3", "--reward", "loop_reward:parity"]
-# The reduced model never answers correctly: a reward that gives every group mixed outcomes.
-PARITY_REWARD = ("def parity(response_text, answer, row):\n"
-                 "    return float(len(response_text) % 2)\n")
-# Fields that differ between any two runs of the shell loop itself: wall-clock times, and
-# the cheap model fingerprint (file times of the base model; a checkpoint's metrics.json,
-# which holds times), with the checksums of the files that record it.
-TIMINGS = {"seconds", "load_seconds", "compute_seconds", "tokens_per_second",
-           "generate_seconds", "engine_load_seconds", "model_fingerprint",
-           # the process's peak memory: one process for every stage is larger, by design
-           "peak_cpu_rss_gib", "peak_cpu_rss_gib_per_rank", "peak_gpu_memory_gib",
-           "peak_gpu_memory_gib_per_rank"}
-CHECKSUMS = {"inputs", "scored_checksums"}  # file -> checksum: the files named are compared
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    directory = tmp_path_factory.mktemp("reward")
-    (directory / "loop_reward.py").write_text(PARITY_REWARD)
-    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, **LOOP_ENV, "PYTHONPATH": path, "COLUMNS": "200"}
-
-
-def shell_loop(run_dir: Path, steps: int, env: dict[str, str]) -> list[str]:
-    return ["bash", str(REPO / "examples" / "tiny_loop.sh"), str(run_dir), str(steps)]
-
-
-def dcpo_run(run_dir: Path, steps: int | None, flags: list[str] | None = None) -> list[str]:
-    command = [sys.executable, "-m", "dcpo_cli", "run", str(run_dir)]
-    return command + (["--steps", str(steps)] if steps else []) + (RUN_FLAGS if flags is None
-                                                                   else flags)
-
-
-def finish(command: list[str], env: dict[str, str]) -> str:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-def _normal(value, run_dir: Path):
-    """JSON-like value with timings dropped and the run directory's path replaced."""
-    if isinstance(value, dict):
-        return {_normal(k, run_dir): sorted(_normal(list(v), run_dir)) if k in CHECKSUMS
-                else _normal(v, run_dir) for k, v in value.items() if k not in TIMINGS}
-    if isinstance(value, list):
-        return [_normal(v, run_dir) for v in value]
-    if isinstance(value, str):
-        return value.replace(str(run_dir.resolve()), "RUN").replace(str(run_dir), "RUN")
-    return value
-
-
-def _parquet(path: Path, run_dir: Path) -> dict:
-    table = pq.read_table(path)
-    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    metadata = {k: _normal(json.loads(v) if v.startswith(("{", "[")) else v, run_dir)
-                for k, v in metadata.items() if not k.startswith("ARROW")}
-    rows = {name: [_nan_equal(v) for v in values] for name, values in table.to_pydict().items()}
-    return {"rows": rows, "metadata": metadata}
-
-
-def _nan_equal(value):
-    """NaN (the records of groups DAPO dropped) as a marker that compares equal."""
-    return "NaN" if isinstance(value, float) and value != value else value
-
-
-def _rng(path: Path) -> dict:
-    state = torch.load(path, weights_only=False)
-    return {"torch": state["torch"].tolist(), "python": state["python"]}
-
-
-def _training_state(ckpt: Path) -> dict | None:
-    """The DCP training state (fp32 master weights, AdamW moments) as name -> raw bytes."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    if not (ckpt / "training_state").is_dir():
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        dcp_to_torch_save(ckpt / "training_state", Path(tmp) / "state.pt")
-        state = torch.load(Path(tmp) / "state.pt", weights_only=False)
-    flat: dict = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}/{key}", item)
-        elif torch.is_tensor(value):
-            flat[prefix] = (str(value.dtype), tuple(value.shape),
-                            value.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            flat[prefix] = value
-
-    walk("", state)
-    return flat
-
-
-def run_files(run_dir: Path, steps: int = STEPS) -> dict:
-    """Everything the loop writes, normalised only for wall-clock times and the directory."""
-    files: dict = {"state": (run_dir / "state.json").read_bytes(),
-                   "metrics": [_normal(json.loads(line), run_dir) for line in
-                               (run_dir / "metrics.jsonl").read_text().splitlines()]}
-    for step in range(steps):
-        folder = run_dir / "steps" / f"{step:06d}"
-        for path in sorted(folder.glob("*.parquet")):  # rollouts, scored (-rK: refill rounds)
-            files[f"{step}/{path.stem}"] = _parquet(path, run_dir)
-        ckpt = run_dir / "ckpt" / f"step-{step + 1:06d}"
-        weights = "adapter_model.safetensors" if (ckpt / "adapter_model.safetensors").is_file() \
-            else "model.safetensors"  # a LoRA checkpoint holds the adapter alone
-        for name in (weights, "sas_state.json"):
-            files[f"{step}/{name}"] = (ckpt / name).read_bytes()
-        # --keep-training-state 1: only the newest checkpoint keeps it, in both runs
-        files[f"{step}/training_state"] = _training_state(ckpt)
-        files[f"{step}/records"] = _parquet(ckpt / "train_records.parquet", run_dir)
-        for name in ("trainer_state.json", "metrics.json"):
-            files[f"{step}/{name}"] = _normal(json.loads((ckpt / name).read_text()), run_dir)
-        if (ckpt / "training_state").is_dir():
-            files[f"{step}/rng"] = _rng(ckpt / "training_state" / "rng_state.pt")
-    for label in ("step-000000", f"step-{steps:06d}"):
-        eval_dir = run_dir / "eval" / label
-        files[f"eval/{label}"] = _normal(json.loads((eval_dir / "summary.json").read_text()),
-                                         run_dir)
-        files[f"eval/{label}/samples"] = _parquet(eval_dir / "test" / "samples.parquet",
-                                                  run_dir)
-    return files
-
-
-def assert_same_run(run_dir: Path, reference_dir: Path, steps: int = STEPS) -> None:
-    ours, theirs = run_files(run_dir, steps), run_files(reference_dir, steps)
-    # Step 0's train-step starts in a fresh state: Python's `random` state it saves is the
-    # process's own (seeded by the OS) in the shell loop too, and later steps carry it on.
-    for files in (ours, theirs):
-        assert files[f"{steps - 1}/training_state"] is not None
-        for key in [k for k in files if k.endswith("/rng")]:
-            files[key].pop("python")
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert ours[key] == theirs[key], key
-
-
-@pytest.fixture(scope="module")
-def shell_reference(tmp_path_factory, env) -> Path:
-    run_dir = tmp_path_factory.mktemp("shell") / "run"
-    finish(shell_loop(run_dir, STEPS, env), env)
-    return run_dir
-
-
-@pytest.fixture(scope="module")
-def run_reference(tmp_path_factory, env) -> tuple[Path, float]:
-    run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
-    started = time.perf_counter()
-    finish(dcpo_run(run_dir, STEPS), env)
-    return run_dir, time.perf_counter() - started
+from conftest import assert_one_line_error, kill_at_random_progress, run_dcpo
+from loop_runs import (
+    RUN_FLAGS,
+    STEPS,
+    assert_same_run,
+    dcpo_run,
+    finish,
+    run_files,
+    shell_loop,
+    with_tiny_of,
+)
 
 
 @pytest.mark.slow
 def test_dcpo_run_writes_the_shell_loops_files(run_reference, shell_reference):
     """Rollouts, scored files, train records, SAS state, weights, optimizer, RNG, metrics
     and evaluations: equal (byte for byte where the files are bytes) to the shell loop's."""
-    run_dir, _ = run_reference
+    run_dir = run_reference
     assert_same_run(run_dir, shell_reference)
     config = (run_dir / "run.toml").read_text()
     assert "batch_size = 4" in config and "steps = 3" in config
@@ -189,7 +33,7 @@ def test_dcpo_run_writes_the_shell_loops_files(run_reference, shell_reference):
 
 @pytest.mark.slow
 def test_rerun_without_flags_is_a_no_op(run_reference, env):
-    run_dir, _ = run_reference
+    run_dir = run_reference
     before = run_files(run_dir)
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()
               and "eval" not in p.parts}
@@ -202,7 +46,7 @@ def test_rerun_without_flags_is_a_no_op(run_reference, env):
 @pytest.mark.parametrize("first", ["dcpo-run", "shell"])
 def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, env, tmp_path):
     """Two steps by one, the third by the other: the files of an uninterrupted run."""
-    run_dir = tmp_path / "run"
+    run_dir = with_tiny_of(tmp_path / "run", shell_reference)
     if first == "dcpo-run":
         finish(dcpo_run(run_dir, 2), env)
         finish(shell_loop(run_dir, STEPS, env), env)
@@ -216,7 +60,7 @@ def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, e
 def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
     """Killed at random points of its progress (conftest.kill_at_random_progress), then
     resumed without flags."""
-    reference_dir, _ = run_reference
+    reference_dir = run_reference
     run_dir = tmp_path / "run"
     kills = kill_at_random_progress(dcpo_run(run_dir, STEPS), env, run_dir, reference_dir)
     assert kills >= 2  # really interrupted, more than once
@@ -225,10 +69,12 @@ def test_sigkill_at_random_moments_then_resume(run_reference, env, tmp_path):
 
 
 @pytest.mark.slow
-def test_dapo_refill_rounds_are_the_shell_loops(env, tmp_path):
+def test_dapo_refill_rounds_are_the_shell_loops(env, shell_reference, tmp_path):
     """--algo dapo: rounds of further prompts until --target-prompts groups are mixed, with
     the files (rollouts-rK, scored-rK) and the training of `ALGO=dapo tiny_loop.sh`."""
     dapo_env = {**env, "ALGO": "dapo", "MAX_ROUNDS": "3"}
+    for name in ("shell", "run"):  # the same seed: the reference's tiny task
+        with_tiny_of(tmp_path / name, shell_reference)
     finish(shell_loop(tmp_path / "shell", 2, dapo_env), dapo_env)
     finish(dcpo_run(tmp_path / "run", 2, [*RUN_FLAGS, "--algo", "dapo", "--set",
                                           "loop.max_rounds=3"]), dapo_env)
@@ -374,13 +220,12 @@ def test_dapo_runs_refill_to_the_batch_size_unless_told_otherwise(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
-def test_three_epochs_of_dcpo_run_finish_with_distinct_prompts_per_step(tmp_path, env, seed):
+def test_three_epochs_of_dcpo_run_finish_with_distinct_prompts_per_step(tmp_path, env, tiny,
+                                                                      seed):
     """Issue 28: a run past the epoch boundary used to die when a step drew a prompt twice.
     10 prompts of 4 per step: 2 steps an epoch (2 prompts sit each one out), 6 steps."""
     from dcpo_cli.stages.rollout import select_prompts
 
-    tiny = tmp_path / "tiny"
-    assert run_dcpo("tiny", "init", tiny, "--size", "test").code == 0
     prompts = tmp_path / "ten.parquet"
     pq.write_table(pq.read_table(tiny / "train.parquet").slice(0, 10), prompts)
     ids = pq.read_table(prompts).column("prompt_id").to_pylist()

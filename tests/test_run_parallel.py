@@ -1,24 +1,25 @@
 """`dcpo run --nproc-per-node 2` (gloo, CPU) against the shell loop with `train-step
---nproc-per-node 2` (the same files, byte for byte) and against the one-process `dcpo run`
-(the same tokens, rewards and SAS state; weights and log-probs within 1e-5), bad inputs,
-and the engines' data-parallel shares."""
+--nproc-per-node 2` (the same files, byte for byte, at the same torch thread count) and
+against the one-process `dcpo run` (the same tokens, rewards and SAS state; weights and
+log-probs within 1e-5), bad inputs, and the engines' data-parallel shares."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
-from test_run import (
+from loop_runs import (
     RUN_FLAGS,
     STEPS,
     assert_same_run,
     dcpo_run,
-    env,  # noqa: F401  (the module's fixture, used here too)
     finish,
+    rank_pids,
     run_files,
     shell_loop,
+    with_tiny_of,
 )
 
 # Measure the run, not the update: the world size (by design) and float sums over ranks
@@ -26,25 +27,37 @@ APPROX = 1e-5
 
 
 @pytest.fixture(scope="module")
-def parallel_run(tmp_path_factory, env):  # noqa: F811
+def rank_env(env) -> dict[str, str]:
+    """The loop's environment at one torch thread count for every process. A CPU float
+    reduction big enough to be split across threads is summed in one chunk per thread, so
+    its last bits depend on the count: the launcher gives each of the 2 ranks cores / 2
+    threads (OMP_NUM_THREADS) while a one-process stage of the shell loop (rollout, eval)
+    would use every core, and the sampler's log-probs (response_logprobs, then
+    mismatch_logprob_diff) would differ in the last bits (tokens, weights and the training
+    state do not). Pinned here for both runs: the same computation, the same bytes."""
+    threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // 2))
+    return {**env, "OMP_NUM_THREADS": threads}
+
+
+@pytest.fixture(scope="module")
+def parallel_run(tmp_path_factory, rank_env):
     run_dir = tmp_path_factory.mktemp("parallel") / "run"
-    finish(dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"], env)
+    finish(dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"], rank_env)
     return run_dir
 
 
 @pytest.mark.slow
-def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, env):  # noqa: F811
-    """The shell loop with train-step on 2 processes: everything equal, byte for byte."""
-    shell = tmp_path / "shell"
-    finish(shell_loop(shell, STEPS, env), {**env, "TRAIN_PROCS": "2"})
+def test_two_ranks_write_the_shell_loops_files(parallel_run, tmp_path, rank_env):
+    """The shell loop with train-step on 2 processes, at the ranks' thread count (rank_env):
+    everything equal, byte for byte."""
+    shell = with_tiny_of(tmp_path / "shell", parallel_run)
+    finish(shell_loop(shell, STEPS, rank_env), {**rank_env, "TRAIN_PROCS": "2"})
     assert_same_run(parallel_run, shell)
 
 
 @pytest.mark.slow
-def test_two_ranks_match_one_process(parallel_run, tmp_path, env):  # noqa: F811
-    one = tmp_path / "one"
-    finish(dcpo_run(one, STEPS), env)
-    ours, theirs = run_files(parallel_run), run_files(one)
+def test_two_ranks_match_one_process(parallel_run, run_reference):
+    ours, theirs = run_files(parallel_run), run_files(run_reference)
     assert ours["state"] == theirs["state"]  # SAS state, byte for byte
     for step in range(STEPS):
         for name in ("rollouts", "scored"):
@@ -143,32 +156,15 @@ def test_first_failure_line_names_the_killed_rank(tmp_path):
         failures, tmp_path / "error", "dcpo run")
 
 
-def _rank_pids(root: int, rank: str) -> list[int]:
-    """The processes under `root` whose environment says RANK=`rank` (torchrun's workers)."""
-    import subprocess
-
-    found = []
-    children = subprocess.run(["pgrep", "-P", str(root)], capture_output=True, text=True)
-    for pid in map(int, children.stdout.split()):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            found.append(pid)
-        found += _rank_pids(pid, rank)
-    return found
-
-
 @pytest.mark.slow
 def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_run, tmp_path,
-                                                                       env):  # noqa: F811
-    run_dir = tmp_path / "run"
+                                                                       rank_env):
+    run_dir = with_tiny_of(tmp_path / "run", parallel_run)
     command = dcpo_run(run_dir, STEPS) + ["--nproc-per-node", "2"]
     import subprocess
 
     # rank 1 exits in the middle of step 0's second optimizer update
-    died = subprocess.run(command, env={**env, "DCPO_TEST_KILL_AT": "1:2"},
+    died = subprocess.run(command, env={**rank_env, "DCPO_TEST_KILL_AT": "1:2"},
                           capture_output=True, text=True, timeout=900)
     lines = [line for line in died.stderr.splitlines() if line.startswith("error:")]
     assert died.returncode == 2, died.stderr[-2000:]
@@ -176,13 +172,13 @@ def test_a_rank_dying_mid_step_is_one_line_and_the_rerun_ends_the_same(parallel_
     assert "Traceback" not in died.stderr
     assert not (run_dir / "ckpt").exists() and not (run_dir / "state.json").exists()
     assert (run_dir / "steps" / "000000" / "scored.parquet").is_file()  # committed before
-    finish(command, env)
+    finish(command, rank_env)
     assert_same_run(run_dir, parallel_run)
 
 
 @pytest.mark.slow
 def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_path,
-                                                          env):  # noqa: F811
+                                                          rank_env):
     """SIGKILL of rank 0 or 1 (not the launcher) after a random number of the reference
     run's files have appeared, then the same command: the same end state."""
     import os
@@ -197,12 +193,12 @@ def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_pat
     total = sum(1 for _ in parallel_run.rglob("*"))
     kills = 0
     for threshold in sorted(rng.sample(range(total // 4, total), 2)):
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(command, env=rank_env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True, start_new_session=True)
         while process.poll() is None and sum(1 for _ in run_dir.rglob("*")) < threshold:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.3))
-        pids = _rank_pids(process.pid, str(rng.randrange(2)))
+        pids = rank_pids(process.pid, str(rng.randrange(2)))
         if process.poll() is None and pids:
             os.kill(pids[0], signal.SIGKILL)
             kills += 1
@@ -211,5 +207,5 @@ def test_sigkill_of_one_rank_at_random_progress_then_rerun(parallel_run, tmp_pat
             assert process.returncode == 2, stderr[-2000:]
             assert "died (killed by SIGKILL)" in stderr, stderr[-2000:]
     assert kills >= 1
-    finish(command, env)
+    finish(command, rank_env)
     assert_same_run(run_dir, parallel_run)

@@ -20,15 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_run import (
-    RUN_FLAGS,
-    STEPS,
-    dcpo_run,
-    env,  # noqa: F401  (the module's fixture, used here too)
-    finish,
-    run_files,
-)
-from test_run_parallel import _rank_pids
+from loop_runs import RUN_FLAGS, STEPS, dcpo_run, finish, rank_pids, run_files
 
 pytestmark = pytest.mark.vllm
 
@@ -140,7 +132,7 @@ def test_colocated_run_killed_on_one_rank_then_rerun_is_the_one_process_run(full
     trigger = run_dir / "steps" / "000001" / "rollouts.parquet"
     while process.poll() is None and not trigger.is_file():
         time.sleep(0.05)
-    pids = _rank_pids(process.pid, "1")
+    pids = rank_pids(process.pid, "1")
     assert process.poll() is None and pids, "the run ended before step 1's rollouts"
     import os
 

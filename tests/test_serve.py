@@ -14,87 +14,29 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import assert_one_line_error, run_dcpo
+from servers import (
+    ROLLOUT,
+    assert_same_rollouts,
+    completion,
+    fake_server,
+    get_json,
+    groups,
+    metadata,
+    rollout,
+    serving,
+    via,
+)
 
 from dcpo_cli.files.model_source import model_identity
-
-ROLLOUT = ["--step", "1", "--batch-size", "4", "--n", "3", "--max-new-tokens", "12",
-           "--seed", "3", "--temperature", "0.8", "--top-p", "0.95", "--top-k", "40"]
-# What differs between a rollout through the server and one in process, by design: which
-# engine the user named, the server, and the wall-clock seconds (which differ between any
-# two in-process runs too).
-IDENTITY = {"generation_server", "generate_seconds", "engine_load_seconds"}
-
-
-@contextlib.contextmanager
-def serving(model: Path, folder: Path, *flags: str, env: dict | None = None):
-    """A real `dcpo serve` on a free loopback port; yields (url, process); stops it with
-    SIGTERM (as the example scripts do) and checks it exited 0 and removed its URL file."""
-    url_file = folder / f"server-{time.monotonic_ns()}.url"
-    log = open(folder / f"{url_file.stem}.log", "w")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dcpo_cli", "serve", "--model", str(model), "--engine", "hf",
-         "--port", "0", "--url-file", str(url_file), *flags],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200",
-                                                   **(env or {})})
-    try:
-        deadline = time.monotonic() + 300  # a start-up bound, not a timing assertion
-        while not url_file.is_file():
-            assert process.poll() is None, Path(log.name).read_text()
-            assert time.monotonic() < deadline, "dcpo serve did not start"
-            time.sleep(0.1)
-        yield url_file.read_text().strip(), process
-    finally:
-        stopped = process.poll() is None
-        if stopped:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=120)
-        log.close()
-    if stopped:  # SIGTERM: a clean stop (issue 34: it once aborted, exit 134)
-        assert process.returncode == 0, Path(log.name).read_text()
-        assert "terminate called" not in Path(log.name).read_text()
-    assert not url_file.exists()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from dcpo_cli.tiny.build import init_tiny
-
-    folder = tmp_path_factory.mktemp("tiny") / "tiny"
-    init_tiny(folder, seed=0, size="test")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def other_weights(tiny, tmp_path_factory) -> Path:
-    """The tiny model with other weights (same vocabulary and config): a second checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = tmp_path_factory.mktemp("other") / "model"
-    model = AutoModelForCausalLM.from_pretrained(tiny / "model")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json"):
-        shutil.copy(tiny / "model" / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -113,73 +55,6 @@ def other_vocabulary(tiny, tmp_path_factory) -> Path:
 def server(tiny, tmp_path_factory):
     with serving(tiny / "model", tmp_path_factory.mktemp("server")) as (url, process):
         yield url
-
-
-def rollout(model: Path, tiny: Path, out: Path, *flags: str, env: dict | None = None):
-    args = ["rollout", "--model", model, "--prompts", tiny / "train.parquet", *ROLLOUT,
-            "--out", out, *flags]
-    if env is None:
-        return run_dcpo(*args)
-    process = subprocess.run([sys.executable, "-m", "dcpo_cli", *map(str, args)],
-                             capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "COLUMNS": "200", **env})
-    from conftest import Result
-
-    return Result(process.returncode, process.stdout, process.stderr)
-
-
-def via(url: str) -> list[str]:
-    return ["--engine", "server", "--server-url", url]
-
-
-@pytest.fixture(scope="module")
-def in_process(tiny, tmp_path_factory):
-    """In-process hf rollouts, made once per (model, shard)."""
-    folder = tmp_path_factory.mktemp("in-process")
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(model: Path, shard: str = "0/1") -> Path:
-        key = (str(model), shard)
-        if key not in made:
-            out = folder / f"{len(made)}.parquet"
-            result = rollout(model, tiny, out, "--engine", "hf", "--shard", shard)
-            assert result.code == 0, result.stderr
-            made[key] = out
-        return made[key]
-
-    return get
-
-
-def metadata(path: Path) -> dict:
-    raw = pq.read_schema(path).metadata
-    return {k.decode(): json.loads(v) for k, v in raw.items() if not k.startswith(b"ARROW")}
-
-
-def assert_same_rollouts(served: Path, local: Path, url: str) -> None:
-    """Equal rows, and equal metadata apart from the engine identity and the seconds."""
-    assert pq.read_table(served).equals(pq.read_table(local))
-    ours, theirs = metadata(served)["dcpo"], metadata(local)["dcpo"]
-    assert ours["options"].pop("engine") == "server"
-    assert theirs["options"].pop("engine") == theirs["engine"]
-    assert ours["generation_server"]["url"] == url
-    assert ours["generation_server"]["fingerprint"] == ours["model_fingerprint"]
-    assert ours["generation_server"]["engine"] == ours["engine"] == theirs["engine"]
-    assert theirs["generation_server"] is None
-    for key in IDENTITY:
-        ours.pop(key), theirs.pop(key)
-    assert ours == theirs
-
-
-def get_json(url: str, path: str, token: str | None = None, body: dict | None = None):
-    request = urllib.request.Request(url + path, data=None if body is None else
-                                     json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {token}"} if token
-                                     else {})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def free_port() -> int:
@@ -298,9 +173,10 @@ def test_bad_server_flags_are_one_line(tiny, tmp_path, flags, message):
     assert not out.exists()
 
 
-def test_dcpo_run_refuses_the_server_engine(tmp_path):
+def test_dcpo_run_with_the_server_engine_needs_its_address(tmp_path):
     assert_one_line_error(run_dcpo("run", tmp_path / "run", "--steps", "1", "--engine",
-                                   "server"), "dcpo run")
+                                   "server"), "--engine server needs --server-url")
+    assert not (tmp_path / "run").exists()
 
 
 def test_another_vocabulary_is_refused(server, tiny, other_vocabulary, tmp_path):
@@ -406,46 +282,6 @@ def test_a_server_dying_mid_request_is_one_line(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def identity(server) -> dict:
     return get_json(server, "/health")[1]
-
-
-def fake_server(identity: dict, reply):
-    """A server that answers /health like the real one and POSTs with `reply(request)`
-    (bytes: the body of the stream; or (bytes, status): a status other than 200, or the
-    JSON reply to /load-weights)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def _send(self, body: bytes, kind: str, status: int = 200) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:
-            self._send(json.dumps(identity).encode(), "application/json")
-
-        def do_POST(self) -> None:
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            body, status = (lambda r: r if isinstance(r, tuple) else (r, 200))(reply(request))
-            streamed = self.path == "/generate" and status == 200
-            self._send(body, "application/x-ndjson" if streamed else "application/json",
-                       status)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def completion(ids: list[int]) -> dict:
-    return {"token_ids": ids, "logprobs": [-0.5] * len(ids), "text": "x",
-            "finish_reason": "length"}
-
-
-def groups(request: dict, make) -> list:
-    n = request["settings"]["n"]
-    return [[make(i) for i in range(n)] for _ in request["prompt_token_ids"]]
 
 
 MALFORMED = {

@@ -6,8 +6,7 @@ identity), scores, records, metrics, evaluations, final weights and SAS state.""
 from __future__ import annotations
 
 import pytest
-from test_run import STEPS, finish, run_files, shell_loop
-from test_run import env as env  # noqa: F401 (the fixture: the loop's settings and reward
+from loop_runs import STEPS, finish, run_files, shell_loop, with_tiny_of
 
 # What a served loop records differently, by design: the engine the user named for the
 # rollouts (options.engine), and the server (generation_server: its URL and the weights'
@@ -30,20 +29,21 @@ def _without_server(files: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_the_served_shell_loop_writes_the_shell_loops_files(env, tmp_path):
-    finish(shell_loop(tmp_path / "local", STEPS, env), env)
+def test_the_served_shell_loop_writes_the_shell_loops_files(env, shell_reference, tmp_path):
     served_env = {**env, "SERVER": "1"}
-    finish(shell_loop(tmp_path / "served", STEPS, served_env), served_env)
+    served = with_tiny_of(tmp_path / "served", shell_reference)
+    finish(shell_loop(served, STEPS, served_env), served_env)
     assert not (tmp_path / "served" / "server.url").exists()  # the server was stopped
     import pyarrow.parquet as pq
 
     rollouts = pq.read_schema(tmp_path / "served" / "steps" / "000002" / "rollouts.parquet")
     assert b"generation_server\": {" in rollouts.metadata[b"dcpo"]
-    ours, theirs = (_without_server(run_files(tmp_path / name)) for name in ("served", "local"))
+    ours, theirs = (_without_server(run_files(path)) for path in (tmp_path / "served",
+                                                                  shell_reference))
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert ours[key] == theirs[key], key
     for name in ("state.json", "ckpt/step-000003/model.safetensors",
                  "ckpt/step-000003/sas_state.json"):
-        assert (tmp_path / "served" / name).read_bytes() == (tmp_path / "local" /
+        assert (tmp_path / "served" / name).read_bytes() == (shell_reference /
                                                               name).read_bytes()

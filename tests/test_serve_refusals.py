@@ -10,41 +10,29 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
-import shutil
 import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from conftest import assert_one_line_error, run_dcpo
-from test_serve import completion, fake_server, get_json, groups, rollout, serving, via
-from test_serve import in_process as in_process  # noqa: F401 (fixture)
-from test_serve import other_weights as other_weights  # noqa: F401 (fixture)
-from test_serve import tiny as tiny  # noqa: F401 (fixture)
+from servers import (
+    broken_models,
+    completion,
+    fake_server,
+    get_json,
+    groups,
+    post,
+    rollout,
+    serving,
+    tiny_tensors,
+    via,
+)
 
 from dcpo_cli.engines.base import SamplingSettings
 from dcpo_cli.files.model_source import model_identity
-
-
-def post(url: str, path: str, body, raw: bytes | None = None) -> tuple[int, dict | list]:
-    """A POST and its reply: (status, the JSON object, or for a stream its lines)."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
-    try:
-        connection.request("POST", path, body=raw if raw is not None else
-                           json.dumps(body).encode(), headers={"Content-Type":
-                                                               "application/json"})
-        response = connection.getresponse()
-        data = response.read()
-        if response.getheader("Content-Type", "").startswith("application/x-ndjson"):
-            return response.status, [json.loads(line) for line in data.splitlines()]
-        return response.status, json.loads(data)
-    finally:
-        connection.close()
-
 
 PROMPTS = [[5, 6, 7], [8, 9]]
 SETTINGS = {"n": 2, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6,
@@ -139,54 +127,6 @@ def test_unknown_methods_and_endpoints_are_json(served):
         assert response.status in (404, 405, 501)
         assert "error" in json.loads(response.read())
         connection.close()
-
-
-def model_like(tiny: Path, folder: Path, tensors: dict | None) -> Path:
-    """A model directory with the tiny model's config and tokenizer and `tensors` as its
-    weights (None: no weights file written)."""
-    folder.mkdir(parents=True)
-    for file in (tiny / "model").iterdir():
-        if not file.name.endswith(".safetensors"):
-            shutil.copy(file, folder / file.name)
-    if tensors is not None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, folder / "model.safetensors")
-    return folder
-
-
-def tiny_tensors(tiny: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(tiny / "model" / "model.safetensors")
-
-
-def broken_models(tiny: Path, root: Path) -> dict[str, Path]:
-    import torch
-
-    weights = tiny_tensors(tiny)
-    embed = "model.embed_tokens.weight"
-    models = {
-        "one zeroed tensor, the rest missing": model_like(
-            tiny, root / "zeroed", {embed: torch.zeros_like(weights[embed])}),
-        "a tensor of another shape": model_like(
-            tiny, root / "shape", {**weights, embed: torch.zeros(3, 7)}),
-        "integer weights": model_like(
-            tiny, root / "dtype", {**weights, embed: weights[embed].to(torch.int32)}),
-        "an unexpected tensor": model_like(
-            tiny, root / "extra", {**weights, "model.surprise.weight": torch.zeros(2)}),
-        "no weights": model_like(tiny, root / "none", None),
-    }
-    folder = model_like(tiny, root / "directory", None)
-    (folder / "model.safetensors").mkdir()
-    models["a directory named model.safetensors"] = folder
-    folder = model_like(tiny, root / "dangling", None)
-    (folder / "model.safetensors").symlink_to(root / "nowhere.safetensors")
-    models["a dangling link"] = folder
-    folder = model_like(tiny, root / "garbage", None)
-    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
-    models["a corrupt weights file"] = folder
-    return models
 
 
 def test_a_refused_load_changes_nothing(served, tiny, tmp_path):

@@ -9,11 +9,17 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_dcpo
-from test_serve import ROLLOUT, assert_same_rollouts, get_json, serving, via
-from test_serve import other_weights as other_weights  # noqa: F401 (fixture)
-from test_serve import tiny as tiny  # noqa: F401 (fixture)
-from test_serve_refusals import broken_models, post
-from test_vllm_real import ENGINE_FLAGS, LOGPROB_TOLERANCE
+from servers import (
+    LOGPROB_TOLERANCE,
+    ROLLOUT,
+    VLLM_CPU_FLAGS,
+    assert_same_rollouts,
+    broken_models,
+    get_json,
+    post,
+    serving,
+    via,
+)
 
 from dcpo_cli.files.model_source import model_identity
 
@@ -29,10 +35,10 @@ def test_served_vllm_rollouts_are_the_in_process_ones(tiny, other_weights, tmp_p
     local = {}
     for name, model in (("base", tiny / "model"), ("other", other_weights)):
         local[name] = tmp_path / f"local-{name}.parquet"
-        result = rollout(model, tiny, local[name], "--engine", "vllm", *ENGINE_FLAGS)
+        result = rollout(model, tiny, local[name], "--engine", "vllm", *VLLM_CPU_FLAGS)
         assert result.code == 0, result.stderr
     # (serving() passes --engine hf first; a later --engine wins in typer)
-    with serving(tiny / "model", tmp_path, "--engine", "vllm", *ENGINE_FLAGS) as (url, _):
+    with serving(tiny / "model", tmp_path, "--engine", "vllm", *VLLM_CPU_FLAGS) as (url, _):
         assert get_json(url, "/health")[1]["engine"] == "vllm"
         # a refused load (issue 34) changes nothing: the base rollouts below are still exact
         zeroed = broken_models(tiny, tmp_path / "broken")["one zeroed tensor, the rest missing"]

@@ -19,20 +19,13 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_one_line_error, run_dcpo
-from test_run import PARITY_REWARD, assert_same_run
+from loop_runs import STEPS as RUN_STEPS
+from loop_runs import assert_same_run
 
 # The reduced tiny model of tests/test_run.py, its seed left to the study (--seed, --seeds).
 FLAGS = ["--tiny-size", "test", "--batch-size", "4", "--n", "4", "--max-new-tokens", "12",
          "--eval-at", "2", "--lr", "1e-3", "--reward", "loop_reward:parity"]
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    directory = tmp_path_factory.mktemp("reward")
-    (directory / "loop_reward.py").write_text(PARITY_REWARD)
-    path = os.pathsep.join(filter(None, [str(directory), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "COLUMNS": "200"}
 
 
 def dcpo(*args, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -196,14 +189,13 @@ def test_a_killed_study_resumes_and_its_report_is_the_runs_metrics(env, tmp_path
 
 
 @pytest.fixture(scope="module")
-def one_run_study(tmp_path_factory, env) -> tuple[Path, Path]:
-    """The same settings as a study of one run (dcpo, seed 3) and as a single `dcpo run`."""
-    root = tmp_path_factory.mktemp("one-run")
-    finish("study", root / "study", "--algo", "dcpo", "--seeds", "1", "--seed", "3",
-           "--steps", STEPS, *FLAGS, env=env)
-    finish("run", root / "run", "--algo", "dcpo", "--seed", "3", "--steps", STEPS, *FLAGS,
-           env=env)
-    return root / "study", root / "run"
+def one_run_study(tmp_path_factory, env, run_reference) -> tuple[Path, Path]:
+    """The settings of conftest's `dcpo run` reference (dcpo, seed 3, RUN_STEPS steps)
+    as a study of one run; returns the study and that run."""
+    study_dir = tmp_path_factory.mktemp("one-run") / "study"
+    finish("study", study_dir, "--algo", "dcpo", "--seeds", "1", "--seed", "3",
+           "--steps", RUN_STEPS, *FLAGS, env=env)
+    return study_dir, run_reference
 
 
 @pytest.mark.slow
@@ -211,7 +203,7 @@ def test_a_study_run_writes_the_files_of_the_same_dcpo_run(one_run_study):
     study_dir, run_dir = one_run_study
     assert sorted(p.name for p in study_dir.iterdir()) == [
         "dcpo-s3", "logs", "study.json", "wall_seconds.json"]
-    assert_same_run(study_dir / "dcpo-s3", run_dir, steps=STEPS)
+    assert_same_run(study_dir / "dcpo-s3", run_dir)
     assert (study_dir / "dcpo-s3" / "run.toml").read_bytes() == (run_dir / "run.toml"
                                                                  ).read_bytes()
     for name in ("model.safetensors", "config.json"):  # the tiny model it started from

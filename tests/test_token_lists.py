@@ -65,13 +65,6 @@ def test_score_refuses_misaligned_token_lists(tmp_path, column, change, template
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.parquet"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
-
-
 @pytest.mark.parametrize(("column", "change", "template"), CASES, ids=IDS)
 def test_train_step_reads_refuse_misaligned_token_lists(tmp_path, tokenizer, column, change,
                                                         template):

@@ -27,13 +27,6 @@ REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [
 FAST = ["--lr", "1e-3", "--warmup-steps", "0", "--micro-batch-tokens", "256"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
-
-
 class Recorder(Backend):
     """A backend that keeps what it is sent (class-level, across 'processes')."""
 
@@ -328,7 +321,7 @@ def test_mlflow_continues_one_run(tmp_path, monkeypatch):
 
 def test_eval_logs_its_summary_at_the_checkpoints_step_in_the_runs_tracker(recorder,
                                                                            tmp_path):
-    from test_eval import ScriptedEngine
+    from fakes import ScriptedEngine
 
     from dcpo_cli.evaluate.stage import EvalOptions, run_eval
     from dcpo_cli.files.checkpoint import TRAINER_FORMAT, TRAINER_STATE

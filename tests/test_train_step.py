@@ -25,13 +25,6 @@ REWARDS_0 = {"p0": [1, 0, 0, 1], "p1": [0, 0, 0, 1], "p2": [1, 1, 0, 1], "p3": [
 REWARDS_1 = {"p0": [1, 1, 1, 1], "p1": [0, 0, 0, 0], "p2": [1, 0, 1, 1], "p3": [0, 1, 1, 0]}
 
 
-@pytest.fixture(scope="module")
-def tokenizer(random_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(random_model_dir)
-
-
 def hand_sas(rewards: list[float], stats: dict | None) -> tuple[list[float], dict]:
     """docs/design.md 1.2, written out independently of dcpo_cli.core.algorithms."""
     n = len(rewards)

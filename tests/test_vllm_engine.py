@@ -4,83 +4,12 @@ what it asks vLLM for, and how it turns vLLM's outputs into completions."""
 from __future__ import annotations
 
 import sys
-import types
-from dataclasses import dataclass
 
 import pytest
+from fakes import FakeLLM
 
 from dcpo_cli.engines import SamplingSettings, load_engine
 from dcpo_cli.errors import DcpoError
-
-
-@dataclass
-class FakeLogprob:
-    logprob: float
-
-
-@dataclass
-class FakeSample:
-    token_ids: list[int]
-    logprobs: list[dict[int, FakeLogprob]]
-
-
-@dataclass
-class FakeOutput:
-    outputs: list[FakeSample]
-
-
-class FakeLLM:
-    """Answers every prompt with its own token ids reversed, then eos (id 2), the i-th
-    sample shifted by i; each token's log-prob is -token/100. Keeps its keyword arguments."""
-
-    def __init__(self, model: str, **kwargs):
-        from transformers import AutoTokenizer
-
-        self.model, self.kwargs, self.calls, self.lora_requests = model, kwargs, [], []
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model)
-        FakeLLM.last = self
-
-    def get_tokenizer(self):
-        return self.tokenizer
-
-    def sleep(self, level=1):
-        self.calls.append(("sleep", level))
-
-    def wake_up(self, tags=None):
-        self.calls.append(("wake_up", tags))
-
-    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
-        self.calls.append((prompts, params))
-        self.lora_requests.append(lora_request)
-        outputs = []
-        for prompt, param in zip(prompts, params, strict=True):
-            samples = []
-            for i in range(param.n):
-                ids = [t + i for t in reversed(prompt["prompt_token_ids"])][: param.max_tokens]
-                ids = (ids + [2])[: param.max_tokens]
-                samples.append(FakeSample(ids, [{t: FakeLogprob(-t / 100)} for t in ids]))
-            outputs.append(FakeOutput(samples))
-        return outputs
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    vllm = types.ModuleType("vllm")
-    vllm.LLM = FakeLLM
-    vllm.SamplingParams = lambda **kwargs: types.SimpleNamespace(**kwargs)
-    inputs = types.ModuleType("vllm.inputs")
-    inputs.TokensPrompt = dict
-    platforms = types.ModuleType("vllm.platforms")
-    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True,
-                                                       is_cpu=lambda: False)
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
-    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
-    lora_request = types.ModuleType("vllm.lora.request")
-    lora_request.LoRARequest = lambda **kwargs: types.SimpleNamespace(**kwargs)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_request)
-    return vllm
 
 
 def test_vllm_engine_requests_and_completions(fake_vllm, random_model_dir):

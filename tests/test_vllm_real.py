@@ -14,33 +14,13 @@ import statistics
 import pytest
 import torch
 from conftest import assert_one_line_error, run_dcpo
+from servers import KV_CACHE_BYTES, LOGPROB_TOLERANCE, VLLM_CPU_FLAGS
 
 from dcpo_cli.files import contracts
 
 pytestmark = pytest.mark.vllm
 
-# What makes vLLM start fast on a CPU: no torch.compile / graph capture, and a small fixed
-# KV cache (vLLM then skips its memory-profiling warm-up).
-KV_CACHE_BYTES = 64 << 20
-ENGINE_FLAGS = ["--enforce-eager", "--dtype", "float32",
-                "--engine-arg", f"kv_cache_memory_bytes={KV_CACHE_BYTES}"]
 MAX_NEW = 24
-# Sampler vs teacher-forced log-probs, both fp32 on the same weights: the measured gap on
-# the tiny model is ~1e-6 (median 0, p99 ~5e-7, max ~1e-6 over ~1,000 tokens), the rounding of
-# two differently ordered fp32 reductions. 1e-4 leaves two orders of magnitude for other
-# CPUs while still catching any change of distribution (temperature applied or not, top-p
-# renormalisation, an off-by-one position), each of which moves log-probs by 1e-2 or more.
-LOGPROB_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny task at test size: a briefly warm-started model and its test prompts."""
-    from dcpo_cli.tiny.build import init_tiny
-
-    directory = tmp_path_factory.mktemp("tiny") / "tiny"
-    init_tiny(directory, seed=0, size="test")
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +220,7 @@ def test_cli_rollout_is_quiet_and_reproduces_in_process_tokens(engine, tiny, tmp
 
     args = ["rollout", "--model", tiny / "model", "--prompts", tiny / "train.parquet",
             "--step", 1, "--batch-size", 6, "--n", 4, "--max-new-tokens", MAX_NEW,
-            "--seed", 3, "--engine", "vllm", *ENGINE_FLAGS]
+            "--seed", 3, "--engine", "vllm", *VLLM_CPU_FLAGS]
     result = run_dcpo(*args, "--out", tmp_path / "cli.parquet")
     assert result.code == 0, result.stderr
     noisy = [line for line in result.stderr.splitlines() if " INFO " in line]
