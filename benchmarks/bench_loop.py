@@ -1,8 +1,9 @@
-"""Benchmark one loop step four ways (a script, not a test): the shell loop (a process per
+"""Benchmark one loop step five ways (a script, not a test): the shell loop (a process per
 stage, as examples/tiny_loop.sh runs them), the shell loop against one resident `dcpo serve`
 (SERVER=1: rollouts through the server, no engine start per step), `dcpo run` (one process,
-models resident), and TRL's GRPOTrainer on the same tiny model, prompts, group size and
-token budget.
+models resident), `dcpo run --max-staleness 1` (generation for step s+1 in a worker process
+while step s trains, the cores split between the two), and TRL's GRPOTrainer on the same
+tiny model, prompts, group size and token budget.
 
 Prints per-step wall times side by side with their ratios, `dcpo run`'s step time against
 its own stages' work (generation + scoring + update seconds), target <= 1.3x, and where a
@@ -149,17 +150,20 @@ def run_steps(run: Path, tiny: Path, steps: int):
     return timings, old_pass
 
 
-def parallel_run_steps(run: Path, tiny: Path, steps: int, nproc: int) -> list[float]:
-    """`dcpo run --nproc-per-node nproc` as users start it (its evaluations off); each
-    step's wall time, from its table."""
+def cli_run_steps(run: Path, tiny: Path, steps: int, *flags: str) -> list[float]:
+    """`dcpo run FLAGS` as users start it (its evaluations off); each step's wall time, from
+    its table."""
     import re
     import shutil
 
     run.mkdir(parents=True)
     shutil.copytree(tiny, run / "tiny")
     result = subprocess.run(dcpo("run", str(run), "--steps", str(steps), "--eval-at", "0",
-                                 "--nproc-per-node", str(nproc)), check=True,
+                                 *flags), check=True,
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"})
+    if flags[:1] == ("--max-staleness",):
+        print(" ".join(line for line in result.stderr.splitlines() if "overlapped" in line
+                       or "thread" in line))
     rows = re.findall(r"^\W+(\d+)\W+([\d.]+)\W", result.stdout, flags=re.M)
     return [float(wall) for _, wall in rows][:steps]
 
@@ -320,7 +324,7 @@ def main() -> None:
     parser.add_argument("--trl-path", type=Path, default=None,
                         help="A folder with TRL installed (pip install --target ...).")
     parser.add_argument("--skip", nargs="*", default=[],
-                        choices=["shell", "served", "run", "trl", "run2", "shell2"])
+                        choices=["shell", "served", "run", "lag1", "trl", "run2", "shell2"])
     parser.add_argument("--repeat", type=int, default=1,
                         help="Measure each R times (alternating the order) and show each one's "
                         "fastest: on a shared machine, the closest to what the code costs.")
@@ -336,8 +340,13 @@ def main() -> None:
                     served_shell_steps(args.work / f"served-{stamp}", tiny, args.steps))),
                 "trl": ("TRL GRPOTrainer", lambda stamp: trl_steps(tiny, args.steps, args.work)),
                 # 2 processes: dcpo run on 2 ranks against the shell loop with train-step on 2
+                # generation for step s+1 in a worker process while step s trains
+                "lag1": ("dcpo run --max-staleness 1", lambda stamp: Measured(
+                    cli_run_steps(args.work / f"lag1-{stamp}", tiny, args.steps,
+                                  "--max-staleness", "1"))),
                 "run2": ("dcpo run --nproc-per-node 2", lambda stamp: Measured(
-                    parallel_run_steps(args.work / f"run2-{stamp}", tiny, args.steps, 2))),
+                    cli_run_steps(args.work / f"run2-{stamp}", tiny, args.steps,
+                                  "--nproc-per-node", "2"))),
                 "shell2": ("shell loop, train-step --nproc-per-node 2", lambda stamp: Measured(
                     shell_steps(args.work / f"shell2-{stamp}", tiny, args.steps, 2)))}
     order = [key for key in measures if key not in args.skip]
