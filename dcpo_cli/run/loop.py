@@ -88,7 +88,9 @@ class RunLoop:
             self.worker = GenerationWorker(self.run_dir, self.settings, self.sampler.prompts)
         inputs = {}
         for step in range(min(self.lag, steps)):  # sampled by the base model, before any step
+            started = time.perf_counter()
             inputs[step] = self.worker.inputs(step, self.sampling_model(step), timings[step])
+            timings[step].wall += time.perf_counter() - started
         for step in range(steps):
             started = time.perf_counter()
             model = self.model_of(step)  # trained now, and it samples step + lag
@@ -100,7 +102,7 @@ class RunLoop:
             outcome = self.train(step, inputs.pop(step), timings[step])
             if self.lag and step + self.lag < steps:
                 inputs[step + self.lag] = self.worker.collect(timings[step + self.lag])
-            timings[step].wall = time.perf_counter() - started
+            timings[step].wall += time.perf_counter() - started
             if self.world.is_main:
                 out.print(_step_line(timings[step], outcome), highlight=False)
             if every and (step + 1) % every == 0 and step + 1 < steps:
