@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -30,29 +29,22 @@ def typer_option(name: str, hint: Any, spec: Spec, default: Any) -> inspect.Para
                              annotation=spec.cli_type or hint)
 
 
-def field_parameters(cls: type, defaults: Callable[[dataclasses.Field], Any] | None = None,
-                     optional: bool = False) -> list[inspect.Parameter]:
-    """The command-line parameters of `cls`'s declared fields. `optional`: every default None
-    ("not given") and every type optional, as `dcpo run`'s flags are."""
+def field_parameters(cls: type) -> list[inspect.Parameter]:
+    """The command-line parameters of `cls`'s declared fields."""
     types = hints(cls)
     params = []
     for field in option_fields(cls):
         spec = spec_of(field)
         if not spec.cli:
             continue
-        hint = spec.cli_type or types[field.name]
-        if optional:
-            default = None
-            hint = hint | None if typing.get_origin(hint) is not typing.Union and \
-                type(None) not in typing.get_args(hint) else hint
-        elif spec.cli_type is not None:
+        if spec.cli_type is not None:
             default = spec.cli_default
         else:
             default = default_of(field)
             if isinstance(default, tuple) and not default:
                 default = []
-        params.append(typer_option(field.name, hint, dataclasses.replace(spec, cli_type=None),
-                                   default))
+        params.append(typer_option(field.name, spec.cli_type or types[field.name],
+                                   dataclasses.replace(spec, cli_type=None), default))
     return params
 
 

@@ -6,13 +6,16 @@ to None, meaning "not given": the first run takes the shell loop's default (show
 help), a re-run the value in RUN_DIR/run.toml.
 """
 
+import dataclasses
 import inspect
+import typing
 from pathlib import Path
 
 import typer
 
 from dcpo_cli.commands.declared import panels, typer_option
-from dcpo_cli.run.config import FLAGS, default_config, flag_declaration
+from dcpo_cli.fields import hints
+from dcpo_cli.run.config import FLAGS, SECTIONS, default_config, flag_declaration
 
 RUN_PANELS = ("Sampling", "Training", "Evaluation", "Engine", "LoRA", "Distributed",
               "Checkpointing")
@@ -21,11 +24,6 @@ RUN_PANELS = ("Sampling", "Training", "Evaluation", "Engine", "LoRA", "Distribut
 def run_flag_parameters(skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
     """One parameter per run flag (FLAGS), default None, its help ending in the default a
     first run takes."""
-    import typing
-
-    from dcpo_cli.fields import hints
-    from dcpo_cli.run.config import SECTIONS
-
     defaults = default_config()
     params = []
     for flag in FLAGS:
@@ -37,7 +35,7 @@ def run_flag_parameters(skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
         default = defaults[section][name]
         help_text = spec.help if default in (None, [], ()) else \
             f"{spec.help.rstrip('.')} (default: {_shown(default)})."
-        spec = spec.__class__(**{**spec.__dict__, "help": help_text, "cli_type": None})
+        spec = dataclasses.replace(spec, help=help_text, cli_type=None)
         if type(None) not in typing.get_args(hint):
             hint = hint | None
         params.append(typer_option(flag, hint, spec, None))
