@@ -120,7 +120,8 @@ def test_combined_loss_by_hand():
     assert float(loss) == pytest.approx(-0.2430825, abs=1e-6)
     # kl_coef 0 and no correction: the plain policy loss, untouched
     plain = SimpleNamespace(config=resolve_config("grpo", kl_coef=0), ref=None,
-                            options=TrainOptions(), data=ctx.data, max_length=None)
+                            options=TrainOptions(rollout_correction="none"), data=ctx.data,
+                            max_length=None)
     assert kl_loss(plain, batch, logp, 2, 5) == 0.0
     assert rollout_corrected(plain, batch, terms.per_token, logp) is terms.per_token
 
