@@ -341,7 +341,7 @@ def test_long_prompts_are_skipped_and_counted(random_model_dir, prompts_file, tm
     (["--shard", "3/2"], ["--shard"]),
     (["--n", "0"], ["--n must be at least 1"]),
     (["--top-p", "1.5"], ["--top-p"]),
-    (["--engine", "tpu"], ["--engine 'tpu'"]),
+    (["--engine", "tpu"], ["--engine must be auto, hf, vllm or server, not 'tpu'"]),
 ])
 def test_bad_options_give_one_line_errors(random_model_dir, prompts_file, tmp_path, extra,
                                           fragments):

@@ -117,7 +117,7 @@ def test_share_covers_every_item_once():
     (["--nproc-per-node", "64"], "this machine can run"),
     (["--nproc-per-node", "2", "--batch-size", "3"], "does not split across 2 engine groups"),
     (["--nproc-per-node", "2", "--nnodes", "2"], "needs --master-addr"),
-    (["--nnodes", "2"], "go with --nproc-per-node"),
+    (["--nnodes", "2"], "--nnodes goes with --nproc-per-node"),
 ])
 def test_bad_launches_are_refused_before_anything_is_written(tmp_path, flags, fragment):
     run_dir = tmp_path / "run"
