@@ -256,11 +256,13 @@ def test_the_kl_reference_of_a_run_from_an_id_is_that_commit(rollouts, hf_home, 
     ok(run_offline(hf_home, "train-step", "--model", REPO_ID, "--out", tmp_path / "c1", *args))
     state = json.loads((tmp_path / "c1" / "trainer_state.json").read_text())
     assert (state["ref_model"], state["ref_model_revision"]) == (REPO_ID, COMMIT)
-    rollouts_1 = tmp_path / "scored-1.parquet"  # the same responses as step 1
+    # The same responses as step 1, as if c1 sampled them (on-policy, --max-staleness 0).
+    rollouts_1 = tmp_path / "scored-1.parquet"
     table = pq.read_table(rollouts / "scored.parquet")
     table = table.set_column(table.schema.get_field_index("step"), "step",
                              pa.array([1] * table.num_rows, pa.int64()))
-    meta = {**contracts.read_metadata(rollouts / "scored.parquet"), "step": 1}
+    meta = {**contracts.read_metadata(rollouts / "scored.parquet"), "step": 1,
+            "policy_step": 1, "policy_model": str(tmp_path / "c1")}
     contracts.write_table(table, rollouts_1, meta)
     ok(run_offline(hf_home, "train-step", "--model", tmp_path / "c1", "--out", tmp_path / "c2",
                    "--scored", rollouts_1, "--state", tmp_path / "s.json", "--algo", "grpo",
