@@ -22,9 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev,lora,tensorboard,wandb]'
 	touch $(STAMP)
 
-# The real-engine tests need vLLM and run in their own venv (`make test-vllm`).
+# The real-engine tests need vLLM and run in their own venv (`make test-vllm`). One worker
+# per core; a module's tests stay on one worker (its fixtures are built once), the longest
+# groups first (tests/conftest.py).
 test: install
-	$(BIN)/pytest -q -m "not vllm"
+	$(BIN)/pytest -q -m "not vllm" -n auto --dist loadgroup --no-loadscope-reorder
 
 install-vllm: $(VLLM_STAMP)
 

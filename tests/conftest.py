@@ -222,12 +222,36 @@ def fake_vllm(monkeypatch):
     return vllm
 
 
+# Session fixtures that take a minute or more to build: under `pytest -n` (pytest-xdist) the
+# modules that read one run on the same worker, so each is built once per test run.
+SHARED_RUNS = ("shell_reference", "run_reference")
+# The groups that take minutes, longest first (`--durations` on 2 cores): started first, so
+# that `-n 2` does not end waiting on one of them (`make test` keeps this order).
+LONGEST_GROUPS = ("reference-runs", "tests/test_lag.py", "tests/test_tiny.py",
+                  "tests/test_lora.py", "tests/test_distributed.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The real-engine tests need vLLM, which only `.venv-vllm` has (`make test-vllm`):
+    """Each test's xdist group (`--dist loadgroup`, `make test`): its module, so that module
+    fixtures are built once, or "reference-runs" for every module with a test that reads
+    SHARED_RUNS; the LONGEST_GROUPS first, each in its modules' order.
+
+    The real-engine tests need vLLM, which only `.venv-vllm` has (`make test-vllm`):
     elsewhere a `-m` that selects them anyway (`pytest -m "not slow"`) skips them, saying why,
     instead of failing. `make test` deselects them, so CI skips none."""
     import importlib.util
 
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    sharing = {module(item) for item in items
+               if any(name in item.fixturenames for name in SHARED_RUNS)}
+    groups = {item.nodeid: "reference-runs" if module(item) in sharing else module(item)
+              for item in items}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
+    rank = {group: index for index, group in enumerate(LONGEST_GROUPS)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable
     if importlib.util.find_spec("vllm") is not None:
         return
     skip = pytest.mark.skip(reason="needs vLLM: run `make test-vllm` (it builds .venv-vllm)")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from conftest import REPO
 
-STEPS = 3
+STEPS = 2  # a fresh step, then one that carries the SAS state and optimizer on
 # As tests/test_loop.py: the reduced tiny model, a few seconds per stage on 2 cores.
 LOOP_ENV = {"TINY_SIZE": "test", "BATCH": "4", "N": "4", "MAX_NEW_TOKENS": "12",
             "EVAL_AT": "2", "LR": "1e-3", "SEED": "3", "REWARD": "loop_reward:parity",

@@ -54,6 +54,7 @@ def copy_of(checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(checkpoint, tmp_path / "copy"))
 
 
+@pytest.mark.slow
 def test_train_step_records_every_weights_file(checkpoint):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     record = state[weights_checksum.RECORD_KEY]
@@ -66,6 +67,7 @@ def test_train_step_records_every_weights_file(checkpoint):
     resolve_model(checkpoint)  # as written: loads
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_each_weights_file_is_refused(checkpoint, tmp_path):
     for name in [p.name for p in weights_checksum.weight_files(checkpoint)]:
         copy = copy_of(checkpoint, tmp_path / name)

@@ -36,6 +36,7 @@ def test_version(dcpo):
     assert result.code == 0 and result.stdout.strip() == f"dcpo {__version__}"
 
 
+@pytest.mark.slow
 def test_inspect_prompts_json_and_table(dcpo, benchmarks, tmp_path):
     out = tmp_path / "a.parquet"
     assert dcpo("prepare", benchmarks / "aime24.jsonl", "--out", out).code == 0

@@ -57,6 +57,7 @@ def test_defaults_pass_their_checks():
     (["--nproc-per-node", "99"], "--nproc-per-node 99: this machine can run"),
     (["--set", "loop.max_rounds=0"], "--set loop.max_rounds: must be at least 1"),
 ])
+@pytest.mark.slow
 def test_dcpo_run_refuses_a_bad_count_and_writes_nothing(tmp_path, args, fragment):
     run_dir = tmp_path / "run"
     assert_one_line_error(run_dcpo("run", run_dir, *args), fragment)
@@ -70,6 +71,7 @@ def test_dcpo_run_refuses_a_bad_count_and_writes_nothing(tmp_path, args, fragmen
     (["--nproc-per-node", "2", "--batch-size", "3"], "--batch-size 3 does not split"),
     (["--seed", "-1"], "--seed must be at least 0"),
 ])
+@pytest.mark.slow
 def test_dcpo_study_refuses_a_bad_count_before_it_writes_or_starts(tmp_path, args, fragment):
     study_dir = tmp_path / "study"
     assert_one_line_error(run_dcpo("study", study_dir, "--algo", "dcpo", "--seeds", "1",

@@ -171,6 +171,7 @@ def test_a_rank_killed_mid_update_leaves_nothing_and_reruns(run, random_model_di
     assert state.read_bytes() == (root / "two" / "state.json").read_bytes()
 
 
+@pytest.mark.slow
 def test_keep_training_state_keeps_the_newest(scored_files, random_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

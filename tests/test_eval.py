@@ -251,7 +251,7 @@ def test_acceptance_offline_aime24_and_math500_with_no_data_flags(dcpo, random_m
                                                                   tmp_path, monkeypatch):
     offline_without_datasets(tmp_path, monkeypatch)
     result = dcpo("eval", "--model", random_model_dir, "--benchmark", "aime24", "--benchmark",
-                  "math500", "--avg-at", "2", "--max-new-tokens", "32", "--engine", "hf",
+                  "math500", "--avg-at", "2", "--max-new-tokens", "4", "--engine", "hf",
                   "--out", tmp_path / "E")
     assert result.code == 0, result.stderr
     summary = json.loads((tmp_path / "E" / "summary.json").read_text())

@@ -57,6 +57,7 @@ def fake_checkpoint(random_model_dir: Path, folder: Path, global_step: int) -> P
 # ---------------------------------------------------------------- the record
 
 
+@pytest.mark.slow
 def test_score_carries_the_sampling_policy_and_refuses_mixed_shards(tmp_path):
     answers = ["1", "2", "3", "4"]
     first = sampled_by(write_rollouts(tmp_path / "a.parquet", ["\\boxed{1}"] * 4, answers), 2,
@@ -85,6 +86,7 @@ def test_score_carries_the_sampling_policy_and_refuses_mixed_shards(tmp_path):
     (1, 0, 0, ("1 step behind --model", "--max-staleness is 0")),  # the default catches it
     (0, 1, 3, ("sampled by ckpt-x (step 1), newer than --model", "(step 0)")),
 ])
+@pytest.mark.slow
 def test_train_step_refuses_rollouts_beyond_the_allowed_staleness(
         tmp_path, random_model_dir, tokenizer, model_step, policy_step, limit, fragments):
     model = fake_checkpoint(random_model_dir, tmp_path / "ckpt", model_step) if model_step \
@@ -109,6 +111,7 @@ def test_negative_max_staleness_is_refused(tmp_path, random_model_dir, tokenizer
 # ---------------------------------------------------------------- within the limit
 
 
+@pytest.mark.slow
 def test_a_stale_step_trains_with_tis_and_reports_its_staleness(tmp_path, random_model_dir,
                                                                 tokenizer):
     """Step 0 on policy from the base model; step 1 trains checkpoint 1 on rollouts the base
@@ -195,7 +198,8 @@ def lag_schedule(run_dir: Path, steps: int, env: dict[str, str]) -> None:
     evaluate(checkpoint(steps), f"step-{steps:06d}")
 
 
-LAG_STEPS = 6
+# Step 0 fresh, then two steady-state steps: each trains on rollouts of the checkpoint before.
+LAG_STEPS = 3
 
 
 @pytest.fixture(scope="module")

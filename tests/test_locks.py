@@ -89,6 +89,7 @@ def test_dcpo_run_on_a_run_dir_in_use_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("held", ["out", "state"])
+@pytest.mark.slow
 def test_train_step_on_an_output_or_state_in_use_is_refused(tmp_path, held,
                                                            random_model_dir):
     paths = {"out": tmp_path / "ckpt", "state": tmp_path / "state.json"}

@@ -120,6 +120,7 @@ def test_lora_step_zero_measures_the_full_models_log_probs(random_model_dir, sco
     assert full["optimizer_state_bytes"] > 5 * low["optimizer_state_bytes"]
 
 
+@pytest.mark.slow
 def test_the_checkpoint_is_a_peft_adapter_naming_its_base(lora_step, random_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -204,6 +205,7 @@ def test_rollout_from_the_lora_checkpoint_samples_base_plus_adapter(lora_step, s
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_export_writes_the_merged_model(lora_step, random_model_dir, tokenizer, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -309,6 +311,7 @@ def test_two_processes_train_the_adapter_as_one(random_model_dir, scored, tmp_pa
     assert result.code == 0, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_bad_lora_inputs_are_one_line_errors(lora_step, random_model_dir, scored, tmp_path):
     root, ckpt = lora_step
 

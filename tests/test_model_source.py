@@ -294,6 +294,7 @@ def test_eval_by_id_matches_the_directory_and_names_the_commit(tiny, hf_home, tm
     assert options["model_id"] == REPO_ID and options["model_commit"] == COMMIT
 
 
+@pytest.mark.slow
 def test_offline_without_a_cached_copy_is_one_line_and_writes_nothing(tiny, hf_home, tmp_path,
                                                                        rollouts):
     missing = "dcpo-test/not-cached"

@@ -222,6 +222,7 @@ def test_the_kl_holds_the_policy_back(random_model_dir, tokenizer, tmp_path):
     assert shifts[0.001] < shifts[0.0] and deltas[0.001] < deltas[0.0]
 
 
+@pytest.mark.slow
 def test_kl_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -328,6 +329,7 @@ def test_untrained_responses_have_no_weight(random_model_dir, tokenizer, tmp_pat
     assert all(not math.isnan(recs["p1", i]["rollout_weight_mean"]) for i in range(4))
 
 
+@pytest.mark.slow
 def test_correction_without_sampler_logprobs_is_refused(random_model_dir, tokenizer,
                                                         tmp_path):
     scored = rewrite(write_scored(tmp_path / "bare.parquet", tokenizer, 0, REWARDS),

@@ -28,7 +28,7 @@ def test_dcpo_run_writes_the_shell_loops_files(run_reference, shell_reference):
     run_dir = run_reference
     assert_same_run(run_dir, shell_reference)
     config = (run_dir / "run.toml").read_text()
-    assert "batch_size = 4" in config and "steps = 3" in config
+    assert "batch_size = 4" in config and f"steps = {STEPS}" in config
 
 
 @pytest.mark.slow
@@ -45,13 +45,13 @@ def test_rerun_without_flags_is_a_no_op(run_reference, env):
 @pytest.mark.slow
 @pytest.mark.parametrize("first", ["dcpo-run", "shell"])
 def test_switching_between_dcpo_run_and_the_shell_loop(first, shell_reference, env, tmp_path):
-    """Two steps by one, the third by the other: the files of an uninterrupted run."""
+    """The first steps by one, the last by the other: the files of an uninterrupted run."""
     run_dir = with_tiny_of(tmp_path / "run", shell_reference)
     if first == "dcpo-run":
-        finish(dcpo_run(run_dir, 2), env)
+        finish(dcpo_run(run_dir, STEPS - 1), env)
         finish(shell_loop(run_dir, STEPS, env), env)
     else:
-        finish(shell_loop(run_dir, 2, env), env)
+        finish(shell_loop(run_dir, STEPS - 1, env), env)
         finish(dcpo_run(run_dir, STEPS), env)
     assert_same_run(run_dir, shell_reference)
 
@@ -138,6 +138,7 @@ def test_a_bad_value_in_run_toml_names_its_table_and_field(tmp_path, table, line
     assert path.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_set_value_of_the_wrong_type_is_one_line(tmp_path):
     result = run_dcpo("run", tmp_path / "run", "--set", "train.lr=fast", "--steps", "1")
     assert_one_line_error(result, "--set train.lr=fast", "expected a number")

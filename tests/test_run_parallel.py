@@ -119,6 +119,7 @@ def test_share_covers_every_item_once():
     (["--nproc-per-node", "2", "--nnodes", "2"], "needs --master-addr"),
     (["--nnodes", "2"], "--nnodes goes with --nproc-per-node"),
 ])
+@pytest.mark.slow
 def test_bad_launches_are_refused_before_anything_is_written(tmp_path, flags, fragment):
     run_dir = tmp_path / "run"
     args = [a for a in RUN_FLAGS]

@@ -63,6 +63,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_identity_names_the_served_model(server, tiny):
     status, identity = get_json(server, "/health")
     assert status == 200
@@ -75,6 +76,7 @@ def test_identity_names_the_served_model(server, tiny):
     assert get_json(server, "/generate", body={"prompt_token_ids": "x"})[0] == 400
 
 
+@pytest.mark.slow
 def test_rollouts_through_the_server_are_the_in_process_ones(server, tiny, in_process,
                                                              tmp_path):
     out = tmp_path / "served.parquet"
@@ -83,6 +85,7 @@ def test_rollouts_through_the_server_are_the_in_process_ones(server, tiny, in_pr
     assert_same_rollouts(out, in_process(tiny / "model"), server)
 
 
+@pytest.mark.slow
 def test_eval_through_the_server_is_the_in_process_eval(server, tiny, tmp_path):
     args = ["eval", "--model", tiny / "model", "--benchmark", tiny / "test.parquet",
             "--limit", "3", "--avg-at", "2", "--max-new-tokens", "10"]
@@ -103,6 +106,7 @@ def test_eval_through_the_server_is_the_in_process_eval(server, tiny, tmp_path):
     assert "reused" in again.stdout or again.stdout
 
 
+@pytest.mark.slow
 def test_load_weights_switches_checkpoints_in_place(tiny, other_weights, in_process, tmp_path):
     with serving(tiny / "model", tmp_path) as (url, _):
         result = rollout(other_weights, tiny, tmp_path / "other.parquet", *via(url))
@@ -120,6 +124,7 @@ def test_load_weights_switches_checkpoints_in_place(tiny, other_weights, in_proc
         assert get_json(url, "/health")[1]["weight_loads"] == 2
 
 
+@pytest.mark.slow
 def test_concurrent_shards_against_one_server(server, tiny, in_process, tmp_path):
     processes = [subprocess.Popen(
         [sys.executable, "-m", "dcpo_cli", "rollout", "--model", str(tiny / "model"),
@@ -134,6 +139,7 @@ def test_concurrent_shards_against_one_server(server, tiny, in_process, tmp_path
                                                                          f"{i}/3"), server)
 
 
+@pytest.mark.slow
 def test_a_token_is_required_on_every_request(tiny, in_process, tmp_path):
     with serving(tiny / "model", tmp_path, env={"DCPO_SERVER_TOKEN": "s3cret"}) as (url, _):
         assert get_json(url, "/health")[0] == 401
@@ -152,6 +158,7 @@ def test_a_token_is_required_on_every_request(tiny, in_process, tmp_path):
         assert_same_rollouts(out, in_process(tiny / "model"), url)
 
 
+@pytest.mark.slow
 def test_no_server_is_one_line(tiny, tmp_path):
     out = tmp_path / "rollouts.parquet"
     url = f"http://127.0.0.1:{free_port()}"
@@ -179,6 +186,7 @@ def test_dcpo_run_with_the_server_engine_needs_its_address(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_another_vocabulary_is_refused(server, tiny, other_vocabulary, tmp_path):
     out = tmp_path / "rollouts.parquet"
     assert_one_line_error(rollout(other_vocabulary, tiny, out, *via(server)),
@@ -253,6 +261,7 @@ class Proxy:
         self.listener.close()
 
 
+@pytest.mark.slow
 def test_a_dropped_connection_is_retried(server, tiny, in_process, tmp_path):
     proxy = Proxy(server, drops=2)
     try:
@@ -265,6 +274,7 @@ def test_a_dropped_connection_is_retried(server, tiny, in_process, tmp_path):
         proxy.close()
 
 
+@pytest.mark.slow
 def test_a_server_dying_mid_request_is_one_line(tiny, tmp_path):
     with serving(tiny / "model", tmp_path) as (url, process):
         proxy = Proxy(url, kill=lambda: (process.kill(), process.wait()))
@@ -303,6 +313,7 @@ MESSAGES = {"not JSON": "malformed reply to /generate", "a group short": "expect
 
 
 @pytest.mark.parametrize("fault", list(MALFORMED))
+@pytest.mark.slow
 def test_a_malformed_reply_is_one_line_and_writes_nothing(identity, tiny, tmp_path, fault):
     fake = fake_server(identity, MALFORMED[fault])
     try:
@@ -316,6 +327,7 @@ def test_a_malformed_reply_is_one_line_and_writes_nothing(identity, tiny, tmp_pa
         fake.server_close()
 
 
+@pytest.mark.slow
 def test_a_health_reply_from_something_else_is_one_line(tiny, tmp_path):
     fake = fake_server({"hello": "world"}, lambda request: b"")
     try:

@@ -36,14 +36,15 @@ def test_the_served_shell_loop_writes_the_shell_loops_files(env, shell_reference
     assert not (tmp_path / "served" / "server.url").exists()  # the server was stopped
     import pyarrow.parquet as pq
 
-    rollouts = pq.read_schema(tmp_path / "served" / "steps" / "000002" / "rollouts.parquet")
+    last = f"{STEPS - 1:06d}"
+    rollouts = pq.read_schema(tmp_path / "served" / "steps" / last / "rollouts.parquet")
     assert b"generation_server\": {" in rollouts.metadata[b"dcpo"]
     ours, theirs = (_without_server(run_files(path)) for path in (tmp_path / "served",
                                                                   shell_reference))
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert ours[key] == theirs[key], key
-    for name in ("state.json", "ckpt/step-000003/model.safetensors",
-                 "ckpt/step-000003/sas_state.json"):
+    for name in ("state.json", f"ckpt/step-{STEPS:06d}/model.safetensors",
+                 f"ckpt/step-{STEPS:06d}/sas_state.json"):
         assert (tmp_path / "served" / name).read_bytes() == (shell_reference /
                                                               name).read_bytes()

@@ -79,6 +79,7 @@ BAD_PROMPTS = [None, "x", [], [[]], [[-1]], [[5000]], [[10 ** 23]], [[1.5]], [["
                [[True]], [[5, 6]] * 70_000, [[5] * 600], {"0": [5]}]
 
 
+@pytest.mark.slow
 def test_every_request_field_out_of_range_is_a_4xx_and_changes_nothing(served):
     url, identity, _ = served
     assert set(BAD_SETTINGS) == {f.name for f in dataclasses.fields(SamplingSettings)}
@@ -110,6 +111,7 @@ def test_every_request_field_out_of_range_is_a_4xx_and_changes_nothing(served):
     assert_unchanged(served)
 
 
+@pytest.mark.slow
 def test_other_weights_is_a_409_before_anything_streams(served):
     url, _, _ = served
     status, reply = post(url, "/generate", {"prompt_token_ids": PROMPTS, "settings": SETTINGS,
@@ -186,6 +188,7 @@ def test_the_hf_engine_refuses_a_load_before_copying(tiny):
     engine.load_weights(weights)  # the right ones still load (a tied head may be absent)
 
 
+@pytest.mark.slow
 def test_a_client_reloads_on_other_weights(tiny, served, tmp_path):
     """"other weights" (409, or that code in the stream: switched while the request waited)
     makes the client load its weights and ask again, as the README promises."""
@@ -247,6 +250,7 @@ def wait_for(predicate, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_a_gone_client_stops_its_generation_and_others_are_served(tiny, tmp_path):
     with serving(tiny / "model", tmp_path) as (url, _):
         long_request(url).close()
@@ -255,6 +259,7 @@ def test_a_gone_client_stops_its_generation_and_others_are_served(tiny, tmp_path
         assert generate(url, get_json(url, "/health")[1]["fingerprint"])
 
 
+@pytest.mark.slow
 def test_a_request_past_its_time_is_stopped_with_one_line(tiny, tmp_path):
     with serving(tiny / "model", tmp_path, "--request-timeout", "1e-9") as (url, _):
         out = tmp_path / "rollouts.parquet"
@@ -263,6 +268,7 @@ def test_a_request_past_its_time_is_stopped_with_one_line(tiny, tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_request_past_the_size_limits_is_413_and_one_line(tiny, tmp_path):
     with serving(tiny / "model", tmp_path, "--max-responses", "5") as (url, _):
         fingerprint = get_json(url, "/health")[1]["fingerprint"]
@@ -276,6 +282,7 @@ def test_a_request_past_the_size_limits_is_413_and_one_line(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+@pytest.mark.slow
 def test_a_signal_during_a_request_stops_the_server_cleanly(tiny, tmp_path, sig, code):
     with serving(tiny / "model", tmp_path) as (url, process):
         sock = long_request(url)

@@ -77,6 +77,7 @@ def test_train_step_reads_refuse_misaligned_token_lists(tmp_path, tokenizer, col
     assert all(f in str(caught.value) for f in fragments), (str(caught.value), fragments)
 
 
+@pytest.mark.slow
 def test_train_step_refuses_them_with_one_line_and_writes_nothing(tmp_path, tokenizer,
                                                                   random_model_dir):
     scored = write_scored(tmp_path / "scored.parquet", tokenizer, 0, {"p0": [1, 0, 1, 0]})

@@ -220,6 +220,7 @@ def test_two_train_step_processes_continue_one_run_in_tensorboard_and_wandb(
     assert tensorboard_scalars(run_dir / "tensorboard") == expected
 
 
+@pytest.mark.slow
 def test_a_step_killed_before_its_tracker_logs_it_on_the_rerun(random_model_dir, tokenizer,
                                                                tmp_path, recorder,
                                                                monkeypatch):

@@ -76,6 +76,7 @@ def first_step(tmp_path_factory, random_model_dir, tokenizer):
     return root, scored, state, ckpt, log, result
 
 
+@pytest.mark.slow
 def test_one_dcpo_step_trains_and_records_sas(first_step, random_model_dir):
     root, scored, state, ckpt, log, result = first_step
     before, after = load_weights(random_model_dir), load_weights(ckpt)
@@ -212,6 +213,7 @@ def test_second_step_continues_and_dcpo_uses_more_responses_than_grpo(first_step
         assert got == pytest.approx(want, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_rerunning_an_earlier_step_after_later_ones_is_done(first_step, tokenizer, tmp_path):
     """A shell loop re-run after a kill replays every train-step; the finished ones must not
     touch a state that later steps have already moved on."""
@@ -405,6 +407,7 @@ def test_bad_inputs_are_one_line_errors(random_model_dir, tokenizer, tmp_path):
 # ---------------------------------------------------------------- DAPO refill (rounds, target)
 
 
+@pytest.mark.slow
 def test_dapo_target_trains_the_first_kept_groups_in_round_order(random_model_dir, tokenizer,
                                                                   tmp_path):
     """Two rollout rounds of one step; --target-prompts 3 trains the first three groups with
