@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml
 
 # The real-engine tests need vLLM and run in their own venv (`make test-vllm`). One worker
 # per core; a module's tests stay on one worker (its fixtures are built once), the longest
-# groups first (tests/conftest.py).
+# modules first (tests/conftest.py).
 test: install
-	$(BIN)/pytest -q -m "not vllm" -n auto --dist loadgroup --no-loadscope-reorder
+	$(BIN)/pytest -q -m "not vllm" -n auto --dist loadfile --no-loadscope-reorder
 
 install-vllm: $(VLLM_STAMP)
 

@@ -177,14 +177,31 @@ def env(tmp_path_factory) -> dict[str, str]:
     return loop_env(directory)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(run_dir)` once per test run: under pytest-xdist (`make test`) the first worker
+    to ask builds it, under a lock, in the temporary folder all workers share; the others
+    wait for it and read it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above each worker's popen-gwK/
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that died half-way
+            build(folder / "run")
+            done.touch()
+    return folder / "run"
+
+
 @pytest.fixture(scope="session")
 def shell_reference(tmp_path_factory, env) -> Path:
     """examples/tiny_loop.sh, loop_runs.STEPS steps, uninterrupted."""
     from loop_runs import STEPS, finish, shell_loop
 
-    run_dir = tmp_path_factory.mktemp("shell") / "run"
-    finish(shell_loop(run_dir, STEPS, env), env)
-    return run_dir
+    return built_once(tmp_path_factory, "shell-reference",
+                      lambda run_dir: finish(shell_loop(run_dir, STEPS, env), env))
 
 
 @pytest.fixture(scope="session")
@@ -192,9 +209,8 @@ def run_reference(tmp_path_factory, env) -> Path:
     """`dcpo run` with the shell loop's settings, loop_runs.STEPS steps, uninterrupted."""
     from loop_runs import STEPS, dcpo_run, finish
 
-    run_dir = tmp_path_factory.mktemp("dcpo-run") / "run"
-    finish(dcpo_run(run_dir, STEPS), env)
-    return run_dir
+    return built_once(tmp_path_factory, "run-reference",
+                      lambda run_dir: finish(dcpo_run(run_dir, STEPS), env))
 
 
 @pytest.fixture
@@ -222,36 +238,26 @@ def fake_vllm(monkeypatch):
     return vllm
 
 
-# Session fixtures that take a minute or more to build: under `pytest -n` (pytest-xdist) the
-# modules that read one run on the same worker, so each is built once per test run.
-SHARED_RUNS = ("shell_reference", "run_reference")
-# The groups that take minutes, longest first (`--durations` on 2 cores): started first, so
-# that `-n 2` does not end waiting on one of them (`make test` keeps this order).
-LONGEST_GROUPS = ("reference-runs", "tests/test_lag.py", "tests/test_tiny.py",
-                  "tests/test_lora.py", "tests/test_distributed.py")
+# The modules that take minutes, longest first (`--durations` on 2 cores; a module of the
+# two reference runs before one without, so that the other worker does not wait for them):
+# started first under `make test` (pytest-xdist, one module per worker at a time), so that
+# the run does not end waiting on one of them.
+LONGEST_MODULES = ("tests/test_run.py", "tests/test_lag.py", "tests/test_tiny.py",
+                   "tests/test_lora.py", "tests/test_loop.py", "tests/test_distributed.py",
+                   "tests/test_run_parallel.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Each test's xdist group (`--dist loadgroup`, `make test`): its module, so that module
-    fixtures are built once, or "reference-runs" for every module with a test that reads
-    SHARED_RUNS; the LONGEST_GROUPS first, each in its modules' order.
+    """LONGEST_MODULES first, each in its own order (`--dist loadfile --no-loadscope-reorder`
+    sends whole modules to the workers in this order, and builds each module fixture once).
 
     The real-engine tests need vLLM, which only `.venv-vllm` has (`make test-vllm`):
     elsewhere a `-m` that selects them anyway (`pytest -m "not slow"`) skips them, saying why,
     instead of failing. `make test` deselects them, so CI skips none."""
     import importlib.util
 
-    def module(item) -> str:
-        return item.nodeid.split("::")[0]
-
-    sharing = {module(item) for item in items
-               if any(name in item.fixturenames for name in SHARED_RUNS)}
-    groups = {item.nodeid: "reference-runs" if module(item) in sharing else module(item)
-              for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
-    rank = {group: index for index, group in enumerate(LONGEST_GROUPS)}
-    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable
+    rank = {module: index for index, module in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable
     if importlib.util.find_spec("vllm") is not None:
         return
     skip = pytest.mark.skip(reason="needs vLLM: run `make test-vllm` (it builds .venv-vllm)")
