@@ -20,6 +20,14 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Under `make test` (pytest-xdist) the workers share the cores: every process they start
+# (and the workers' own torch) gets one torch thread, or their thread teams wait on each
+# other's descheduled threads (a stage ran several times slower). Each comparison of two runs
+# then runs both at one thread, and float sums split over threads give the same bits
+# (docs/scaling.md); a test that needs another count sets it. Before torch is imported.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED = REPO / "dcpo_cli" / "data" / "benchmarks"  # the package's own copies
 TEST_DATA = REPO / "tests" / "data"  # verl/aime_2024.parquet: the official DCPO eval file
@@ -32,9 +40,11 @@ class Result:
     stderr: str
 
 
-def run_dcpo(*args: str, cwd: Path | None = None, timeout: float = 600) -> Result:
-    """Run `dcpo ARGS` as a real process (exit codes, stderr and tracebacks as users see them)."""
-    env = {**os.environ, "COLUMNS": "200"}
+def run_dcpo(*args: str, cwd: Path | None = None, timeout: float = 600,
+             env: dict[str, str] | None = None) -> Result:
+    """Run `dcpo ARGS` as a real process (exit codes, stderr and tracebacks as users see them),
+    with `env` added to the environment."""
+    env = {**os.environ, "COLUMNS": "200", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "dcpo_cli", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
     return Result(proc.returncode, proc.stdout, proc.stderr)
