@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,23 @@ def tracker_values(prefix: str, record: dict[str, Any]) -> dict[str, float]:
     return values
 
 
-class Backend:
+class Backend(ABC):
     """The interface: `start` opens (or continues) the tracker run, given what an earlier
     process kept (`kept`, {} the first time) and the run's settings; it returns what to keep
-    (the run id). `log` sends one step's values, `finish` closes the run."""
+    (the run id). `log` sends one step's values, `finish` closes the run. A backend missing
+    one of them cannot be created."""
 
     name = ""
 
+    @abstractmethod
     def start(self, home: Path, run_name: str, kept: dict[str, Any],
-              config: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+              config: dict[str, Any]) -> dict[str, Any]: ...
 
-    def log(self, values: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def log(self, values: dict[str, float], step: int) -> None: ...
 
-    def finish(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def finish(self) -> None: ...
 
 
 def quiet_stdout():
